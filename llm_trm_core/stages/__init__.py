@@ -1,0 +1,1 @@
+"""Stage functions: `run_<stage>(cfg, store, ...) -> Manifest`, plain Python, no Prefect."""
