@@ -204,7 +204,12 @@ class SweepConfig(Section):
 
 
 class PipelineConfig(Section):
-    """Everything a run needs. Build it with `load_config(preset, overrides)`."""
+    """Everything a run needs. Build it with `load_config(preset, overrides)`.
+
+    Validation starts from the named preset and merges the given values on top, so a partial
+    mapping (`{"preset": "local", "compressor": {"d_prime": 128}}`, as a deployment or an API call
+    may pass) means "the local preset with D'=128", and a full dump validates back to itself.
+    """
 
     preset: PresetName = Field("tiny", description="Preset this config started from.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -221,6 +226,16 @@ class PipelineConfig(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        preset = data.get("preset", "tiny")
+        if preset not in PRESETS:
+            return data  # the field validator reports the bad preset name
+        return _deep_merge(preset_data(str(preset)), data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +312,18 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for key, value in top.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:

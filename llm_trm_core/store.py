@@ -223,7 +223,7 @@ class Artifact:
         return self.store.uri(self.stage, self.key, relpath)
 
     def open(self, relpath: str) -> IO[bytes]:
-        return self.store.fs.open(self.path(relpath), "rb")  # type: ignore[no-any-return]
+        return self.store.fs.open(self.path(relpath), "rb")
 
     def read_bytes(self, relpath: str) -> bytes:
         with self.open(relpath) as f:

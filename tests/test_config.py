@@ -90,3 +90,12 @@ def test_keyed_dump_drops_fields_that_do_not_affect_outputs() -> None:
     assert "device" not in keyed_dump(cfg.runtime) and "seed" in keyed_dump(cfg.runtime)
     assert keyed_dump(cfg.model)["tiny"]["hidden_size"] == 64
     assert keyed_dump(load_config("tiny", ["datagen.batch_size=2"]).datagen) == dumped
+
+
+def test_partial_mappings_start_from_their_preset() -> None:
+    partial = PipelineConfig.model_validate({"preset": "local", "compressor": {"d_prime": 128}})
+    assert partial == load_config("local", ["compressor.d_prime=128"])
+    assert partial.model.source == "smollm2-gguf"
+    assert PipelineConfig() == load_config("tiny")
+    with pytest.raises(ConfigError, match="preset"):
+        parse_config({"preset": "huge"})

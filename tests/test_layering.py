@@ -30,8 +30,7 @@ def test_no_module_of_the_core_imports_prefect() -> None:
 
 def test_importing_every_core_module_does_not_load_prefect() -> None:
     modules = sorted(
-        ".".join(p.relative_to(CORE.parent).with_suffix("").parts).removesuffix(".__init__")
-        for p in CORE.rglob("*.py")
+        ".".join(p.relative_to(CORE.parent).with_suffix("").parts).removesuffix(".__init__") for p in CORE.rglob("*.py")
     )
     code = (
         "import importlib, sys\n"

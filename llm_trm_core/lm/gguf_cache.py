@@ -87,7 +87,7 @@ def _convert(source: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     # The weights are plain float32 after dequantization, but transformers still marks the model as
     # GGUF-quantized and refuses to save it; drop that marker.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))

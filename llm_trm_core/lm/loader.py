@@ -77,9 +77,10 @@ def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) 
     dtype = resolve_dtype(cfg.dtype, device)
     start = time.perf_counter()
     model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     if cfg.source == "tiny-random":
-        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
-        model = build_tiny_model(cfg.tiny, tokenizer)  # type: ignore[assignment]
+        tiny_tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
+        tokenizer, model = tiny_tokenizer, build_tiny_model(cfg.tiny, tiny_tokenizer)
         name, revision = "tiny-random-smollm3", None
     elif cfg.source == "smollm2-gguf":
         cache = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
@@ -95,7 +96,8 @@ def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) 
         local_only = not hub_reachable()
         tokenizer, model = _from_pretrained(cfg.name_or_path, cfg.revision, dtype, local_only=local_only)
         name, revision = cfg.name_or_path, cfg.revision
-    model = model.to(device=device, dtype=dtype).eval()  # type: ignore[assignment]
+    torch.nn.Module.to(model, device=device, dtype=dtype)
+    model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

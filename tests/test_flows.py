@@ -1,0 +1,81 @@
+"""The pipeline flow and the CLI against a real Prefect server (temporary SQLite database)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import PENDING_STAGES, app
+from llm_trm_core.config import load_config
+from llm_trm_core.stages.problems import read_problems
+from llm_trm_core.store import ArtifactStore
+
+runner = CliRunner()
+
+
+def test_cli_config_prints_the_resolved_config() -> None:
+    result = runner.invoke(app, ["config", "--preset", "tiny", "compressor.d_prime=24", "--store", "memory://x"])
+    assert result.exit_code == 0, result.output
+    assert "d_prime: 24" in result.output and "root: memory://x" in result.output
+
+
+def test_cli_rejects_bad_config_with_exit_code_2() -> None:
+    result = runner.invoke(app, ["config", "--preset", "tiny", "compressor.d_primee=24"])
+    assert result.exit_code == 2
+    assert "unknown key 'compressor.d_primee'" in result.output and "d_prime" in result.output
+
+
+@pytest.mark.parametrize("stage", sorted(PENDING_STAGES))
+def test_cli_stages_not_built_yet_say_so(stage: str) -> None:
+    result = runner.invoke(app, [stage, "--preset", "tiny"])
+    assert result.exit_code == 2
+    assert "not built yet" in result.output
+
+
+def test_cli_help_everywhere() -> None:
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+    for command in ["pipeline", "config", *PENDING_STAGES]:
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "--preset" in result.output, command
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import pipeline
+
+    cfg = load_config("tiny", [f"store.root=file://{tmp_path / 'store'}"])
+    state = pipeline(cfg, return_state=True)
+    first = state.result()
+    manifest = first["problems"]
+    store = ArtifactStore(cfg.store.root)
+    problems = read_problems(store, store.read_manifest("problems", manifest["key"]))
+    assert len(problems.problems) == manifest["metrics"]["total"] > 0
+
+    second = pipeline(cfg)
+    assert second["problems"]["completed_at"] == manifest["completed_at"]  # not recomputed
+
+    APILogHandler().flush()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    core_logs = [log for log in logs if log.name.startswith("llm_trm_core")]
+    assert any("committed" in log.message for log in core_logs), [log.message for log in logs]
+    assert {a.key for a in artifacts} >= {"problems-metrics", "problems-artifact"}
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_cli_pipeline_prints_key_uri_and_metrics(tmp_path: Path) -> None:
+    root = f"file://{tmp_path / 'store'}"
+    result = runner.invoke(app, ["pipeline", "--preset", "tiny", "--store", root])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"problems\s+key=[0-9a-f]{16}", result.output)
+    assert f"uri: {root}/problems/" in result.output
+    assert "n_train" in result.output
