@@ -129,7 +129,9 @@ class CorpusConfig(Section):
     hub_config: str = Field("sample-10BT")
     num_documents: int = Field(400, ge=1, description="Documents taken (train + held out).")
     max_tokens: int = Field(256, ge=8, description="Tokens per document (longer ones are cut into chunks).")
-    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of documents held out for metrics.")
+    heldout_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of documents held out: half validation, half test."
+    )
 
 
 class RuntimeConfig(Section):
@@ -155,11 +157,48 @@ class TrackingConfig(Section):
 
 
 class CompressorConfig(Section):
-    """Stage 1: tied linear compressor D -> D'."""
+    """Stage 1: tied linear compressor D -> D' (1a on plain text, 1b on thinking traces)."""
 
-    d_prime: int = Field(256, ge=1, description="Compressed dimension D'.")
-    layer: int = Field(-1, description="hidden_states index; -1 = last layer after the final norm.")
+    d_prime: int = Field(256, ge=1, description="Compressed dimension D' (must be < the model's hidden size D).")
+    layer: int = Field(-1, description="hidden_states index: 0 = embeddings, -1 = last layer after the final norm.")
     centered: bool = Field(False, description="Learn a mean: x ≈ μ + decompress(compress(x − μ)).")
+    solver: Literal["closed_form", "sgd", "closed_form+sgd"] = Field(
+        "closed_form",
+        description="closed_form: exact optimum from one pass of second moments; sgd: AdamW from an orthogonal "
+        "init (the original); closed_form+sgd: AdamW starting from the exact optimum.",
+    )
+    cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage dtype of the cached hidden states."
+    )
+    extract_batch_size: int = Field(8, ge=1, description="Sequences per LM forward.", json_schema_extra=NOT_KEYED)
+    rows_per_shard: int = Field(16384, ge=1, description="Token rows per hidden-state shard.")
+    # SGD
+    batch_tokens: int = Field(2048, ge=1, description="Tokens per micro-batch (global, split across processes).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: epochs).")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="LR after warmup: cosine decay, warmup-stable-decay, or constant."
+    )
+    warmup_steps: int = Field(10, ge=0)
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of steps spent decaying.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final LR as a share of the peak.")
+    grad_clip: float = Field(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    compile: bool = Field(False, description="torch.compile the compressor.", json_schema_extra=NOT_KEYED)
+    eval_every: int | None = Field(
+        None, ge=1, description="Held-out evaluation every N optimizer steps (None: end of each epoch)."
+    )
+    patience: int = Field(3, ge=1, description="Early stopping: evaluations without held-out improvement.")
+    min_delta: float = Field(0.0, ge=0.0, description="Early stopping: smallest improvement that counts (relative).")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Checkpoint every N optimizer steps.", json_schema_extra=NOT_KEYED
+    )
+    eval_lm_head_tokens: int = Field(
+        2048, ge=1, description="Held-out tokens used for the LM-head KL / top-1 metrics (the costly ones)."
+    )
 
 
 class DatagenConfig(Section):

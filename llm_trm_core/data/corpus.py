@@ -4,7 +4,7 @@
   (`pydoc_data.topics`), cut into documents at paragraph boundaries. Real English, never random tokens.
 - `fineweb-edu` (cloud): `HuggingFaceFW/fineweb-edu` streamed from the hub.
 
-Documents are split into train / held out deterministically by document id.
+Documents are split into train / val / test deterministically by document id.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _SKIP_STDLIB_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tu
 @dataclass(frozen=True)
 class Document:
     id: str
-    split: Literal["train", "heldout"]
+    split: Literal["train", "val", "test"]
     text: str
 
 
@@ -100,8 +100,12 @@ def python_doc_documents() -> Iterator[str]:
     yield from _group(_stdlib_docstrings())
 
 
-def _split(id_: str, heldout_fraction: float) -> Literal["train", "heldout"]:
-    return "heldout" if unit_hash(id_) < heldout_fraction else "train"
+def _split(id_: str, heldout_fraction: float) -> Literal["train", "val", "test"]:
+    """Held-out documents are halved: `val` for early stopping, `test` for the reported metrics."""
+    u = unit_hash(id_)
+    if u < heldout_fraction / 2:
+        return "test"
+    return "val" if u < heldout_fraction else "train"
 
 
 def iter_corpus(cfg: CorpusConfig) -> Iterator[Document]:

@@ -1,29 +1,74 @@
-"""Which config sections and code version make up each stage's artifact key (DESIGN §3).
+"""Which config parts and code version make up each stage's artifact key (DESIGN §3).
 
 Bump a stage's code version in the same commit as any change that alters its outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from pydantic import BaseModel
 
 from llm_trm_core.config import PipelineConfig, keyed_dump
 from llm_trm_core.store import stage_key
 
 STAGE_CODE_VERSIONS: dict[str, str] = {
     "problems": "1",
+    "hiddens": "1",
+    "basis": "1",
+    "compressor": "1",
+    "sweep": "1",
 }
 
+# Sections ("compressor") or single fields ("compressor.layer") each stage reads.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems",),
+    "hiddens": ("model", "corpus", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
+    "basis": ("compressor.centered",),
+    "compressor": ("compressor", "runtime.seed"),
+    "sweep": ("sweep.d_primes",),
 }
 
+_SGD_ONLY = frozenset(
+    {
+        "batch_tokens", "grad_accum", "lr", "weight_decay", "epochs", "max_steps", "schedule", "warmup_steps",
+        "decay_fraction", "min_lr_ratio", "grad_clip", "mixed_precision", "eval_every", "patience", "min_delta",
+    }
+)  # fmt: skip
 
-def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The resolved config of a stage: the sections it reads, without fields that do not affect outputs."""
-    return {section: keyed_dump(getattr(cfg, section)) for section in STAGE_SECTIONS[stage]}
+
+def _compressor_view(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A closed-form compressor does not depend on the SGD hyper-parameters or the seed."""
+    section = dumped.get("compressor", {})
+    if section.get("solver") == "closed_form":
+        dumped["compressor"] = {k: v for k, v in section.items() if k not in _SGD_ONLY}
+        dumped.pop("runtime.seed", None)
+    return dumped
 
 
-def key_for(cfg: PipelineConfig, stage: str, upstream: Mapping[str, str] | None = None) -> str:
-    return stage_key(stage, STAGE_CODE_VERSIONS[stage], stage_config(cfg, stage), upstream or {})
+STAGE_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"compressor": _compressor_view}
+
+
+def _lookup(cfg: PipelineConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return keyed_dump(value) if isinstance(value, BaseModel) else value
+
+
+def stage_config(cfg: PipelineConfig, stage: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved config of a stage: what it reads, without fields that do not affect outputs."""
+    dumped = {part: _lookup(cfg, part) for part in STAGE_SECTIONS[stage]}
+    dumped.update(extra or {})
+    view = STAGE_VIEWS.get(stage)
+    return view(dumped) if view else dumped
+
+
+def key_for(
+    cfg: PipelineConfig,
+    stage: str,
+    upstream: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    return stage_key(stage, STAGE_CODE_VERSIONS[stage], stage_config(cfg, stage, extra), upstream or {})

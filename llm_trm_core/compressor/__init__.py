@@ -1,0 +1,1 @@
+"""Compressor stage internals: moments and closed-form solve, metrics, SGD training."""

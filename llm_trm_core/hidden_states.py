@@ -1,0 +1,288 @@
+"""Token-level hidden states as sharded Parquet in the artifact store: written once, streamed many times.
+
+Layout inside an artifact:
+    hidden_states.json                 {hidden_size, layer, dtype, tokens: {split: n}, shards: {split: [...]}}
+    lm_head.safetensors                the LM's output head (+ final norm gain for inner layers), for metrics
+    states/{split}/part-00000.parquet  rows: doc_id, position, state (fixed-size list of D floats)
+Only real tokens are stored: padding never reaches a loss or a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_trm_core.compressor.metrics import LMHead
+from llm_trm_core.errors import UserError
+from llm_trm_core.store import Artifact, ArtifactWriter
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_NAME = "llm-trm/hidden-states"
+SCHEMA_VERSION = "1"
+META_FILE = "hidden_states.json"
+HEAD_FILE = "lm_head.safetensors"
+_ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def states_schema(hidden_size: int, dtype: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("position", pa.int32(), nullable=False),
+            pa.field("state", pa.list_(pa.field("element", _ARROW_DTYPES[dtype], nullable=False), hidden_size)),
+        ],
+        metadata={"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype},
+    )
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """hidden_states index in [0, num_layers]; negative counts from the end (-1 = last, post final norm)."""
+    index = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 <= index <= num_layers:
+        raise UserError(f"compressor.layer={layer} is outside the model's hidden states 0..{num_layers} (or -1..)")
+    return index
+
+
+def lm_head_of(model: PreTrainedModel, layer_index: int, num_layers: int) -> LMHead:
+    """The output head; for inner layers also the final RMSNorm (a logit lens)."""
+    weight = model.get_output_embeddings().weight.detach().to("cpu", torch.float32)
+    if layer_index == num_layers:
+        return LMHead(weight)
+    norm = getattr(model.base_model, "norm", None)
+    if norm is None or not hasattr(norm, "weight"):
+        raise UserError("this model has no final RMSNorm to apply before the LM head; use compressor.layer=-1")
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-5)))
+    return LMHead(weight, norm.weight.detach().to("cpu", torch.float32), eps)
+
+
+class ShardedStatesWriter:
+    """Buffers token states per split and writes fixed-size Parquet shards through an ArtifactWriter."""
+
+    def __init__(self, writer: ArtifactWriter, hidden_size: int, dtype: str, rows_per_shard: int) -> None:
+        self.writer = writer
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.rows_per_shard = rows_per_shard
+        self.schema = states_schema(hidden_size, dtype)
+        self._np_dtype = np.float16 if dtype == "float16" else np.float32
+        self._buffers: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+        self._buffered: dict[str, int] = {}
+        self.shards: dict[str, list[str]] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, split: str, doc_id: str, positions: np.ndarray, states: torch.Tensor) -> None:
+        if states.ndim != 2 or states.shape[1] != self.hidden_size:
+            raise ValueError(f"states must be (n, {self.hidden_size}), got {tuple(states.shape)}")
+        array = states.detach().to("cpu", torch.float32).numpy().astype(self._np_dtype, copy=False)
+        if not np.isfinite(array).all():
+            raise UserError(
+                f"the hidden states of document {doc_id} contain NaN or Inf (after casting to {self.dtype}); "
+                "use compressor.cache_dtype=float32 or check the model's dtype"
+            )
+        self._buffers.setdefault(split, []).append((doc_id, positions.astype(np.int32), array))
+        self._buffered[split] = self._buffered.get(split, 0) + len(array)
+        self.tokens[split] = self.tokens.get(split, 0) + len(array)
+        while self._buffered[split] >= self.rows_per_shard:
+            self._flush(split, self.rows_per_shard)
+
+    def _flush(self, split: str, rows: int) -> None:
+        ids, positions, states = [], [], []
+        taken = 0
+        buffer = self._buffers[split]
+        while taken < rows and buffer:
+            doc_id, pos, arr = buffer[0]
+            n = min(rows - taken, len(arr))
+            ids.extend([doc_id] * n)
+            positions.append(pos[:n])
+            states.append(arr[:n])
+            taken += n
+            if n == len(arr):
+                buffer.pop(0)
+            else:
+                buffer[0] = (doc_id, pos[n:], arr[n:])
+        self._buffered[split] -= taken
+        flat = np.concatenate(states).reshape(-1)
+        values = pa.array(flat, type=_ARROW_DTYPES[self.dtype])
+        table = pa.table(
+            {
+                "doc_id": pa.array(ids, pa.string()),
+                "position": pa.array(np.concatenate(positions), pa.int32()),
+                "state": pa.FixedSizeListArray.from_arrays(values, self.hidden_size),
+            },
+            schema=self.schema,
+        )
+        name = f"states/{split}/part-{len(self.shards.get(split, [])):05d}.parquet"
+        with self.writer.open(name) as f:
+            pq.write_table(table, f, compression="zstd")
+        self.shards.setdefault(split, []).append(name)
+
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        for split in list(self._buffers):
+            if self._buffered.get(split, 0):
+                self._flush(split, self._buffered[split])
+        meta = {
+            "schema": SCHEMA_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "hidden_size": self.hidden_size,
+            "dtype": self.dtype,
+            "tokens": self.tokens,
+            "shards": self.shards,
+            **(extra or {}),
+        }
+        self.writer.write_json(META_FILE, meta)
+        return meta
+
+
+def write_lm_head(writer: ArtifactWriter, head: LMHead) -> dict[str, Any]:
+    """Save the head; returns the meta entry to put in hidden_states.json."""
+    tensors = {"weight": head.weight.contiguous()}
+    if head.norm_weight is not None:
+        tensors["norm_weight"] = head.norm_weight.contiguous()
+    writer.write_bytes(HEAD_FILE, save_safetensors(tensors))
+    return {"file": HEAD_FILE, "norm_eps": head.norm_eps, "final_norm": head.norm_weight is not None}
+
+
+@dataclass
+class HiddenStates:
+    """Reader over a committed hidden-states artifact."""
+
+    artifact: Artifact
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, artifact: Artifact) -> HiddenStates:
+        meta = artifact.read_json(META_FILE)
+        if meta.get("schema") != SCHEMA_NAME or meta.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(
+                f"{artifact.uri} holds schema {meta.get('schema')} v{meta.get('schema_version')}, expected "
+                f"{SCHEMA_NAME} v{SCHEMA_VERSION}; recompute it with this version of llm-trm"
+            )
+        return cls(artifact, meta)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    def tokens(self, split: str) -> int:
+        return int(self.meta["tokens"].get(split, 0))
+
+    def shards(self, split: str) -> list[str]:
+        return list(self.meta["shards"].get(split, []))
+
+    def lm_head(self) -> LMHead | None:
+        entry = self.meta.get("lm_head")
+        if not entry:
+            return None
+        tensors = load_safetensors(self.artifact.read_bytes(entry["file"]))
+        return LMHead(tensors["weight"], tensors.get("norm_weight"), float(entry["norm_eps"]))
+
+    def read_shard(self, name: str) -> torch.Tensor:
+        """All states of one shard as a float32 (rows, D) tensor."""
+        with self.artifact.open(name) as f:
+            column = pq.read_table(f, columns=["state"]).column("state").combine_chunks()
+        flat = column.values.to_numpy(zero_copy_only=False)
+        states = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(-1, self.hidden_size))
+        if not torch.isfinite(states).all():
+            raise UserError(f"{self.artifact.file_uri(name)} contains NaN or Inf hidden states; recompute the artifact")
+        return states
+
+    def iter_rows(self, split: str) -> Iterator[torch.Tensor]:
+        """Every shard of a split in order (memory: one shard at a time)."""
+        for name in self.shards(split):
+            yield self.read_shard(name)
+
+    def iter_batches(
+        self,
+        split: str,
+        batch_tokens: int,
+        *,
+        seed: int | None = None,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[torch.Tensor]:
+        """Global batches of `batch_tokens` rows (this rank's slice). With a seed, shard order and rows
+        are shuffled by a generator seeded from (seed, epoch): the order is a pure function of the epoch,
+        so a resumed run sees exactly the batches an uninterrupted one would."""
+        names = self.shards(split)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+        carry: torch.Tensor | None = None
+        for name in names:
+            rows = self.read_shard(name)
+            if generator is not None:
+                rows = rows[torch.randperm(rows.shape[0], generator=generator)]
+            if carry is not None:
+                rows = torch.cat([carry, rows])
+            full = rows.shape[0] // batch_tokens * batch_tokens
+            for start in range(0, full, batch_tokens):
+                yield rows[start : start + batch_tokens][rank::world_size]
+            carry = rows[full:] if full < rows.shape[0] else None
+        if carry is not None and carry.shape[0]:
+            yield carry[rank::world_size]
+
+    def batches_per_epoch(self, split: str, batch_tokens: int) -> int:
+        return math.ceil(self.tokens(split) / batch_tokens)
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    doc_id: str
+    split: str
+    input_ids: list[int]
+
+
+def chunk_documents(
+    docs: Iterable[Any], tokenizer: PreTrainedTokenizerBase, max_tokens: int
+) -> tuple[list[TextChunk], int]:
+    """Tokenize documents and cut them into chunks of at most max_tokens. Returns (chunks, documents)."""
+    chunks: list[TextChunk] = []
+    n_docs = 0
+    for doc in docs:
+        n_docs += 1
+        ids = tokenizer(doc.text, add_special_tokens=False).input_ids
+        for start in range(0, len(ids), max_tokens):
+            piece = ids[start : start + max_tokens]
+            if len(piece) >= 2:
+                chunks.append(TextChunk(doc.id, doc.split, piece))
+    return chunks, n_docs
+
+
+@torch.no_grad()
+def extract_states(
+    model: PreTrainedModel, chunks: list[TextChunk], layer_index: int, batch_size: int, pad_id: int
+) -> Iterator[tuple[TextChunk, torch.Tensor]]:
+    """(chunk, (len, D) states) for every chunk, batched by length with right padding.
+
+    Right padding keeps every real token at its unpadded position, so batched states equal the
+    states of the chunk run alone.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i].input_ids), i))
+    for start in tqdm(range(0, len(order), batch_size), desc="hidden states", unit="batch", disable=None):
+        batch = [chunks[i] for i in order[start : start + batch_size]]
+        width = max(len(c.input_ids) for c in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, chunk in enumerate(batch):
+            ids[row, : len(chunk.input_ids)] = torch.tensor(chunk.input_ids)
+            mask[row, : len(chunk.input_ids)] = 1
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        states = out.hidden_states[layer_index]
+        for row, chunk in enumerate(batch):
+            yield chunk, states[row, : len(chunk.input_ids)].float().cpu()

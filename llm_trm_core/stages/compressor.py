@@ -1,0 +1,333 @@
+"""Stage 1: compressor. Three cached artifacts, each computed once:
+
+- `hiddens`    the LM's hidden states of the text corpus (train / val / test documents), run once;
+- `basis`      the exact tied-autoencoder solution (eigenbasis of the second moment), one pass;
+- `compressor` one D' with its solver (closed form, SGD, or SGD from the closed form), phase 1a
+               (text) or 1b (thinking traces, starting from a 1a artifact), and held-out metrics
+               beside baselines (the training mean, and the random orthogonal init).
+
+Also runnable under torchrun / accelerate launch for multi-process SGD:
+    torchrun --nproc_per_node 2 -m llm_trm_core.stages.compressor --preset tiny --store URI [k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from llm_trm_core.compressor.metrics import ReconstructionMetrics
+from llm_trm_core.compressor.moments import Basis, MomentAccumulator, solve
+from llm_trm_core.compressor.train import SGDResult, train_sgd
+from llm_trm_core.config import PipelineConfig, load_config
+from llm_trm_core.data.corpus import iter_corpus
+from llm_trm_core.errors import UserError
+from llm_trm_core.hidden_states import (
+    HiddenStates,
+    ShardedStatesWriter,
+    chunk_documents,
+    extract_states,
+    lm_head_of,
+    resolve_layer,
+    write_lm_head,
+)
+from llm_trm_core.lm import load_language_model
+from llm_trm_core.models.compressor import LinearCompressor, check_compatible
+from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.tracking import Tracker
+from llm_trm_core.training.accel import get_accelerator
+from llm_trm_core.training.checkpoints import CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+Phase = Literal["1a", "1b"]
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+REQUIRED_SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# hiddens
+
+
+def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
+    """Run the LM once over the corpus; store every real token's hidden state (padding excluded)."""
+    stage = "hiddens"
+    key = key_for(cfg, stage)
+    if (manifest := store.read_manifest(stage, key)) is not None:
+        return manifest
+    start = time.perf_counter()
+    lm = load_language_model(cfg.model, cfg.runtime)
+    layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
+    chunks, n_docs = chunk_documents(iter_corpus(cfg.corpus), lm.tokenizer, cfg.corpus.max_tokens)
+    if not chunks:
+        raise UserError(
+            f"the corpus ({cfg.corpus.source}, {n_docs} documents) produced no text to run the model on; "
+            "check corpus.source and corpus.num_documents"
+        )
+    splits_present = {c.split for c in chunks}
+    missing = [s for s in REQUIRED_SPLITS if s not in splits_present]
+    if missing:
+        raise UserError(
+            f"the corpus has no {'/'.join(missing)} documents ({n_docs} documents in all); raise "
+            "corpus.num_documents or corpus.heldout_fraction so every split gets some"
+        )
+    config = stage_config(cfg, stage)
+    with store.writer(stage, key, config=config, code_version=STAGE_CODE_VERSIONS[stage]) as writer:
+        shards = ShardedStatesWriter(
+            writer, lm.info.hidden_size, cfg.compressor.cache_dtype, cfg.compressor.rows_per_shard
+        )
+        pad_id = int(lm.tokenizer.pad_token_id or 0)
+        for chunk, states in extract_states(lm.model, chunks, layer_index, cfg.compressor.extract_batch_size, pad_id):
+            shards.add(chunk.split, chunk.doc_id, np.arange(len(chunk.input_ids)), states)
+        head = write_lm_head(writer, lm_head_of(lm.model, layer_index, lm.info.num_layers))
+        meta = shards.close(
+            {"layer": cfg.compressor.layer, "layer_index": layer_index, "model": lm.info.as_dict(), "lm_head": head}
+        )
+        return writer.commit(
+            {
+                "documents": n_docs,
+                "chunks": len(chunks),
+                **{f"tokens_{split}": n for split, n in sorted(meta["tokens"].items())},
+                "hidden_size": lm.info.hidden_size,
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+
+
+def open_hiddens(store: ArtifactStore, manifest: Manifest) -> HiddenStates:
+    return HiddenStates.open(store.open(manifest.stage, manifest.key))
+
+
+# ---------------------------------------------------------------------------------------------
+# basis (closed form)
+
+
+def run_basis(cfg: PipelineConfig, store: ArtifactStore, hiddens: Manifest) -> Manifest:
+    """One streaming pass over the training states: count, Σx, Σxxᵀ (float64), then eigh."""
+    stage = "basis"
+    key = key_for(cfg, stage, {"hiddens": hiddens.key})
+    if (manifest := store.read_manifest(stage, key)) is not None:
+        return manifest
+    start = time.perf_counter()
+    states = open_hiddens(store, hiddens)
+    moments = MomentAccumulator(states.hidden_size)
+    for rows in states.iter_rows("train"):
+        moments.update(rows)
+    basis = solve(moments, cfg.compressor.centered)
+    tensors = {"components": basis.components, "eigenvalues": basis.eigenvalues, "mean": basis.mean}
+    config = stage_config(cfg, stage)
+    with store.writer(
+        stage, key, config=config, code_version=STAGE_CODE_VERSIONS[stage], upstream={"hiddens": hiddens.key}
+    ) as writer:
+        writer.write_bytes("basis.safetensors", save_safetensors(tensors))
+        writer.write_json("basis.json", {"count": basis.count, "centered": basis.centered})
+        return writer.commit(
+            {
+                "tokens": basis.count,
+                "seconds": round(time.perf_counter() - start, 2),
+                "top_eigenvalue": float(basis.eigenvalues[0]),
+            }
+        )
+
+
+def load_basis(store: ArtifactStore, manifest: Manifest) -> Basis:
+    artifact = store.open(manifest.stage, manifest.key)
+    tensors = load_safetensors(artifact.read_bytes("basis.safetensors"))
+    meta = artifact.read_json("basis.json")
+    return Basis(
+        tensors["components"], tensors["eigenvalues"], tensors["mean"], int(meta["count"]), bool(meta["centered"])
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# compressor
+
+
+def load_compressor(store: ArtifactStore, manifest: Manifest) -> LinearCompressor:
+    artifact = store.open(manifest.stage, manifest.key)
+    return LinearCompressor.from_bytes(artifact.read_bytes(WEIGHTS_FILE), artifact.read_bytes(CONFIG_FILE))
+
+
+@torch.no_grad()
+def evaluate_compressor(
+    model: LinearCompressor, states: HiddenStates, basis: Basis, split: str, lm_head_tokens: int
+) -> dict[str, Any]:
+    """Held-out metrics of the model and of two baselines on the same tokens."""
+    head = states.lm_head()
+    mean = basis.mean.to(torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same random baseline whatever the run's seed
+        random_init = LinearCompressor(model.hidden_size, model.d_prime)
+    trackers = {
+        "model": ReconstructionMetrics(basis.mean, head, lm_head_tokens),
+        "baseline_mean": ReconstructionMetrics(basis.mean, head, lm_head_tokens),
+        "baseline_random_init": ReconstructionMetrics(basis.mean, head, lm_head_tokens),
+    }
+    model = model.eval()
+    for rows in states.iter_rows(split):
+        x = rows.to(model.weight.device)
+        trackers["model"].update(x, model(x))
+        trackers["baseline_mean"].update(x, mean.expand_as(x))
+        trackers["baseline_random_init"].update(x, random_init(x))
+    return {name: tracker.compute() for name, tracker in trackers.items()}
+
+
+def compressor_key(
+    cfg: PipelineConfig, hiddens: Manifest, basis: Manifest, phase: Phase, init: Manifest | None
+) -> tuple[str, dict[str, str]]:
+    upstream = {"hiddens": hiddens.key, "basis": basis.key}
+    if init is not None:
+        upstream["init"] = init.key
+    return key_for(cfg, "compressor", upstream, {"phase": phase}), upstream
+
+
+def run_compressor(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    hiddens: Manifest,
+    basis: Manifest,
+    *,
+    phase: Phase = "1a",
+    init: Manifest | None = None,
+    accelerator: Accelerator | None = None,
+) -> Manifest:
+    """Fit one compressor; returns its manifest (computed once per key)."""
+    stage = "compressor"
+    c = cfg.compressor
+    key, upstream = compressor_key(cfg, hiddens, basis, phase, init)
+    if (manifest := store.read_manifest(stage, key)) is not None:
+        return manifest
+    if phase == "1b" and init is None:
+        raise UserError("compressor phase 1b starts from a 1a compressor: pass its manifest as `init`")
+    states = open_hiddens(store, hiddens)
+    hidden_size = states.hidden_size
+    closed = load_basis(store, basis)
+    uses_sgd = c.solver in ("sgd", "closed_form+sgd")
+    accelerator = accelerator or (get_accelerator(cfg.runtime.device, c.mixed_precision) if uses_sgd else None)
+    is_main = accelerator is None or accelerator.is_main_process
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.runtime.seed)
+        model = LinearCompressor(hidden_size, c.d_prime, centered=c.centered)
+        if init is not None:
+            start_from = load_compressor(store, init)
+            check_compatible(start_from, hidden_size, f"the init compressor {init.uri}")
+            if (start_from.d_prime, start_from.centered) != (c.d_prime, c.centered):
+                raise UserError(
+                    f"the init compressor has D'={start_from.d_prime}, centered={start_from.centered}; this run asks "
+                    f"for D'={c.d_prime}, centered={c.centered}. Use matching compressor settings for 1a and 1b."
+                )
+            model.load_state_dict(start_from.state_dict())
+        elif c.solver in ("closed_form", "closed_form+sgd"):
+            model.set_weights(closed.weight(c.d_prime), closed.offset())
+
+        sgd: SGDResult | None = None
+        tracker = None
+        if uses_sgd:
+            assert accelerator is not None
+            if is_main:
+                tracker = Tracker(cfg.tracking, f"compressor-{phase}-d{c.d_prime}", key, stage_config(cfg, stage))
+            checkpoints = CheckpointManager(store, stage, key)
+            sgd = train_sgd(
+                model,
+                states,
+                c,
+                seed=cfg.runtime.seed,
+                accelerator=accelerator,
+                checkpoints=checkpoints,
+                tracker=tracker,
+            )
+            model.load_state_dict(sgd.weights)
+        if not is_main:
+            assert accelerator is not None
+            accelerator.wait_for_everyone()
+            manifest = store.read_manifest(stage, key)
+            assert manifest is not None, "the main process did not commit the compressor"
+            return manifest
+        metrics = evaluate_compressor(model.cpu(), states, closed, "test", c.eval_lm_head_tokens)
+
+    weights, config_json = model.to_bytes()
+    summary: dict[str, Any] = {
+        "phase": phase,
+        "solver": c.solver,
+        "d_prime": c.d_prime,
+        "hidden_size": hidden_size,
+        "test": metrics["model"],
+        "baselines": {k.removeprefix("baseline_"): v for k, v in metrics.items() if k != "model"},
+        "energy_kept_closed_form": closed.explained(c.d_prime),
+    }
+    if sgd is not None:
+        summary["sgd"] = {
+            "steps": sgd.steps,
+            "best_step": sgd.best_step,
+            "best_val_mse": sgd.best_val_mse,
+            "stopped_early": sgd.stopped_early,
+            "resumed_from": sgd.resumed_from,
+            "seconds": round(sgd.seconds, 2),
+        }
+    with store.writer(
+        stage,
+        key,
+        config=stage_config(cfg, stage, {"phase": phase}),
+        code_version=STAGE_CODE_VERSIONS[stage],
+        upstream=upstream,
+    ) as writer:
+        writer.write_bytes(WEIGHTS_FILE, weights)
+        writer.write_bytes(CONFIG_FILE, config_json)
+        if sgd is not None:
+            writer.write_json("history.json", sgd.history)
+        manifest = writer.commit(summary)
+    if tracker:
+        tracker.summary({"test/" + k: v for k, v in metrics["model"].items()})
+        tracker.finish()
+    if uses_sgd:
+        CheckpointManager(store, stage, key).clear()
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+    return manifest
+
+
+def with_compressor(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
+    """A copy of cfg with compressor fields changed (frozen models)."""
+    return cfg.model_copy(update={"compressor": cfg.compressor.model_copy(update=changes)})
+
+
+# ---------------------------------------------------------------------------------------------
+# command line for torchrun / accelerate launch
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compressor stage 1a (multi-process capable).")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--store", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    overrides = [*args.overrides, *([f"store.root={args.store}"] if args.store else [])]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.preset, overrides)
+    store = ArtifactStore(cfg.store.root)
+    accelerator = get_accelerator(cfg.runtime.device, cfg.compressor.mixed_precision)
+    if accelerator.is_main_process:
+        run_basis(cfg, store, run_corpus_hiddens(cfg, store))
+    accelerator.wait_for_everyone()
+    hiddens = store.read_manifest("hiddens", key_for(cfg, "hiddens"))
+    assert hiddens is not None
+    basis = store.read_manifest("basis", key_for(cfg, "basis", {"hiddens": hiddens.key}))
+    assert basis is not None
+    manifest = run_compressor(cfg, store, hiddens, basis, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps({"key": manifest.key, "uri": manifest.uri, "world_size": accelerator.num_processes}))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

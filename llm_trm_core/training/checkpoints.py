@@ -1,0 +1,80 @@
+"""Training checkpoints under `{root}/{stage}/{key}/checkpoints/step-XXXXXXXX/` (DESIGN §4).
+
+A checkpoint is `state.pt` (model, optimizer, scheduler, RNG, data position, step, early-stopping
+state: tensors and plain Python values only, loaded with `torch.load(weights_only=True)`), then a
+`COMPLETE` marker written last. Only complete checkpoints are ever loaded; the newest wins.
+
+Fault injection for tests: with LLM_TRM_FAULT_KILL_AFTER_CHECKPOINT=N the process SIGKILLs itself
+right after checkpoint N is complete, as a preempted machine would die.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+from typing import Any
+
+import torch
+
+from llm_trm_core.store import CHECKPOINTS_DIR, TMP_MARKER, ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+COMPLETE = "COMPLETE"
+FAULT_ENV = "LLM_TRM_FAULT_KILL_AFTER_CHECKPOINT"
+
+
+class CheckpointManager:
+    def __init__(self, store: ArtifactStore, stage: str, key: str, keep_last: int = 2) -> None:
+        self.store = store
+        self.folder = store.path(stage, key, CHECKPOINTS_DIR)
+        self.keep_last = keep_last
+
+    def _dir(self, step: int) -> str:
+        return f"{self.folder}/step-{step:08d}"
+
+    def complete_steps(self) -> list[int]:
+        fs = self.store.fs
+        if not fs.exists(self.folder):
+            return []
+        steps = []
+        for entry in fs.ls(self.folder, detail=False):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("step-") and TMP_MARKER not in name and fs.exists(f"{self.folder}/{name}/{COMPLETE}"):
+                steps.append(int(name.removeprefix("step-")))
+        return sorted(steps)
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        folder = self._dir(step)
+        fs = self.store.fs
+        fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/{STATE_FILE}{TMP_MARKER}{os.getpid()}"
+        with fs.open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+        self.store.publish(tmp, f"{folder}/{STATE_FILE}")
+        fs.pipe(f"{folder}/{COMPLETE}", b"")
+        logger.debug("checkpoint step %d saved (%d bytes)", step, buffer.tell())
+        for old in self.complete_steps()[: -self.keep_last]:
+            fs.rm(self._dir(old), recursive=True)
+        if os.environ.get(FAULT_ENV) == str(step):
+            logger.warning("%s=%d: killing this process (fault injection)", FAULT_ENV, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def load_latest(self) -> tuple[int, dict[str, Any]] | None:
+        steps = self.complete_steps()
+        if not steps:
+            return None
+        step = steps[-1]
+        with self.store.fs.open(f"{self._dir(step)}/{STATE_FILE}", "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), weights_only=True)
+        logger.info("resuming from checkpoint step %d", step)
+        return step, state
+
+    def clear(self) -> None:
+        if self.store.fs.exists(self.folder):
+            self.store.fs.rm(self.folder, recursive=True)
