@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -22,8 +23,9 @@ from rich.table import Table
 
 from llm_trm_core.config import PRESETS, PipelineConfig, load_config
 from llm_trm_core.errors import UserError
+from llm_trm_core.reporting import comparison_rows, flatten, fmt
 
-console = Console(stderr=False)
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 app = typer.Typer(
@@ -47,8 +49,6 @@ OverridesArg = Annotated[
 
 # Which issue brings each stage that is not built yet.
 PENDING_STAGES: dict[str, str] = {
-    "compressor": "stage 1 (compressor 1a/1b)",
-    "sweep": "stage 1 (the D' sweep)",
     "datagen": "stage 2 data (thinking generation)",
     "pairs": "stage 2 data (Parquet pair shards)",
     "trm": "stage 2 model (TRM training)",
@@ -93,13 +93,23 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
 
 def _print_manifests(results: dict[str, dict[str, Any]]) -> None:
     for stage, manifest in results.items():
-        table = Table(title=f"{stage}  key={manifest['key'][:16]}…", title_justify="left", show_header=True)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, value in sorted(manifest.get("metrics", {}).items()):
-            table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
-        console.print(table)
+        metrics = manifest.get("metrics", {})
+        console.print(f"[bold]{stage}[/]  key={manifest['key']}", highlight=False)
         console.print(f"  uri: {manifest['uri']}", highlight=False, soft_wrap=True)
+        rows = comparison_rows(metrics)
+        if rows:
+            table = Table(title="held-out test metrics", title_justify="left")
+            for column in rows[0]:
+                table.add_column(column, justify="left" if column == "name" else "right")
+            for row in rows:
+                table.add_row(*(fmt(v) for v in row.values()))
+            console.print(table)
+        scalars = {k: v for k, v in flatten(metrics).items() if not k.startswith(("test.", "baselines.", "rows"))}
+        if scalars:
+            table = Table(show_header=False, box=None, padding=(0, 2))
+            for name, value in sorted(scalars.items()):
+                table.add_row(name, fmt(value))
+            console.print(table)
 
 
 @app.callback()
@@ -125,6 +135,43 @@ def pipeline(preset: PresetOption = "local", store: StoreOption = None, override
 
     results = _run_guarded(lambda: pipeline_flow(cfg))
     _print_manifests(results)
+
+
+@app.command()
+def compressor(
+    preset: PresetOption = "local",
+    store: StoreOption = None,
+    overrides: OverridesArg = None,
+    phase: Annotated[str, typer.Option("--phase", help="1a (plain text) or 1b (thinking traces).")] = "1a",
+) -> None:
+    """Stage 1: train the tied linear compressor D -> D' (hidden states cached, closed form and/or SGD)."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    if phase not in ("1a", "1b"):
+        err_console.print(f"[bold red]error:[/] --phase must be 1a or 1b, got {phase!r}")
+        raise typer.Exit(code=2)
+    from flows.compressor import compressor_flow
+
+    _print_manifests(_run_guarded(lambda: compressor_flow(cfg, phase=phase)))
+
+
+@app.command()
+def sweep(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.compressor import sweep_flow
+
+    results = _run_guarded(lambda: sweep_flow(cfg))
+    _print_manifests({k: v for k, v in results.items() if k != "sweep"})
+    report = results["sweep"]
+    console.print(f"[bold]sweep[/]  key={report['key']}", highlight=False)
+    console.print(f"  uri: {report['uri']}  (report.md, table.json, plot.png)", highlight=False, soft_wrap=True)
+    table = Table(title="compressor sweep (held-out test)", title_justify="left")
+    columns = ["d_prime", "solver", "cosine", "cosine_centered", "fvu", "lm_kl", "lm_top1", "sgd_seconds"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in report["metrics"]["rows"]:
+        table.add_row(*(fmt(row.get(c)) for c in columns))
+    console.print(table)
 
 
 def _pending(stage: str) -> Callable[..., None]:

@@ -1,4 +1,4 @@
-"""Publish a stage's manifest as Prefect artifacts (a metrics table and a link to the store URI)."""
+"""Publish a stage's manifest as Prefect artifacts: a metrics table, a comparison table, a summary."""
 
 from __future__ import annotations
 
@@ -6,25 +6,35 @@ import re
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from llm_trm_core.reporting import comparison_rows, flatten, fmt
 from llm_trm_core.store import Manifest
 
 
-def artifact_key(stage: str, suffix: str) -> str:
+def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{stage}-{suffix}".lower()).strip("-")
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def publish_manifest(manifest: Manifest, title: str) -> None:
-    rows = [{"metric": k, "value": v} for k, v in sorted(manifest.metrics.items())]
+def publish_manifest(manifest: Manifest, title: str, extra_markdown: str = "") -> None:
+    rows = comparison_rows(manifest.metrics)
     if rows:
         create_table_artifact(
-            key=artifact_key(manifest.stage, "metrics"), table=rows, description=f"{title}: {manifest.uri}"
+            key=artifact_key(manifest.stage, "comparison"),
+            table=[{k: fmt(v) for k, v in row.items()} for row in rows],
+            description=f"{title}: held-out metrics beside baselines",
+        )
+    flat = {k: v for k, v in flatten(manifest.metrics).items() if not isinstance(v, list)}
+    if flat:
+        create_table_artifact(
+            key=artifact_key(manifest.stage, "metrics"),
+            table=[{"metric": k, "value": fmt(v)} for k, v in sorted(flat.items())],
+            description=f"{title}: {manifest.uri}",
         )
     create_markdown_artifact(
         key=artifact_key(manifest.stage, "artifact"),
         markdown=(
             f"### {title}\n\n- store URI: `{manifest.uri}`\n- key: `{manifest.key}`\n"
-            f"- files: {len(manifest.files)}\n- completed: {manifest.completed_at}\n"
+            f"- files: {len(manifest.files)}\n- completed: {manifest.completed_at}\n\n{extra_markdown}"
         ),
         description=f"{manifest.stage} artifact",
     )
