@@ -73,6 +73,8 @@ def _configure_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("llm_trm_core").setLevel(logging.INFO)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def resolve(preset: str, store: str | None, overrides: list[str] | None) -> PipelineConfig:

@@ -86,7 +86,8 @@ class ShardedStatesWriter:
     def add(self, split: str, doc_id: str, positions: np.ndarray, states: torch.Tensor) -> None:
         if states.ndim != 2 or states.shape[1] != self.hidden_size:
             raise ValueError(f"states must be (n, {self.hidden_size}), got {tuple(states.shape)}")
-        array = states.detach().to("cpu", torch.float32).numpy().astype(self._np_dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+            array = states.detach().to("cpu", torch.float32).numpy().astype(self._np_dtype, copy=False)
         if not np.isfinite(array).all():
             raise UserError(
                 f"the hidden states of document {doc_id} contain NaN or Inf (after casting to {self.dtype}); "
@@ -194,7 +195,7 @@ class HiddenStates:
         with self.artifact.open(name) as f:
             column = pq.read_table(f, columns=["state"]).column("state").combine_chunks()
         flat = column.values.to_numpy(zero_copy_only=False)
-        states = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(-1, self.hidden_size))
+        states = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(-1, self.hidden_size))  # owned copy
         if not torch.isfinite(states).all():
             raise UserError(f"{self.artifact.file_uri(name)} contains NaN or Inf hidden states; recompute the artifact")
         return states

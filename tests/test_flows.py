@@ -79,3 +79,48 @@ def test_cli_pipeline_prints_key_uri_and_metrics(tmp_path: Path) -> None:
     assert re.search(r"problems\s+key=[0-9a-f]{16}", result.output)
     assert f"uri: {root}/problems/" in result.output
     assert "n_train" in result.output
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_sweep_flow_compares_solvers_and_publishes_a_report(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.compressor import sweep_flow
+
+    cfg = load_config("tiny", [f"store.root=file://{tmp_path / 'store'}", "sweep.d_primes=[8, 16, 64, 100]"])
+    result = sweep_flow(cfg)
+    rows = result["sweep"]["metrics"]["rows"]
+    assert sorted((r["d_prime"], r["solver"]) for r in rows) == [
+        (8, "closed_form"), (8, "sgd"), (16, "closed_form"), (16, "sgd"),
+    ]  # fmt: skip
+    by = {(r["d_prime"], r["solver"]): r for r in rows}
+    for d in (8, 16):  # the exact solution is at least as good as SGD on held-out data
+        assert by[(d, "closed_form")]["fvu"] <= by[(d, "sgd")]["fvu"] + 1e-6
+    assert by[(16, "closed_form")]["fvu"] < by[(8, "closed_form")]["fvu"]
+    store = ArtifactStore(cfg.store.root)
+    report = store.open("sweep", result["sweep"]["key"])
+    assert report.read_bytes("plot.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 16 | closed_form |" in report.read_bytes("report.md").decode()
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-artifact"])), limit=1
+        )
+    assert "data:image/png;base64," in str(artifact.data)
+
+    again = sweep_flow(cfg)
+    assert again["sweep"] == result["sweep"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_compressor_flow_and_cli(tmp_path: Path) -> None:
+    root = f"file://{tmp_path / 'store'}"
+    result = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "compressor.d_prime=12"])
+    assert result.exit_code == 0, result.output
+    assert "baseline: mean" in result.output and "baseline: random_init" in result.output
+    assert re.search(r"compressor\s+key=[0-9a-f]{64}", result.output)
+    bad = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "--phase", "1b"])
+    assert bad.exit_code == 2 and "datagen" in bad.output
+    too_big = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "compressor.d_prime=64"])
+    assert too_big.exit_code == 2 and "hidden size D=64" in too_big.output
