@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 import yaml
@@ -153,7 +153,8 @@ def compressor(
         raise typer.Exit(code=2)
     from flows.compressor import compressor_flow
 
-    _print_manifests(_run_guarded(lambda: compressor_flow(cfg, phase=phase)))
+    chosen: Literal["1a", "1b"] = "1a" if phase == "1a" else "1b"
+    _print_manifests(_run_guarded(lambda: compressor_flow(cfg, phase=chosen)))
 
 
 @app.command()
