@@ -202,17 +202,46 @@ class CompressorConfig(Section):
 
 
 class DatagenConfig(Section):
-    """Stage 2 data: thinking generation."""
+    """Stage 2 data: thinking generation and the (pre, post) hidden states.
 
-    num_problems: int = Field(48, ge=1, description="Problems to generate for (taken across splits).")
+    Hidden states come from `compressor.layer` and are stored as `compressor.cache_dtype`, so the
+    pairs always match the compressor that will compress them.
+    """
+
+    num_problems: int = Field(48, ge=1, description="Problems to generate for, taken in order across splits.")
+    shard_size: int = Field(16, ge=1, description="Problems per shard (one task each, resumable).")
+    batch_size: int = Field(8, ge=1, description="Problems per generate call (also the commit granularity).")
     max_new_tokens: int = Field(256, ge=1, description="Token budget of the thinking span.")
-    temperature: float = Field(0.7, ge=0.0, description="0 = greedy.")
+    max_answer_tokens: int = Field(64, ge=1, description="Token budget of the answer after the span.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    batch_size: int = Field(8, ge=1, json_schema_extra=NOT_KEYED)
+    answer_markers: list[str] = Field(
+        default_factory=list,
+        description="For models without a thinking mode: if one of these strings (e.g. '####') is generated "
+        "before </think>, the span is closed there (</think> inserted before it).",
+    )
+    close_on_eos: bool = Field(
+        False,
+        description="A turn that ends (EOS) with the span still open has </think> inserted at its end "
+        "instead of counting as a no_end failure (models without a thinking mode).",
+    )
+    close_on_budget: bool = Field(
+        False,
+        description="A span still open at max_new_tokens has </think> inserted instead of counting as a "
+        "truncated failure (random test models).",
+    )
 
 
 class PairsConfig(Section):
+    """Stage 2 data: (pre sequence, post vector) pairs compressed to D' in Parquet shards."""
+
     dtype: Literal["float16", "float32"] = Field("float32", description="Storage dtype of compressed states.")
+    pre_positions: Literal["all", "no_system_prefix"] = Field(
+        "no_system_prefix",
+        description="all: every prompt position before <think>; no_system_prefix: without the system-prompt "
+        "prefix, whose states are identical in every sample.",
+    )
+    rows_per_shard: int = Field(256, ge=1, description="Pairs per Parquet file.")
 
 
 class TRMConfig(Section):

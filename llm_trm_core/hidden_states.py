@@ -246,6 +246,7 @@ class TextChunk:
     doc_id: str
     split: str
     input_ids: list[int]
+    keep_from: int = 0  # states before this position are computed (as context) but not stored
 
 
 def chunk_documents(

@@ -16,6 +16,7 @@ import torch
 import llm_trm_core.stages.compressor as stage
 from llm_trm_core.config import load_config
 from llm_trm_core.errors import UserError
+from llm_trm_core.faults import FAULT_ENV
 from llm_trm_core.stages.compressor import (
     load_compressor,
     run_basis,
@@ -25,7 +26,7 @@ from llm_trm_core.stages.compressor import (
 )
 from llm_trm_core.stages.keys import key_for
 from llm_trm_core.store import ArtifactStore
-from llm_trm_core.training.checkpoints import FAULT_ENV, CheckpointManager
+from llm_trm_core.training.checkpoints import CheckpointManager
 
 REPO = Path(__file__).resolve().parent.parent
 SGD = ["compressor.solver=sgd", "compressor.max_steps=16", "compressor.checkpoint_every=8", "compressor.eval_every=4"]
@@ -99,7 +100,7 @@ def test_bad_inputs_are_clear_errors(monkeypatch) -> None:
         run_compressor(with_compressor(cfg, d_prime=64), store, hiddens, basis)
     assert store.list_keys("compressor") == []
 
-    with pytest.raises(UserError, match="has no .*documents.*raise corpus.num_documents"):
+    with pytest.raises(UserError, match="no .*data among .*raise corpus.num_documents"):
         run_corpus_hiddens(_cfg("corpus.num_documents=2"), store)
 
     monkeypatch.setattr(stage, "iter_corpus", lambda corpus: iter(()))
@@ -149,7 +150,7 @@ def _result(proc: subprocess.CompletedProcess[str]) -> dict:
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     killed, straight = f"file://{tmp_path / 'killed'}", f"file://{tmp_path / 'straight'}"
-    proc = _run_stage(killed, *SGD, env={FAULT_ENV: "8"})
+    proc = _run_stage(killed, *SGD, env={FAULT_ENV: "checkpoint:8"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     store = ArtifactStore(killed)
     assert store.list_keys("compressor") == []  # nothing committed

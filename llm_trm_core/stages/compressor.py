@@ -33,13 +33,14 @@ from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import (
     HiddenStates,
     ShardedStatesWriter,
+    TextChunk,
     chunk_documents,
     extract_states,
     lm_head_of,
     resolve_layer,
     write_lm_head,
 )
-from llm_trm_core.lm import load_language_model
+from llm_trm_core.lm import LoadedLM, load_language_model
 from llm_trm_core.models.compressor import LinearCompressor, check_compatible
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.store import ArtifactStore, Manifest
@@ -59,49 +60,62 @@ REQUIRED_SPLITS = ("train", "val", "test")
 # hiddens
 
 
+def write_states_artifact(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    stage: str,
+    key: str,
+    lm: LoadedLM,
+    chunks: list[TextChunk],
+    *,
+    upstream: dict[str, str] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """Run the LM over `chunks` and store the layer states of every kept position (train/val/test)."""
+    start = time.perf_counter()
+    layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
+    present = {c.split for c in chunks}
+    missing = [s for s in REQUIRED_SPLITS if s not in present]
+    if missing:
+        raise UserError(
+            f"{stage}: no {'/'.join(missing)} data among {len(chunks)} sequences; every split needs some (raise "
+            "corpus.num_documents / corpus.heldout_fraction, or datagen.num_problems)"
+        )
+    config = stage_config(cfg, stage)
+    c = cfg.compressor
+    with store.writer(stage, key, config=config, code_version=STAGE_CODE_VERSIONS[stage], upstream=upstream) as writer:
+        shards = ShardedStatesWriter(writer, lm.info.hidden_size, c.cache_dtype, c.rows_per_shard)
+        pad_id = int(lm.tokenizer.pad_token_id or 0)
+        for chunk, states in extract_states(lm.model, chunks, layer_index, c.extract_batch_size, pad_id):
+            positions = np.arange(chunk.keep_from, len(chunk.input_ids))
+            shards.add(chunk.split, chunk.doc_id, positions, states[chunk.keep_from :])
+        head = write_lm_head(writer, lm_head_of(lm.model, layer_index, lm.info.num_layers))
+        meta = shards.close({"layer": c.layer, "layer_index": layer_index, "model": lm.info.as_dict(), "lm_head": head})
+        return writer.commit(
+            {
+                **(metrics or {}),
+                "sequences": len(chunks),
+                **{f"tokens_{split}": n for split, n in sorted(meta["tokens"].items())},
+                "hidden_size": lm.info.hidden_size,
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+
+
 def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
     """Run the LM once over the corpus; store every real token's hidden state (padding excluded)."""
     stage = "hiddens"
     key = key_for(cfg, stage)
     if (manifest := store.read_manifest(stage, key)) is not None:
         return manifest
-    start = time.perf_counter()
     lm = load_language_model(cfg.model, cfg.runtime)
-    layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
     chunks, n_docs = chunk_documents(iter_corpus(cfg.corpus), lm.tokenizer, cfg.corpus.max_tokens)
     if not chunks:
         raise UserError(
             f"the corpus ({cfg.corpus.source}, {n_docs} documents) produced no text to run the model on; "
             "check corpus.source and corpus.num_documents"
         )
-    splits_present = {c.split for c in chunks}
-    missing = [s for s in REQUIRED_SPLITS if s not in splits_present]
-    if missing:
-        raise UserError(
-            f"the corpus has no {'/'.join(missing)} documents ({n_docs} documents in all); raise "
-            "corpus.num_documents or corpus.heldout_fraction so every split gets some"
-        )
-    config = stage_config(cfg, stage)
-    with store.writer(stage, key, config=config, code_version=STAGE_CODE_VERSIONS[stage]) as writer:
-        shards = ShardedStatesWriter(
-            writer, lm.info.hidden_size, cfg.compressor.cache_dtype, cfg.compressor.rows_per_shard
-        )
-        pad_id = int(lm.tokenizer.pad_token_id or 0)
-        for chunk, states in extract_states(lm.model, chunks, layer_index, cfg.compressor.extract_batch_size, pad_id):
-            shards.add(chunk.split, chunk.doc_id, np.arange(len(chunk.input_ids)), states)
-        head = write_lm_head(writer, lm_head_of(lm.model, layer_index, lm.info.num_layers))
-        meta = shards.close(
-            {"layer": cfg.compressor.layer, "layer_index": layer_index, "model": lm.info.as_dict(), "lm_head": head}
-        )
-        return writer.commit(
-            {
-                "documents": n_docs,
-                "chunks": len(chunks),
-                **{f"tokens_{split}": n for split, n in sorted(meta["tokens"].items())},
-                "hidden_size": lm.info.hidden_size,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
+    return write_states_artifact(cfg, store, stage, key, lm, chunks, metrics={"documents": n_docs})
 
 
 def open_hiddens(store: ArtifactStore, manifest: Manifest) -> HiddenStates:
@@ -160,25 +174,30 @@ def load_compressor(store: ArtifactStore, manifest: Manifest) -> LinearCompresso
 
 @torch.no_grad()
 def evaluate_compressor(
-    model: LinearCompressor, states: HiddenStates, basis: Basis, split: str, lm_head_tokens: int
+    model: LinearCompressor,
+    states: HiddenStates,
+    basis: Basis,
+    split: str,
+    lm_head_tokens: int,
+    extra_baselines: dict[str, LinearCompressor] | None = None,
 ) -> dict[str, Any]:
-    """Held-out metrics of the model and of two baselines on the same tokens."""
+    """Held-out metrics of the model and of the baselines (mean, random init, any extra) on the same tokens."""
     head = states.lm_head()
     mean = basis.mean.to(torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same random baseline whatever the run's seed
         random_init = LinearCompressor(model.hidden_size, model.d_prime)
-    trackers = {
-        "model": ReconstructionMetrics(basis.mean, head, lm_head_tokens),
-        "baseline_mean": ReconstructionMetrics(basis.mean, head, lm_head_tokens),
-        "baseline_random_init": ReconstructionMetrics(basis.mean, head, lm_head_tokens),
+    predictors: dict[str, Any] = {
+        "model": model.eval(),
+        "baseline_mean": lambda x: mean.expand_as(x),
+        "baseline_random_init": random_init,
+        **{f"baseline_{name}": m.eval() for name, m in (extra_baselines or {}).items()},
     }
-    model = model.eval()
+    trackers = {name: ReconstructionMetrics(basis.mean, head, lm_head_tokens) for name in predictors}
     for rows in states.iter_rows(split):
         x = rows.to(model.weight.device)
-        trackers["model"].update(x, model(x))
-        trackers["baseline_mean"].update(x, mean.expand_as(x))
-        trackers["baseline_random_init"].update(x, random_init(x))
+        for name, predict in predictors.items():
+            trackers[name].update(x, predict(x))
     return {name: tracker.compute() for name, tracker in trackers.items()}
 
 
@@ -212,7 +231,7 @@ def run_compressor(
     states = open_hiddens(store, hiddens)
     hidden_size = states.hidden_size
     closed = load_basis(store, basis)
-    uses_sgd = c.solver in ("sgd", "closed_form+sgd")
+    uses_sgd = c.solver in ("sgd", "closed_form+sgd") or phase == "1b"  # 1b fine-tunes the 1a weights
     accelerator = accelerator or (get_accelerator(cfg.runtime.device, c.mixed_precision) if uses_sgd else None)
     is_main = accelerator is None or accelerator.is_main_process
 
@@ -231,6 +250,12 @@ def run_compressor(
         elif c.solver in ("closed_form", "closed_form+sgd"):
             model.set_weights(closed.weight(c.d_prime), closed.offset())
 
+        extra_baselines: dict[str, LinearCompressor] = {}
+        if init is not None:
+            extra_baselines["init_1a"] = LinearCompressor.from_bytes(*model.to_bytes())
+            exact = LinearCompressor(hidden_size, c.d_prime, centered=c.centered)
+            exact.set_weights(closed.weight(c.d_prime), closed.offset())
+            extra_baselines["closed_form_here"] = exact
         sgd: SGDResult | None = None
         tracker = None
         if uses_sgd:
@@ -254,7 +279,7 @@ def run_compressor(
             manifest = store.read_manifest(stage, key)
             assert manifest is not None, "the main process did not commit the compressor"
             return manifest
-        metrics = evaluate_compressor(model.cpu(), states, closed, "test", c.eval_lm_head_tokens)
+        metrics = evaluate_compressor(model.cpu(), states, closed, "test", c.eval_lm_head_tokens, extra_baselines)
 
     weights, config_json = model.to_bytes()
     summary: dict[str, Any] = {

@@ -19,6 +19,10 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
     "basis": "1",
     "compressor": "1",
     "sweep": "1",
+    "datagen-shard": "1",
+    "datagen": "1",
+    "trace-hiddens": "1",
+    "pairs": "1",
 }
 
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.
@@ -28,6 +32,10 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "basis": ("compressor.centered",),
     "compressor": ("compressor", "runtime.seed"),
     "sweep": ("sweep.d_primes",),
+    "datagen-shard": ("model", "datagen", "runtime.seed", "compressor.layer", "compressor.cache_dtype"),
+    "datagen": ("datagen",),
+    "trace-hiddens": ("model", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
+    "pairs": ("pairs",),
 }
 
 _SGD_ONLY = frozenset(
@@ -39,15 +47,24 @@ _SGD_ONLY = frozenset(
 
 
 def _compressor_view(dumped: dict[str, Any]) -> dict[str, Any]:
-    """A closed-form compressor does not depend on the SGD hyper-parameters or the seed."""
+    """A closed-form 1a compressor does not depend on the SGD hyper-parameters or the seed (1b always trains)."""
     section = dumped.get("compressor", {})
-    if section.get("solver") == "closed_form":
+    if section.get("solver") == "closed_form" and dumped.get("phase", "1a") == "1a":
         dumped["compressor"] = {k: v for k, v in section.items() if k not in _SGD_ONLY}
         dumped.pop("runtime.seed", None)
     return dumped
 
 
-STAGE_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"compressor": _compressor_view}
+def _datagen_shard_view(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A shard is identified by its index range, so how many problems or shards there are does not matter."""
+    dumped["datagen"] = {k: v for k, v in dumped["datagen"].items() if k not in ("num_problems", "shard_size")}
+    return dumped
+
+
+STAGE_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "compressor": _compressor_view,
+    "datagen-shard": _datagen_shard_view,
+}
 
 
 def _lookup(cfg: PipelineConfig, dotted: str) -> Any:

@@ -4,8 +4,8 @@ A checkpoint is `state.pt` (model, optimizer, scheduler, RNG, data position, ste
 state: tensors and plain Python values only, loaded with `torch.load(weights_only=True)`), then a
 `COMPLETE` marker written last. Only complete checkpoints are ever loaded; the newest wins.
 
-Fault injection for tests: with LLM_TRM_FAULT_KILL_AFTER_CHECKPOINT=N the process SIGKILLs itself
-right after checkpoint N is complete, as a preempted machine would die.
+Fault injection for tests: with LLM_TRM_FAULT_KILL=checkpoint:N the process SIGKILLs itself right
+after checkpoint N is complete, as a preempted machine would die.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from __future__ import annotations
 import io
 import logging
 import os
-import signal
 from typing import Any
 
 import torch
 
+from llm_trm_core.faults import kill_if_requested
 from llm_trm_core.store import CHECKPOINTS_DIR, TMP_MARKER, ArtifactStore
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 COMPLETE = "COMPLETE"
-FAULT_ENV = "LLM_TRM_FAULT_KILL_AFTER_CHECKPOINT"
 
 
 class CheckpointManager:
@@ -61,9 +60,7 @@ class CheckpointManager:
         logger.debug("checkpoint step %d saved (%d bytes)", step, buffer.tell())
         for old in self.complete_steps()[: -self.keep_last]:
             fs.rm(self._dir(old), recursive=True)
-        if os.environ.get(FAULT_ENV) == str(step):
-            logger.warning("%s=%d: killing this process (fault injection)", FAULT_ENV, step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_if_requested("checkpoint", step)
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
         steps = self.complete_steps()

@@ -1,0 +1,226 @@
+"""Thinking generation for a batch of problems, with consistent (pre, post) hidden states.
+
+Per batch:
+1. render the think-mode prompt (fixed system prompt) and tokenize it (no special tokens added: the
+   template is complete);
+2. generate the thinking span (left padding, seeded sampling or greedy, `max_new_tokens`), stopping
+   at `</think>` or an answer marker;
+3. cut the span (`spans.close_span`) and re-tokenize prompt + trace: these ids define the sample;
+4. ONE teacher-forced forward over prompt + trace (right padding, so positions are the unpadded
+   ones): `pre` = states of the prompt positions before `<think>`, `post` = the state AT the last
+   token of `</think>`, the same position for every sample;
+5. generate the answer after `</think>` (`max_answer_tokens`) and grade it.
+Every problem yields one row, failures included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llm_trm_core.config import DatagenConfig
+from llm_trm_core.data.answers import grade
+from llm_trm_core.data.problems import Problem
+from llm_trm_core.datagen.spans import close_span
+from llm_trm_core.lm import LoadedLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairStates:
+    id: str
+    split: str
+    pre: torch.Tensor  # (think_start, D)
+    post: torch.Tensor  # (D,)
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """Sampling seed of the batch starting at a problem index: the same wherever the batch runs."""
+    digest = hashlib.sha256(f"{seed}:{first_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**63)
+
+
+def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
+    """Index of the token covering character `char` (or the first token starting after it)."""
+    for i, (start, end) in enumerate(offsets):
+        if start <= char < end or start >= char:
+            return i
+    return len(offsets)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ThinkingGenerator:
+    def __init__(self, lm: LoadedLM, cfg: DatagenConfig, layer_index: int) -> None:
+        self.lm = lm
+        self.cfg = cfg
+        self.layer_index = layer_index
+        self.tokenizer = lm.tokenizer
+        self.device = next(lm.model.parameters()).device
+        self.native = lm.chat.thinking == "native"
+        self.delims = lm.chat.delimiters
+        self.context = int(getattr(lm.model.config, "max_position_embeddings", 1 << 30))
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        # The shared system-prompt prefix: common token prefix of two prompts that differ only in the question.
+        ref_a = self._ids(lm.chat.prompt("0"))
+        ref_b = self._ids(lm.chat.prompt("1"))
+        self.shared_prefix = ref_a[: _common_prefix(ref_a, ref_b)]
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _sampling(self) -> dict[str, Any]:
+        if self.cfg.temperature <= 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
+
+    @torch.no_grad()
+    def _generate(self, sequences: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[list[int]]:
+        """Left-padded batched generate; returns each row's new token ids (padding removed after EOS)."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        kwargs: dict[str, Any] = {}
+        if stop:
+            kwargs = {"stop_strings": stop, "tokenizer": self.tokenizer}
+        model: Any = self.lm.model  # transformers types `generate` loosely
+        out = model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            **self._sampling(),
+            **kwargs,
+        )
+        return [row[width:].tolist() for row in out.cpu()]
+
+    def _cut_at_eos(self, ids: list[int]) -> tuple[list[int], bool]:
+        if self.eos_id in ids:
+            return ids[: ids.index(self.eos_id)], True
+        return ids, False
+
+    @torch.no_grad()
+    def _teacher_forced_states(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Layer states of each full sequence, right-padded so each token keeps its unpadded position."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        out = self.lm.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True
+        )
+        states = out.hidden_states[self.layer_index]
+        return [states[row, : len(seq)].float().cpu() for row, seq in enumerate(sequences)]
+
+    def run_batch(self, items: list[tuple[int, Problem]], seed: int) -> tuple[list[dict[str, Any]], list[PairStates]]:
+        cfg = self.cfg
+        rows: list[dict[str, Any]] = []
+        for index, problem in items:
+            prompt = self.lm.chat.prompt(problem.question, enable_thinking=True)
+            enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            prompt_ids = list(enc.input_ids)
+            if self.native:
+                think_start = len(prompt_ids)
+            else:
+                think_start = _token_at([tuple(o) for o in enc.offset_mapping], prompt.rfind(self.delims.start))
+            rows.append(
+                {
+                    "problem_index": index,
+                    "id": problem.id,
+                    "split": problem.split,
+                    "question": problem.question,
+                    "gold_answer_text": problem.answer_text,
+                    "gold_value": problem.answer_value,
+                    "prompt": prompt,
+                    "prompt_ids": prompt_ids,
+                    "prompt_tokens": len(prompt_ids),
+                    "system_prefix_len": _common_prefix(prompt_ids, self.shared_prefix),
+                    "think_start": think_start,
+                    "generated_text": "",
+                    "trace_ids": [],
+                    "answer_text": "",
+                    "answer_ids": [],
+                    "think_end": None,
+                    "think_tokens": None,
+                    "end_source": None,
+                    "extracted_answer": None,
+                    "extract_method": None,
+                    "correct": False,
+                    "correct_strict": False,
+                    "failure": None,
+                }
+            )
+            if not problem.question.strip():
+                rows[-1]["failure"] = "error: empty question"
+            needed = len(prompt_ids) + cfg.max_new_tokens + cfg.max_answer_tokens + 2
+            if needed > self.context:
+                rows[-1]["failure"] = (
+                    f"error: prompt of {len(prompt_ids)} tokens plus the thinking and answer budgets "
+                    f"({cfg.max_new_tokens}+{cfg.max_answer_tokens}) exceeds the model's context of {self.context}"
+                )
+
+        live = [r for r in rows if r["failure"] is None]
+        torch.manual_seed(batch_seed(seed, items[0][0]))
+        if live:
+            stop = [self.delims.end, *cfg.answer_markers]
+            generated = self._generate([r["prompt_ids"] for r in live], cfg.max_new_tokens, stop)
+            for row, new_ids in zip(live, generated, strict=True):
+                body, ended_by_eos = self._cut_at_eos(new_ids)
+                text = str(self.tokenizer.decode(body, skip_special_tokens=False))
+                row["generated_text"] = text
+                span = close_span(
+                    text,
+                    start=self.delims.start,
+                    end=self.delims.end,
+                    native=self.native,
+                    ended_by_eos=ended_by_eos,
+                    answer_markers=tuple(cfg.answer_markers),
+                    close_on_eos=cfg.close_on_eos,
+                    close_on_budget=cfg.close_on_budget,
+                )
+                if span.failure is not None or span.trace_text is None:
+                    row["failure"] = span.failure
+                    continue
+                row["trace_ids"] = self._ids(span.trace_text)
+                row["end_source"] = span.end_source
+                row["think_end"] = len(row["prompt_ids"]) + len(row["trace_ids"]) - 1
+                row["think_tokens"] = row["think_end"] - row["think_start"] + 1
+
+        done = [r for r in rows if r["failure"] is None]
+        pairs: list[PairStates] = []
+        if done:
+            sequences = [r["prompt_ids"] + r["trace_ids"] for r in done]
+            for row, states in zip(done, self._teacher_forced_states(sequences), strict=True):
+                pairs.append(
+                    PairStates(row["id"], row["split"], states[: row["think_start"]], states[row["think_end"]])
+                )
+            answers = self._generate(sequences, cfg.max_answer_tokens, [])
+            for row, new_ids in zip(done, answers, strict=True):
+                body, _ = self._cut_at_eos(new_ids)
+                row["answer_ids"] = body
+                row["answer_text"] = self.tokenizer.decode(body, skip_special_tokens=True)
+                graded = grade(row["answer_text"], row["gold_value"])
+                row["extracted_answer"] = graded.extracted.value
+                row["extract_method"] = graded.extracted.method
+                row["correct"] = graded.numeric
+                row["correct_strict"] = graded.strict
+        return rows, pairs

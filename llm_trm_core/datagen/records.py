@@ -1,0 +1,125 @@
+"""Parquet schemas of the datagen stage: one row per problem (failures included) and the uncompressed
+(pre, post) states of the successful ones. Parts are named by their problem-index range so a shard
+can resume at its last processed index: `rows/part-000016-000024.parquet`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from llm_trm_core.datagen.generate import PairStates
+
+ROWS_SCHEMA_NAME = "llm-trm/datagen-rows"
+STATES_SCHEMA_NAME = "llm-trm/datagen-states"
+SCHEMA_VERSION = "1"
+PART_RE = re.compile(r"part-(\d{6})-(\d{6})\.parquet$")
+_FLOAT = {"float32": pa.float32(), "float16": pa.float16()}
+
+ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("problem_index", pa.int32(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("gold_answer_text", pa.string(), nullable=False),
+        pa.field("gold_value", pa.float64(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("system_prefix_len", pa.int32(), nullable=False),
+        pa.field("think_start", pa.int32(), nullable=False),
+        pa.field("generated_text", pa.string(), nullable=False),
+        pa.field("trace_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("answer_text", pa.string(), nullable=False),
+        pa.field("answer_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("think_end", pa.int32()),
+        pa.field("think_tokens", pa.int32()),
+        pa.field("end_source", pa.string()),
+        pa.field("extracted_answer", pa.float64()),
+        pa.field("extract_method", pa.string()),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("correct_strict", pa.bool_(), nullable=False),
+        pa.field("failure", pa.string()),
+    ],
+    metadata={"schema": ROWS_SCHEMA_NAME, "schema_version": SCHEMA_VERSION},
+)
+
+
+def part_name(folder: str, start: int, end: int) -> str:
+    return f"{folder}/part-{start:06d}-{end:06d}.parquet"
+
+
+def parse_part(name: str) -> tuple[int, int] | None:
+    match = PART_RE.search(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=ROWS_SCHEMA)
+
+
+def states_schema(hidden_size: int, dtype: str, metadata: dict[str, str] | None = None) -> pa.Schema:
+    vector = pa.list_(pa.field("element", _FLOAT[dtype], nullable=False), hidden_size)
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("pre_len", pa.int32(), nullable=False),
+            pa.field("pre", pa.list_(pa.field("position", vector, nullable=False)), nullable=False),
+            pa.field("post", vector, nullable=False),
+        ],
+        metadata={"schema": STATES_SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype, **(metadata or {})},
+    )
+
+
+def _vectors(array: np.ndarray, dtype: str, dim: int) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=_FLOAT[dtype]), dim)
+
+
+def pairs_to_table(
+    pairs: Sequence[PairStates], hidden_size: int, dtype: str, metadata: dict[str, str] | None = None
+) -> pa.Table:
+    """(pre sequence, post vector) rows; pre is a list of fixed-size float lists."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    schema = states_schema(hidden_size, dtype, metadata)
+    if not pairs:
+        return schema.empty_table()
+    pre_flat = np.concatenate([p.pre.numpy().astype(np_dtype) for p in pairs]) if pairs else np.zeros((0, hidden_size))
+    lengths = np.array([p.pre.shape[0] for p in pairs], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    pre = pa.ListArray.from_arrays(pa.array(offsets), _vectors(pre_flat, dtype, hidden_size))
+    post = _vectors(np.stack([p.post.numpy().astype(np_dtype) for p in pairs]), dtype, hidden_size)
+    return pa.Table.from_arrays(
+        [
+            pa.array([p.id for p in pairs], pa.string()),
+            pa.array([p.split for p in pairs], pa.string()),
+            pa.array(lengths, pa.int32()),
+            pre.cast(schema.field("pre").type),
+            post,
+        ],
+        schema=schema,
+    )
+
+
+def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
+    """Inverse of `pairs_to_table` (float32 tensors)."""
+    dim = table.schema.field("post").type.list_size
+    ids, splits = table.column("id").to_pylist(), table.column("split").to_pylist()
+    post = table.column("post").combine_chunks()
+    post_np = np.array(post.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    pre_col = table.column("pre").combine_chunks()
+    offsets = pre_col.offsets.to_numpy()
+    flat = np.array(pre_col.values.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    for i in range(table.num_rows):
+        pre = torch.from_numpy(flat[offsets[i] : offsets[i + 1]].copy())
+        yield PairStates(ids[i], splits[i], pre, torch.from_numpy(post_np[i].copy()))
+
+
+def read_parquet(file: Any) -> pa.Table:
+    return pq.read_table(file)

@@ -1,0 +1,22 @@
+"""Fault injection for tests: a process kills itself (SIGKILL) at a named point, as a preempted VM dies.
+
+    LLM_TRM_FAULT_KILL=checkpoint:8        after training checkpoint 8 is complete
+    LLM_TRM_FAULT_KILL=datagen-part:2      after the 2nd generation part of a shard is published
+Unset (the default), nothing happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "LLM_TRM_FAULT_KILL"
+
+
+def kill_if_requested(point: str, value: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}:{value}":
+        logger.warning("%s=%s:%d: killing this process (fault injection)", FAULT_ENV, point, value)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,251 @@
+"""Stage 2 data: `datagen`.
+
+Problems (the first `datagen.num_problems` of the problem set, all splits) are cut into shards of
+`datagen.shard_size` by index. Each shard is its own artifact (`datagen-shard`), so shards can be
+mapped over workers and a committed shard is never redone. Inside a shard, every generate batch is
+published as a part named by its index range (states first, rows last); a shard that was killed
+resumes at the end of its last complete part: no duplicates, no gaps. The `datagen` artifact then
+aggregates the shards into a report (success rate, failure and end-of-span breakdown, think-mode
+accuracy, thinking-length histogram).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pyarrow.parquet as pq
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.data.problems import Problem
+from llm_trm_core.datagen.generate import PairStates, ThinkingGenerator
+from llm_trm_core.datagen.records import (
+    pairs_to_table,
+    parse_part,
+    part_name,
+    rows_table,
+    table_to_pairs,
+)
+from llm_trm_core.errors import UserError
+from llm_trm_core.faults import kill_if_requested
+from llm_trm_core.hidden_states import resolve_layer
+from llm_trm_core.lm import LoadedLM, load_language_model
+from llm_trm_core.reporting import markdown_table, png_bytes
+from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.stages.problems import read_problems
+from llm_trm_core.store import ArtifactStore, ArtifactWriter, Manifest
+
+logger = logging.getLogger(__name__)
+
+SHARD_STAGE = "datagen-shard"
+STAGE = "datagen"
+FAILURE_REASONS = ("no_start", "no_end", "truncated")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    start: int  # first problem index (inclusive)
+    end: int  # last problem index (exclusive)
+
+
+def datagen_problems(store: ArtifactStore, problems: Manifest, cfg: PipelineConfig) -> list[Problem]:
+    items = read_problems(store, problems).problems
+    if not items:
+        raise UserError("the problem set is empty; check the problems stage")
+    return items[: cfg.datagen.num_problems]
+
+
+def plan_shards(cfg: PipelineConfig, n_problems: int) -> list[ShardSpec]:
+    size = cfg.datagen.shard_size
+    return [ShardSpec(i, start, min(start + size, n_problems)) for i, start in enumerate(range(0, n_problems, size))]
+
+
+def shard_key(cfg: PipelineConfig, problems: Manifest, shard: ShardSpec) -> str:
+    extra = {"shard": shard.index, "start": shard.start, "end": shard.end}
+    return key_for(cfg, SHARD_STAGE, {"problems": problems.key}, extra)
+
+
+def _completed_parts(writer: ArtifactWriter, shard: ShardSpec) -> int:
+    """Adopt the contiguous parts an earlier attempt published; return the next problem index to process."""
+    fs = writer.store.fs
+    folder = writer.store.path(SHARD_STAGE, writer.key)
+    parts = sorted(
+        (span, name)
+        for name in (str(p).rsplit("/", 1)[-1] for p in fs.glob(f"{folder}/rows/part-*.parquet"))
+        if (span := parse_part(name)) is not None
+    )
+    position = shard.start
+    for (start, end), name in parts:
+        if start != position or not fs.exists(f"{folder}/states/{name}"):
+            logger.warning(
+                "shard %d: part %s is not contiguous with index %d; it will be redone", shard.index, name, position
+            )
+            break
+        writer.adopt(f"states/{name}")
+        writer.adopt(f"rows/{name}")
+        position = end
+    if position > shard.start:
+        logger.info(
+            "shard %d: resuming at problem index %d (%d already done)", shard.index, position, position - shard.start
+        )
+    return position
+
+
+def run_datagen_shard(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    problems: Manifest,
+    shard: ShardSpec,
+    lm: LoadedLM | None = None,
+) -> Manifest:
+    key = shard_key(cfg, problems, shard)
+    if (manifest := store.read_manifest(SHARD_STAGE, key)) is not None:
+        return manifest
+    start_time = time.perf_counter()
+    items = datagen_problems(store, problems, cfg)[shard.start : shard.end]
+    lm = lm or load_language_model(cfg.model, cfg.runtime)
+    layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
+    generator = ThinkingGenerator(lm, cfg.datagen, layer_index)
+    config = stage_config(cfg, SHARD_STAGE, {"shard": shard.index, "start": shard.start, "end": shard.end})
+    state_meta = {"model": lm.info.name, "layer": str(cfg.compressor.layer), "hidden_size": str(lm.info.hidden_size)}
+    writer = store.writer(
+        SHARD_STAGE,
+        key,
+        config=config,
+        code_version=STAGE_CODE_VERSIONS[SHARD_STAGE],
+        upstream={"problems": problems.key},
+    )
+    position = _completed_parts(writer, shard)
+    batch = cfg.datagen.batch_size
+    for parts_written, first in enumerate(range(position, shard.end, batch), start=1):
+        last = min(first + batch, shard.end)
+        chunk = [(first + i, problem) for i, problem in enumerate(items[first - shard.start : last - shard.start])]
+        rows, pairs = generator.run_batch(chunk, cfg.runtime.seed)
+        name = part_name("", first, last).lstrip("/")
+        with writer.open(f"states/{name}") as f:
+            pq.write_table(pairs_to_table(pairs, lm.info.hidden_size, cfg.compressor.cache_dtype, state_meta), f)
+        with writer.open(f"rows/{name}") as f:  # written last: a part exists once its rows exist
+            pq.write_table(rows_table(rows), f, compression="zstd")
+        logger.info("shard %d: problems %d-%d done (%d pairs)", shard.index, first, last, len(pairs))
+        kill_if_requested("datagen-part", parts_written)
+    rows = list(iter_shard_rows(store, writer.files.keys(), SHARD_STAGE, key, check=False))
+    return writer.commit(
+        {
+            "shard": shard.index,
+            "problems": len(rows),
+            "succeeded": sum(r["failure"] is None for r in rows),
+            "model": lm.info.as_dict(),
+            "seconds": round(time.perf_counter() - start_time, 2),
+        }
+    )
+
+
+def iter_shard_rows(
+    store: ArtifactStore, files: Any, stage: str, key: str, check: bool = True
+) -> Iterator[dict[str, Any]]:
+    names = sorted(f for f in files if f.startswith("rows/"))
+    for name in names:
+        path = store.open(stage, key).path(name) if check else store.path(stage, key, name)
+        with store.fs.open(path, "rb") as f:
+            yield from pq.read_table(f).to_pylist()
+
+
+def shard_manifests(store: ArtifactStore, datagen: Manifest) -> list[Manifest]:
+    keys = [datagen.upstream[name] for name in sorted(datagen.upstream) if name.startswith("shard-")]
+    out = []
+    for key in keys:
+        manifest = store.read_manifest(SHARD_STAGE, key)
+        if manifest is None:
+            raise UserError(f"datagen artifact {datagen.uri} refers to shard {key}, which is not committed")
+        out.append(manifest)
+    return out
+
+
+def iter_rows(store: ArtifactStore, datagen: Manifest) -> Iterator[dict[str, Any]]:
+    """Every generation row, in problem-index order (streams part by part)."""
+    for shard in shard_manifests(store, datagen):
+        yield from iter_shard_rows(store, shard.files, SHARD_STAGE, shard.key)
+
+
+def iter_pair_states(store: ArtifactStore, datagen: Manifest) -> Iterator[PairStates]:
+    """Uncompressed (pre, post) states of every successful row (streams part by part)."""
+    for shard in shard_manifests(store, datagen):
+        artifact = store.open(SHARD_STAGE, shard.key)
+        for name in artifact.files("states/"):
+            with artifact.open(name) as f:
+                yield from table_to_pairs(pq.read_table(f))
+
+
+def _histogram(lengths: list[int], budget: int) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.hist(lengths or [0], bins=min(30, max(5, len(set(lengths)))), color="#4477aa")
+    ax.axvline(budget, color="grey", ls=":", lw=1, label=f"budget {budget}")
+    ax.set_xlabel("thinking tokens (delimiters included)")
+    ax.set_ylabel("problems")
+    ax.set_title(f"thinking length, {len(lengths)} closed spans")
+    ax.legend()
+    png = png_bytes(fig)
+    plt.close(fig)
+    return png
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    ok = [r for r in rows if r["failure"] is None]
+    failures = Counter(
+        r["failure"] if r["failure"] in FAILURE_REASONS else "error" for r in rows if r["failure"] is not None
+    )
+    lengths = sorted(int(r["think_tokens"]) for r in ok)
+    return {
+        "problems": n,
+        "succeeded": len(ok),
+        "success_rate": len(ok) / n if n else 0.0,
+        "failures": {reason: failures.get(reason, 0) for reason in (*FAILURE_REASONS, "error")},
+        "end_sources": dict(Counter(r["end_source"] for r in ok)),
+        "closed_by_model_rate": sum(r["end_source"] != "budget" for r in ok) / n if n else 0.0,
+        "think_accuracy": sum(r["correct"] for r in rows) / n if n else 0.0,
+        "think_accuracy_strict": sum(r["correct_strict"] for r in rows) / n if n else 0.0,
+        "think_accuracy_closed_spans": sum(r["correct"] for r in ok) / len(ok) if ok else 0.0,
+        "think_tokens_mean": sum(lengths) / len(lengths) if lengths else 0.0,
+        "think_tokens_median": lengths[len(lengths) // 2] if lengths else 0,
+        "splits": dict(Counter(r["split"] for r in ok)),
+    }
+
+
+def run_datagen_report(
+    cfg: PipelineConfig, store: ArtifactStore, problems: Manifest, shards: list[Manifest]
+) -> Manifest:
+    upstream = {"problems": problems.key, **{f"shard-{m.metrics['shard']:04d}": m.key for m in shards}}
+    key = key_for(cfg, STAGE, upstream)
+    if (manifest := store.read_manifest(STAGE, key)) is not None:
+        return manifest
+    rows = [
+        row
+        for m in sorted(shards, key=lambda m: m.metrics["shard"])
+        for row in iter_shard_rows(store, m.files, SHARD_STAGE, m.key)
+    ]
+    summary = summarize(rows)
+    errors = Counter(r["failure"] for r in rows if r["failure"] and r["failure"].startswith("error"))
+    table = [{"metric": k, "value": v} for k, v in summary.items() if not isinstance(v, dict)]
+    table += [{"metric": f"failure: {k}", "value": v} for k, v in summary["failures"].items()]
+    table += [{"metric": f"end of span: {k}", "value": v} for k, v in summary["end_sources"].items()]
+    report = "# Thinking generation\n\n" + markdown_table(table) + "\n"
+    if errors:
+        report += "\nErrors:\n\n" + "\n".join(f"- {count} × {message}" for message, count in errors.items()) + "\n"
+    lengths = [int(r["think_tokens"]) for r in rows if r["failure"] is None]
+    with store.writer(
+        STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
+    ) as w:
+        w.write_bytes("report.md", report.encode())
+        w.write_bytes("think_length.png", _histogram(lengths, cfg.datagen.max_new_tokens))
+        w.write_json("summary.json", summary)
+        return w.commit(summary)

@@ -1,0 +1,219 @@
+"""Stage 2 data: `pairs` (compressed training pairs for the TRM) and `trace-hiddens` (for compressor 1b).
+
+`pairs`: every successful datagen row's (pre, post) states compressed to D' by a compressor
+artifact, written as Parquet shards per split with an explicit schema:
+
+    id: string, split: string, pre_len: int32,
+    pre: list<fixed_size_list<float{16,32}>[D']>, post: fixed_size_list<float{16,32}>[D']
+    schema metadata: schema name/version, model, revision, layer, D, D', compressor key, datagen key,
+    dtype, pre_positions
+
+Readable by `pyarrow.dataset` and `datasets.load_dataset("parquet", data_files=..., streaming=True)`.
+
+`trace-hiddens`: the LM's token states over prompt + trace of every successful row (the system-prompt
+prefix is context only), in the hidden-states format compressor 1b trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.datagen.records import table_to_pairs
+from llm_trm_core.errors import UserError
+from llm_trm_core.hidden_states import TextChunk
+from llm_trm_core.lm import load_language_model
+from llm_trm_core.stages.compressor import load_compressor, write_states_artifact
+from llm_trm_core.stages.datagen import iter_pair_states, iter_rows, shard_manifests
+from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.store import ArtifactStore, Manifest
+
+logger = logging.getLogger(__name__)
+
+STAGE = "pairs"
+SCHEMA_NAME = "llm-trm/pairs"
+SCHEMA_VERSION = "1"
+META_FILE = "pairs.json"
+_FLOAT = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def pairs_schema(d_prime: int, dtype: str, metadata: dict[str, str]) -> pa.Schema:
+    vector = pa.list_(pa.field("element", _FLOAT[dtype], nullable=False), d_prime)
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("pre_len", pa.int32(), nullable=False),
+            pa.field("pre", pa.list_(pa.field("position", vector, nullable=False)), nullable=False),
+            pa.field("post", vector, nullable=False),
+        ],
+        metadata={"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype, **metadata},
+    )
+
+
+@dataclass
+class CompressedPair:
+    id: str
+    split: str
+    pre: torch.Tensor  # (L, D')
+    post: torch.Tensor  # (D',)
+
+
+def _table(pairs: list[CompressedPair], schema: pa.Schema) -> pa.Table:
+    dtype = schema.metadata[b"dtype"].decode()
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    d = schema.field("post").type.list_size
+    lengths = np.array([p.pre.shape[0] for p in pairs], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate([p.pre.numpy().astype(np_dtype) for p in pairs]).reshape(-1)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_FLOAT[dtype]), d)
+    pre = pa.ListArray.from_arrays(pa.array(offsets), vectors).cast(schema.field("pre").type)
+    post_flat = np.stack([p.post.numpy().astype(np_dtype) for p in pairs]).reshape(-1)
+    post = pa.FixedSizeListArray.from_arrays(pa.array(post_flat, type=_FLOAT[dtype]), d).cast(schema.field("post").type)
+    return pa.Table.from_arrays(
+        [pa.array([p.id for p in pairs]), pa.array([p.split for p in pairs]), pa.array(lengths), pre, post],
+        schema=schema,
+    )
+
+
+def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[int, Any, dict[str, int]]:
+    """(hidden size, layer, system_prefix_len by id) of a datagen artifact."""
+    shards = shard_manifests(store, datagen)
+    if not shards:
+        raise UserError(f"the datagen artifact {datagen.uri} has no shards")
+    model = shards[0].metrics["model"]
+    layer = shards[0].config["compressor.layer"]
+    prefix = {row["id"]: int(row["system_prefix_len"]) for row in iter_rows(store, datagen) if row["failure"] is None}
+    return int(model["hidden_size"]), layer, prefix
+
+
+def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, compressor: Manifest) -> Manifest:
+    upstream = {"datagen": datagen.key, "compressor": compressor.key}
+    key = key_for(cfg, STAGE, upstream)
+    if (manifest := store.read_manifest(STAGE, key)) is not None:
+        return manifest
+    start = time.perf_counter()
+    hidden_size, layer, prefix = _datagen_context(store, datagen)
+    model = load_compressor(store, compressor)
+    if model.hidden_size != hidden_size:
+        raise UserError(
+            f"the compressor {compressor.uri} maps D={model.hidden_size}, but the datagen states have D={hidden_size}: "
+            "they come from different language models. Train the compressor on this model's hidden states."
+        )
+    compressor_layer = compressor.config.get("compressor", {}).get("layer", layer)
+    if compressor_layer != layer:
+        raise UserError(
+            f"the compressor was fitted on layer {compressor_layer} but the datagen states are from layer {layer}; "
+            "use the same compressor.layer for both"
+        )
+    p = cfg.pairs
+    model_info = shard_manifests(store, datagen)[0].metrics["model"]
+    metadata = {
+        "model": str(model_info["name"]),
+        "revision": str(model_info.get("revision")),
+        "layer": str(layer),
+        "hidden_size": str(hidden_size),
+        "d_prime": str(model.d_prime),
+        "compressor_key": compressor.key,
+        "datagen_key": datagen.key,
+        "pre_positions": p.pre_positions,
+    }
+    schema = pairs_schema(model.d_prime, p.dtype, metadata)
+    buffers: dict[str, list[CompressedPair]] = {}
+    files: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    pre_lengths: list[int] = []
+    with store.writer(
+        STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
+    ) as w:
+
+        def flush(split: str) -> None:
+            name = f"shards/{split}/part-{len(files.setdefault(split, [])):05d}.parquet"
+            with w.open(name) as f:
+                pq.write_table(_table(buffers[split], schema), f, compression="zstd")
+            files[split].append(name)
+            buffers[split] = []
+
+        with torch.no_grad():
+            for pair in iter_pair_states(store, datagen):
+                pre = pair.pre[prefix[pair.id] :] if p.pre_positions == "no_system_prefix" else pair.pre
+                compressed = CompressedPair(pair.id, pair.split, model.compress(pre), model.compress(pair.post))
+                buffers.setdefault(pair.split, []).append(compressed)
+                counts[pair.split] = counts.get(pair.split, 0) + 1
+                pre_lengths.append(pre.shape[0])
+                if len(buffers[pair.split]) >= p.rows_per_shard:
+                    flush(pair.split)
+        for split in list(buffers):
+            if buffers[split]:
+                flush(split)
+        if not counts:
+            raise UserError(
+                f"the datagen artifact {datagen.uri} has no successful generations to make pairs from; see its "
+                "report for the failure reasons"
+            )
+        meta = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, **metadata, "dtype": p.dtype,
+                "files": files, "pairs": counts}  # fmt: skip
+        w.write_json(META_FILE, meta)
+        return w.commit(
+            {
+                **{f"pairs_{split}": n for split, n in sorted(counts.items())},
+                "d_prime": model.d_prime,
+                "hidden_size": hidden_size,
+                "pre_len_mean": float(np.mean(pre_lengths)),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+
+
+@dataclass
+class PairsReader:
+    """Streams the compressed pairs of a committed `pairs` artifact, one Parquet file at a time."""
+
+    store: ArtifactStore
+    manifest: Manifest
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(json.loads(self.store.open(STAGE, self.manifest.key).read_bytes(META_FILE)))
+
+    def files(self, split: str) -> list[str]:
+        return [self.store.open(STAGE, self.manifest.key).file_uri(n) for n in self.meta["files"].get(split, [])]
+
+    def iter_pairs(self, split: str) -> Iterator[CompressedPair]:
+        artifact = self.store.open(STAGE, self.manifest.key)
+        for name in self.meta["files"].get(split, []):
+            with artifact.open(name) as f:
+                for raw in table_to_pairs(pq.read_table(f)):
+                    yield CompressedPair(raw.id, raw.split, raw.pre, raw.post)
+
+
+def run_trace_hiddens(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest) -> Manifest:
+    """Token states of prompt + thinking trace of every successful generation (compressor 1b's data)."""
+    stage = "trace-hiddens"
+    upstream = {"datagen": datagen.key}
+    key = key_for(cfg, stage, upstream)
+    if (manifest := store.read_manifest(stage, key)) is not None:
+        return manifest
+    chunks = [
+        TextChunk(
+            row["id"], row["split"], list(row["prompt_ids"]) + list(row["trace_ids"]), int(row["system_prefix_len"])
+        )
+        for row in iter_rows(store, datagen)
+        if row["failure"] is None
+    ]
+    if not chunks:
+        raise UserError(
+            f"the datagen artifact {datagen.uri} has no successful generations: no traces for compressor 1b"
+        )
+    lm = load_language_model(cfg.model, cfg.runtime)
+    return write_states_artifact(cfg, store, stage, key, lm, chunks, upstream=upstream, metrics={"traces": len(chunks)})
