@@ -49,8 +49,6 @@ OverridesArg = Annotated[
 
 # Which issue brings each stage that is not built yet.
 PENDING_STAGES: dict[str, str] = {
-    "datagen": "stage 2 data (thinking generation)",
-    "pairs": "stage 2 data (Parquet pair shards)",
     "trm": "stage 2 model (TRM training)",
     "latent": "latent reasoning at inference",
     "grpo": "stage 3 (GRPO)",
@@ -151,10 +149,30 @@ def compressor(
     if phase not in ("1a", "1b"):
         err_console.print(f"[bold red]error:[/] --phase must be 1a or 1b, got {phase!r}")
         raise typer.Exit(code=2)
+    if phase == "1b":
+        err_console.print("phase 1b: generating thinking traces first (datagen), then fine-tuning the 1a compressor")
     from flows.compressor import compressor_flow
 
     chosen: Literal["1a", "1b"] = "1a" if phase == "1a" else "1b"
     _print_manifests(_run_guarded(lambda: compressor_flow(cfg, phase=chosen)))
+
+
+@app.command()
+def datagen(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.datagen import datagen_flow
+
+    _print_manifests(_run_guarded(lambda: datagen_flow(cfg)))
+
+
+@app.command()
+def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.datagen import pairs_flow
+
+    _print_manifests(_run_guarded(lambda: pairs_flow(cfg)))
 
 
 @app.command()

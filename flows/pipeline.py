@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
-from flows.compressor import stage1_inputs
+from flows.chain import Manifests, through_pairs
 from llm_trm_core.config import PipelineConfig
-from tasks.compressor import compressor_task
 from tasks.logs import core_logs_to_prefect
-from tasks.problems import problems_task
 
 
 @flow(name="pipeline")
-def pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Run every stage that exists, each cached by its store key. Returns {stage: manifest}."""
+def pipeline(cfg: PipelineConfig) -> Manifests:
+    """problems -> compressor 1a -> datagen -> compressor 1b -> pairs, each cached by its store key."""
     with core_logs_to_prefect():
-        problems = problems_task(cfg)
-        hiddens, basis = stage1_inputs(cfg)
-        compressor = compressor_task(cfg, hiddens, basis, phase="1a")
-    return {"problems": problems, "hiddens": hiddens, "basis": basis, "compressor": compressor}
+        return through_pairs(cfg)

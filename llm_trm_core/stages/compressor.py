@@ -284,7 +284,7 @@ def run_compressor(
     weights, config_json = model.to_bytes()
     summary: dict[str, Any] = {
         "phase": phase,
-        "solver": c.solver,
+        "solver": "sgd from 1a" if phase == "1b" else c.solver,
         "d_prime": c.d_prime,
         "hidden_size": hidden_size,
         "test": metrics["model"],
