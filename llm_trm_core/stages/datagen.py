@@ -249,3 +249,36 @@ def run_datagen_report(
         w.write_bytes("think_length.png", _histogram(lengths, cfg.datagen.max_new_tokens))
         w.write_json("summary.json", summary)
         return w.commit(summary)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m llm_trm_core.stages.datagen --preset P --store URI [--shard N] [k=v ...]`: one shard, or all
+    shards and the report. Prints the resulting manifest key as a JSON line."""
+    import argparse
+    import json
+
+    from llm_trm_core.config import load_config
+    from llm_trm_core.stages.problems import run_problems
+
+    parser = argparse.ArgumentParser(description="Thinking generation (datagen stage).")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--shard", type=int, default=None, help="run only this shard index")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.preset, [*args.overrides, *([f"store.root={args.store}"] if args.store else [])])
+    store = ArtifactStore(cfg.store.root)
+    problems = run_problems(cfg, store)
+    specs = plan_shards(cfg, len(datagen_problems(store, problems, cfg)))
+    if args.shard is not None:
+        manifest = run_datagen_shard(cfg, store, problems, specs[args.shard])
+    else:
+        lm = load_language_model(cfg.model, cfg.runtime)
+        shards = [run_datagen_shard(cfg, store, problems, spec, lm) for spec in specs]
+        manifest = run_datagen_report(cfg, store, problems, shards)
+    print(json.dumps({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri}))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
