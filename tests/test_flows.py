@@ -58,8 +58,15 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
     problems = read_problems(store, store.read_manifest("problems", manifest["key"]))
     assert len(problems.problems) == manifest["metrics"]["total"] > 0
 
+    assert list(first) == [
+        "problems", "hiddens", "basis", "compressor-1a", "datagen", "trace-hiddens", "trace-basis", "compressor-1b",
+        "pairs",
+    ]  # fmt: skip
+    assert first["compressor-1b"]["upstream"]["init"] == first["compressor-1a"]["key"]
+    assert first["pairs"]["upstream"] == {"datagen": first["datagen"]["key"], "compressor": first["compressor-1b"]["key"]}
+
     second = pipeline(cfg)
-    assert second["problems"]["completed_at"] == manifest["completed_at"]  # not recomputed
+    assert second == first  # every stage came back from the store, nothing was recomputed
 
     APILogHandler().flush()
     flow_run_id = state.state_details.flow_run_id
@@ -68,7 +75,7 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
         artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     core_logs = [log for log in logs if log.name.startswith("llm_trm_core")]
     assert any("committed" in log.message for log in core_logs), [log.message for log in logs]
-    assert {a.key for a in artifacts} >= {"problems-metrics", "problems-artifact"}
+    assert {a.key for a in artifacts} >= {"problems-metrics", "problems-artifact", "datagen-artifact", "pairs-metrics"}
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -77,6 +84,7 @@ def test_cli_pipeline_prints_key_uri_and_metrics(tmp_path: Path) -> None:
     result = runner.invoke(app, ["pipeline", "--preset", "tiny", "--store", root])
     assert result.exit_code == 0, result.output
     assert re.search(r"problems\s+key=[0-9a-f]{16}", result.output)
+    assert re.search(r"pairs\s+key=[0-9a-f]{64}", result.output)
     assert f"uri: {root}/problems/" in result.output
     assert "n_train" in result.output
 
@@ -119,8 +127,11 @@ def test_compressor_flow_and_cli(tmp_path: Path) -> None:
     result = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "compressor.d_prime=12"])
     assert result.exit_code == 0, result.output
     assert "baseline: mean" in result.output and "baseline: random_init" in result.output
-    assert re.search(r"compressor\s+key=[0-9a-f]{64}", result.output)
-    bad = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "--phase", "1b"])
-    assert bad.exit_code == 2 and "datagen" in bad.output
+    assert re.search(r"compressor-1a\s+key=[0-9a-f]{64}", result.output)
+    tuned = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "--phase", "1b"])
+    assert tuned.exit_code == 0, tuned.output
+    assert "compressor-1b" in tuned.output and "baseline: init_1a" in tuned.output
+    bad = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "--phase", "2"])
+    assert bad.exit_code == 2 and "--phase must be 1a or 1b" in bad.output
     too_big = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "compressor.d_prime=64"])
     assert too_big.exit_code == 2 and "hidden size D=64" in too_big.output
