@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS
 from llm_trm_core.compressor.metrics import LMHead
 from llm_trm_core.errors import UserError
 from llm_trm_core.store import Artifact, ArtifactWriter
@@ -127,7 +129,7 @@ class ShardedStatesWriter:
         )
         name = f"states/{split}/part-{len(self.shards.get(split, [])):05d}.parquet"
         with self.writer.open(name) as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, **STATE_WRITE_OPTIONS)
         self.shards.setdefault(split, []).append(name)
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -265,6 +267,36 @@ def chunk_documents(
     return chunks, n_docs
 
 
+def layer_module(model: PreTrainedModel, layer_index: int) -> torch.nn.Module:
+    """The module whose output is `hidden_states[layer_index]`: the embeddings (0), a decoder layer, or the
+    final norm (last index: what the LM head reads)."""
+    base: Any = model.base_model
+    layers = base.layers
+    if layer_index == 0:
+        return base.get_input_embeddings()
+    if layer_index == len(layers):
+        return base.norm
+    return layers[layer_index - 1]
+
+
+@contextmanager
+def capture_layer(model: PreTrainedModel, layer_index: int) -> Iterator[list[torch.Tensor]]:
+    """Record the output of one layer for every forward call inside the block (one tensor per call).
+
+    Only that layer's activations are kept, instead of `output_hidden_states=True` keeping all of them.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handle = layer_module(model, layer_index).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def extract_states(
     model: PreTrainedModel, chunks: list[TextChunk], layer_index: int, batch_size: int, pad_id: int
@@ -284,7 +316,8 @@ def extract_states(
         for row, chunk in enumerate(batch):
             ids[row, : len(chunk.input_ids)] = torch.tensor(chunk.input_ids)
             mask[row, : len(chunk.input_ids)] = 1
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-        states = out.hidden_states[layer_index]
+        with capture_layer(model, layer_index) as captured:
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))  # no vocabulary head needed
+        states = captured[0]
         for row, chunk in enumerate(batch):
             yield chunk, states[row, : len(chunk.input_ids)].float().cpu()

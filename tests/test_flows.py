@@ -63,7 +63,10 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
         "pairs",
     ]  # fmt: skip
     assert first["compressor-1b"]["upstream"]["init"] == first["compressor-1a"]["key"]
-    assert first["pairs"]["upstream"] == {"datagen": first["datagen"]["key"], "compressor": first["compressor-1b"]["key"]}
+    assert first["pairs"]["upstream"] == {
+        "datagen": first["datagen"]["key"],
+        "compressor": first["compressor-1b"]["key"],
+    }
 
     second = pipeline(cfg)
     assert second == first  # every stage came back from the store, nothing was recomputed

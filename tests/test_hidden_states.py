@@ -120,3 +120,15 @@ def test_float16_cache_and_non_finite_states_are_refused(tmp_path) -> None:
     with pytest.raises(UserError, match="NaN or Inf"):  # a float16 overflow is caught too
         ShardedStatesWriter(w, 8, "float16", 16).add("train", "big", np.arange(1), torch.full((1, 8), 1e6))
     assert not store.is_committed("hiddens", "bad")
+
+
+def test_layer_capture_equals_output_hidden_states(tiny) -> None:
+    from llm_trm_core.hidden_states import capture_layer
+
+    ids = torch.tensor([tiny.tokenizer("some text to run through the model").input_ids])
+    reference = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+    for index in range(tiny.info.num_layers + 1):
+        with capture_layer(tiny.model, index) as captured:
+            tiny.model.base_model(input_ids=ids)
+        assert len(captured) == 1
+        torch.testing.assert_close(captured[0], reference[index])

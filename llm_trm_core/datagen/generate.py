@@ -6,15 +6,18 @@ Per batch:
 2. generate the thinking span (left padding, seeded sampling or greedy, `max_new_tokens`), stopping
    at `</think>` or an answer marker;
 3. cut the span (`spans.close_span`) and re-tokenize prompt + trace: these ids define the sample;
-4. ONE teacher-forced forward over prompt + trace (right padding, so positions are the unpadded
-   ones): `pre` = states of the prompt positions before `<think>`, `post` = the state AT the last
-   token of `</think>`, the same position for every sample;
-5. generate the answer after `</think>` (`max_answer_tokens`) and grade it.
+4. generate the answer after `</think>` (`max_answer_tokens`) and grade it. The prefill of that
+   generate call is ONE teacher-forced forward over prompt + trace; a hook records the chosen
+   layer there: `pre` = states of the prompt positions before `<think>`, `post` = the state AT the
+   last token of `</think>`, the same position for every sample. Left padding does not change these
+   states: generate derives position ids from the attention mask (each real token keeps its unpadded
+   position) and padded keys are masked out (a test checks them against a forward of the sample alone).
 Every problem yields one row, failures included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from llm_trm_core.config import DatagenConfig
 from llm_trm_core.data.answers import grade
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.datagen.spans import close_span
+from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
 
 logger = logging.getLogger(__name__)
@@ -88,8 +92,11 @@ class ThinkingGenerator:
         return {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
 
     @torch.no_grad()
-    def _generate(self, sequences: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[list[int]]:
-        """Left-padded batched generate; returns each row's new token ids (padding removed after EOS)."""
+    def _generate(
+        self, sequences: list[list[int]], max_new_tokens: int, stop: list[str], capture: bool = False
+    ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        """Left-padded batched generate: each row's new token ids and, with `capture`, the chosen layer's
+        states of each row's input tokens (from the prefill forward)."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -100,36 +107,30 @@ class ThinkingGenerator:
         if stop:
             kwargs = {"stop_strings": stop, "tokenizer": self.tokenizer}
         model: Any = self.lm.model  # transformers types `generate` loosely
-        out = model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            **self._sampling(),
-            **kwargs,
+        hook: contextlib.AbstractContextManager[list[torch.Tensor]] = (
+            capture_layer(model, self.layer_index) if capture else contextlib.nullcontext([])
         )
-        return [row[width:].tolist() for row in out.cpu()]
+        with hook as captured:
+            out = model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+                **self._sampling(),
+                **kwargs,
+            )
+        new_ids = [row[width:].tolist() for row in out.cpu()]
+        if not capture:
+            return new_ids, None
+        prefill = captured[0]  # (B, width, D): the first forward is the prefill over the whole input
+        states = [prefill[row, width - len(seq) :].float().cpu() for row, seq in enumerate(sequences)]
+        return new_ids, states
 
     def _cut_at_eos(self, ids: list[int]) -> tuple[list[int], bool]:
         if self.eos_id in ids:
             return ids[: ids.index(self.eos_id)], True
         return ids, False
-
-    @torch.no_grad()
-    def _teacher_forced_states(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """Layer states of each full sequence, right-padded so each token keeps its unpadded position."""
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        out = self.lm.model(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True
-        )
-        states = out.hidden_states[self.layer_index]
-        return [states[row, : len(seq)].float().cpu() for row, seq in enumerate(sequences)]
 
     def run_batch(self, items: list[tuple[int, Problem]], seed: int) -> tuple[list[dict[str, Any]], list[PairStates]]:
         cfg = self.cfg
@@ -182,7 +183,7 @@ class ThinkingGenerator:
         torch.manual_seed(batch_seed(seed, items[0][0]))
         if live:
             stop = [self.delims.end, *cfg.answer_markers]
-            generated = self._generate([r["prompt_ids"] for r in live], cfg.max_new_tokens, stop)
+            generated, _ = self._generate([r["prompt_ids"] for r in live], cfg.max_new_tokens, stop)
             for row, new_ids in zip(live, generated, strict=True):
                 body, ended_by_eos = self._cut_at_eos(new_ids)
                 text = str(self.tokenizer.decode(body, skip_special_tokens=False))
@@ -209,11 +210,11 @@ class ThinkingGenerator:
         pairs: list[PairStates] = []
         if done:
             sequences = [r["prompt_ids"] + r["trace_ids"] for r in done]
-            for row, states in zip(done, self._teacher_forced_states(sequences), strict=True):
-                pairs.append(
-                    PairStates(row["id"], row["split"], states[: row["think_start"]], states[row["think_end"]])
-                )
-            answers = self._generate(sequences, cfg.max_answer_tokens, [])
+            answers, states = self._generate(sequences, cfg.max_answer_tokens, [], capture=True)
+            assert states is not None
+            for row, row_states in zip(done, states, strict=True):
+                pre, post = row_states[: row["think_start"]], row_states[row["think_end"]]
+                pairs.append(PairStates(row["id"], row["split"], pre, post))
             for row, new_ids in zip(done, answers, strict=True):
                 body, _ = self._cut_at_eos(new_ids)
                 row["answer_ids"] = body

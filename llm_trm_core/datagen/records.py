@@ -13,14 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llm_trm_core.arrow import FLOAT_TYPES, float_rows, sequence_array, vector_array
 from llm_trm_core.datagen.generate import PairStates
 
 ROWS_SCHEMA_NAME = "llm-trm/datagen-rows"
 STATES_SCHEMA_NAME = "llm-trm/datagen-states"
 SCHEMA_VERSION = "1"
 PART_RE = re.compile(r"part-(\d{6})-(\d{6})\.parquet$")
-_FLOAT = {"float32": pa.float32(), "float16": pa.float16()}
-
 ROWS_SCHEMA = pa.schema(
     [
         pa.field("problem_index", pa.int32(), nullable=False),
@@ -65,7 +64,7 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def states_schema(hidden_size: int, dtype: str, metadata: dict[str, str] | None = None) -> pa.Schema:
-    vector = pa.list_(pa.field("element", _FLOAT[dtype], nullable=False), hidden_size)
+    vector = pa.list_(pa.field("element", FLOAT_TYPES[dtype], nullable=False), hidden_size)
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
@@ -78,10 +77,6 @@ def states_schema(hidden_size: int, dtype: str, metadata: dict[str, str] | None 
     )
 
 
-def _vectors(array: np.ndarray, dtype: str, dim: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=_FLOAT[dtype]), dim)
-
-
 def pairs_to_table(
     pairs: Sequence[PairStates], hidden_size: int, dtype: str, metadata: dict[str, str] | None = None
 ) -> pa.Table:
@@ -90,35 +85,23 @@ def pairs_to_table(
     schema = states_schema(hidden_size, dtype, metadata)
     if not pairs:
         return schema.empty_table()
-    pre_flat = np.concatenate([p.pre.numpy().astype(np_dtype) for p in pairs]) if pairs else np.zeros((0, hidden_size))
-    lengths = np.array([p.pre.shape[0] for p in pairs], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    pre = pa.ListArray.from_arrays(pa.array(offsets), _vectors(pre_flat, dtype, hidden_size))
-    post = _vectors(np.stack([p.post.numpy().astype(np_dtype) for p in pairs]), dtype, hidden_size)
-    return pa.Table.from_arrays(
-        [
-            pa.array([p.id for p in pairs], pa.string()),
-            pa.array([p.split for p in pairs], pa.string()),
-            pa.array(lengths, pa.int32()),
-            pre.cast(schema.field("pre").type),
-            post,
-        ],
-        schema=schema,
-    )
+    pre, lengths = sequence_array([p.pre.numpy().astype(np_dtype, copy=False) for p in pairs], dtype, hidden_size)
+    post = vector_array(np.stack([p.post.numpy().astype(np_dtype, copy=False) for p in pairs]), dtype, hidden_size)
+    ids = pa.array([p.id for p in pairs], pa.string())
+    splits = pa.array([p.split for p in pairs], pa.string())
+    return pa.Table.from_arrays([ids, splits, pa.array(lengths), pre, post], schema=schema)
 
 
 def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
-    """Inverse of `pairs_to_table` (float32 tensors)."""
+    """Inverse of `pairs_to_table` (float32 tensors, views into one buffer per table)."""
     dim = table.schema.field("post").type.list_size
     ids, splits = table.column("id").to_pylist(), table.column("split").to_pylist()
-    post = table.column("post").combine_chunks()
-    post_np = np.array(post.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    post = torch.from_numpy(float_rows(table.column("post").combine_chunks().values, dim))
     pre_col = table.column("pre").combine_chunks()
     offsets = pre_col.offsets.to_numpy()
-    flat = np.array(pre_col.values.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    flat = torch.from_numpy(float_rows(pre_col.values.values, dim))
     for i in range(table.num_rows):
-        pre = torch.from_numpy(flat[offsets[i] : offsets[i + 1]].copy())
-        yield PairStates(ids[i], splits[i], pre, torch.from_numpy(post_np[i].copy()))
+        yield PairStates(ids[i], splits[i], flat[offsets[i] : offsets[i + 1]], post[i])
 
 
 def read_parquet(file: Any) -> pa.Table:

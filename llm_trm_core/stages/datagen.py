@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.datagen.generate import PairStates, ThinkingGenerator
@@ -132,7 +133,8 @@ def run_datagen_shard(
         rows, pairs = generator.run_batch(chunk, cfg.runtime.seed)
         name = part_name("", first, last).lstrip("/")
         with writer.open(f"states/{name}") as f:
-            pq.write_table(pairs_to_table(pairs, lm.info.hidden_size, cfg.compressor.cache_dtype, state_meta), f)
+            table = pairs_to_table(pairs, lm.info.hidden_size, cfg.compressor.cache_dtype, state_meta)
+            pq.write_table(table, f, **STATE_WRITE_OPTIONS)
         with writer.open(f"rows/{name}") as f:  # written last: a part exists once its rows exist
             pq.write_table(rows_table(rows), f, compression="zstd")
         logger.info("shard %d: problems %d-%d done (%d pairs)", shard.index, first, last, len(pairs))

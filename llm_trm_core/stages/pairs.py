@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, sequence_array, vector_array
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.datagen.records import table_to_pairs
 from llm_trm_core.errors import UserError
@@ -73,17 +74,10 @@ def _table(pairs: list[CompressedPair], schema: pa.Schema) -> pa.Table:
     dtype = schema.metadata[b"dtype"].decode()
     np_dtype = np.float16 if dtype == "float16" else np.float32
     d = schema.field("post").type.list_size
-    lengths = np.array([p.pre.shape[0] for p in pairs], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat = np.concatenate([p.pre.numpy().astype(np_dtype) for p in pairs]).reshape(-1)
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_FLOAT[dtype]), d)
-    pre = pa.ListArray.from_arrays(pa.array(offsets), vectors).cast(schema.field("pre").type)
-    post_flat = np.stack([p.post.numpy().astype(np_dtype) for p in pairs]).reshape(-1)
-    post = pa.FixedSizeListArray.from_arrays(pa.array(post_flat, type=_FLOAT[dtype]), d).cast(schema.field("post").type)
-    return pa.Table.from_arrays(
-        [pa.array([p.id for p in pairs]), pa.array([p.split for p in pairs]), pa.array(lengths), pre, post],
-        schema=schema,
-    )
+    pre, lengths = sequence_array([p.pre.numpy().astype(np_dtype) for p in pairs], dtype, d)
+    post = vector_array(np.stack([p.post.numpy().astype(np_dtype) for p in pairs]), dtype, d)
+    ids, splits = pa.array([p.id for p in pairs]), pa.array([p.split for p in pairs])
+    return pa.Table.from_arrays([ids, splits, pa.array(lengths), pre, post], schema=schema)
 
 
 def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[int, Any, dict[str, int]]:
@@ -140,7 +134,7 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
         def flush(split: str) -> None:
             name = f"shards/{split}/part-{len(files.setdefault(split, [])):05d}.parquet"
             with w.open(name) as f:
-                pq.write_table(_table(buffers[split], schema), f, compression="zstd")
+                pq.write_table(_table(buffers[split], schema), f, **STATE_WRITE_OPTIONS)
             files[split].append(name)
             buffers[split] = []
 

@@ -1,0 +1,41 @@
+"""Arrow helpers for hidden-state columns: fixed-size float lists and sequences of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+FLOAT_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+# Float columns get neither dictionary encoding nor min/max statistics (useless for them, and 2-3x slower).
+STATE_WRITE_OPTIONS: dict[str, Any] = {
+    "use_dictionary": ["id", "split", "doc_id"],
+    "write_statistics": ["id", "split", "doc_id", "pre_len", "position"],
+    "compression": "zstd",
+}
+
+
+def vector_array(flat: np.ndarray, dtype: str, dim: int) -> pa.FixedSizeListArray:
+    """(n*dim,) or (n, dim) numpy -> fixed_size_list<float>[dim] (no copy for float32 input)."""
+    element = pa.field("element", FLOAT_TYPES[dtype], nullable=False)
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(flat.reshape(-1), type=FLOAT_TYPES[dtype]), type=pa.list_(element, dim)
+    )
+
+
+def sequence_array(arrays: Sequence[np.ndarray], dtype: str, dim: int) -> tuple[pa.ListArray, np.ndarray]:
+    """A list of (L_i, dim) arrays -> list<fixed_size_list<float>[dim]> and the lengths."""
+    lengths = np.array([a.shape[0] for a in arrays], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = np.concatenate(arrays) if arrays else np.zeros((0, dim), dtype=np.float32)
+    values = vector_array(flat, dtype, dim)
+    list_type = pa.list_(pa.field("position", values.type, nullable=False))
+    return pa.ListArray.from_arrays(offsets, values, type=list_type), lengths
+
+
+def float_rows(values: pa.Array, dim: int) -> np.ndarray:
+    """Arrow floats -> an owned, writable float32 (n, dim) array (one copy)."""
+    return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
