@@ -49,7 +49,6 @@ OverridesArg = Annotated[
 
 # Which issue brings each stage that is not built yet.
 PENDING_STAGES: dict[str, str] = {
-    "trm": "stage 2 model (TRM training)",
     "latent": "latent reasoning at inference",
     "grpo": "stage 3 (GRPO)",
     "evaluate": "end-task evaluation",
@@ -173,6 +172,33 @@ def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: 
     from flows.datagen import pairs_flow
 
     _print_manifests(_run_guarded(lambda: pairs_flow(cfg)))
+
+
+@app.command()
+def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test)."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.trm import trm_flow
+
+    results = _run_guarded(lambda: trm_flow(cfg))
+    _print_manifests({k: v for k, v in results.items() if k != "trm"})
+    manifest = results["trm"]
+    metrics = manifest["metrics"]
+    console.print(f"[bold]trm[/]  key={manifest['key']}", highlight=False)
+    console.print(
+        f"  uri: {manifest['uri']}  (report.md, per_step.png, model.safetensors)", highlight=False, soft_wrap=True
+    )
+    columns = ["name", "mse", "rel_error", "cosine", "cosine_centered", "r2", "lm_kl", "lm_top1"]
+    table = Table(title=f"TRM beside baselines, held-out test ({metrics['pairs']['test']} pairs)", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for name, values in metrics["baselines"].items():
+        table.add_row(f"baseline: {name}", *(fmt(values.get(c)) for c in columns[1:]))
+    for row in metrics["per_step"]:
+        table.add_row(f"TRM step {row['step']}", *(fmt(row.get(c)) for c in columns[1:]))
+    console.print(table)
+    verdict = "beats" if metrics["beats_best_baseline"] else "does NOT beat"
+    console.print(f"  the TRM {verdict} the best baseline (by R²)", highlight=False)
 
 
 @app.command()

@@ -245,13 +245,49 @@ class PairsConfig(Section):
 
 
 class TRMConfig(Section):
-    """Stage 2 model: the Tiny Recursive Model."""
+    """Stage 2 model: the SequenceTRM. Defaults reproduce the original's architecture; the official
+    TRM's choices are options (RoPE, post-norm, SwiGLU, halt head at bias −5)."""
 
-    n_layers: int = Field(2, ge=1)
-    n_heads: int = Field(8, ge=1)
+    n_layers: int = Field(2, ge=1, description="Blocks in the shared network.")
+    n_heads: int = Field(8, ge=1, description="Attention heads (must divide D').")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="gelu: Linear-GELU-Linear with bias (original); swiglu.")
+    expansion: int = Field(4, ge=1, description="MLP width as a multiple of D'.")
+    norm: Literal["pre", "post"] = Field(
+        "pre", description="pre: learnable pre-norm (original); post: parameter-free post-norm (official)."
+    )
+    positions: Literal["none", "rope"] = Field("none", description="none (original: order-blind) or rope.")
+    output_norm: bool = Field(True, description="The original's shared RMSNorm after every y/z update.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
     n_latent: int = Field(6, ge=1, description="n: latent updates per recursion.")
     t_recursions: int = Field(3, ge=1, description="T: recursions per supervision step (T-1 without grad).")
-    n_supervision: int = Field(8, ge=1, description="N_sup: deep-supervision steps.")
+    n_supervision: int = Field(8, ge=1, description="N_sup: deep-supervision steps (one optimizer update each).")
+    halt_weight: float = Field(0.5, ge=0.0, description="Weight of the halting BCE loss.")
+    halt_bias_init: float | None = Field(
+        -5.0, description="Halt head init: zero weights and this bias (official); None: default init."
+    )
+    halt_quantile: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Halting target: 1 when the step's relative error is below a running quantile (this one) of "
+        "the last-step relative errors: 'already as good as a typical finished prediction'.",
+    )  # fmt: skip
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(20, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta2: float = Field(0.95, gt=0.0, lt=1.0)
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine")
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: float | None = Field(0.999, description="EMA of the weights, used for evaluation and export; None: off.")
+    mixed_precision: Literal["no", "bf16"] = Field("bf16", description="bf16 autocast (applies on GPU only).")
+    checkpoint_every: int = Field(20, ge=1, description="Checkpoint every N batches.", json_schema_extra=NOT_KEYED)
+    knn_ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 10], description="kNN baseline: k chosen on val.")
+    ridge_lambdas: list[float] = Field(
+        default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], description="Ridge baseline: λ chosen on val."
+    )
 
 
 class LatentConfig(Section):

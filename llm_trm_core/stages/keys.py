@@ -23,6 +23,7 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
     "datagen": "1",
     "trace-hiddens": "1",
     "pairs": "1",
+    "trm": "1",
 }
 
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.
@@ -36,6 +37,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "datagen": ("datagen",),
     "trace-hiddens": ("model", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
     "pairs": ("pairs",),
+    "trm": ("trm", "runtime.seed", "runtime.device"),
 }
 
 _SGD_ONLY = frozenset(

@@ -1,0 +1,1 @@
+"""Stage 2 model internals: pair batches, baselines, TRM training and evaluation."""
