@@ -9,6 +9,11 @@ Faithful to the original (reference §5.2-5.4) by default:
 - a halt head on the prediction.
 Options from the official TRM: RoPE positions, post-norm blocks with parameter-free RMS norm, SwiGLU,
 halt head initialised to zero weights and bias −5 (trained with BCE-with-logits).
+
+Fix over the original: inputs and targets are standardized with training statistics (buffers saved
+with the weights). The original's output RMSNorm produces unit-scale vectors while compressed LM
+states have large norms, so its predictions carried a large norm error (reference §5.10).
+`supervision_step` works in the standardized space; `predict_steps` returns raw-scale vectors.
 """
 
 from __future__ import annotations
@@ -110,6 +115,11 @@ class Block(nn.Module):
 
 
 class SequenceTRM(nn.Module, PyTorchModelHubMixin):
+    in_mean: torch.Tensor
+    in_std: torch.Tensor
+    out_mean: torch.Tensor
+    out_std: torch.Tensor
+
     def __init__(
         self,
         d: int,
@@ -140,9 +150,27 @@ class SequenceTRM(nn.Module, PyTorchModelHubMixin):
         if halt_bias_init is not None:
             nn.init.zeros_(self.halt_head.weight)
             nn.init.constant_(self.halt_head.bias, halt_bias_init)
+        for name, value in (("in_mean", 0.0), ("in_std", 1.0), ("out_mean", 0.0), ("out_std", 1.0)):
+            self.register_buffer(name, torch.full((d,), value))
+
+    @torch.no_grad()
+    def set_normalization(
+        self, in_mean: torch.Tensor, in_std: torch.Tensor, out_mean: torch.Tensor, out_std: torch.Tensor
+    ) -> None:
+        for name, value in (("in_mean", in_mean), ("in_std", in_std), ("out_mean", out_mean), ("out_std", out_std)):
+            getattr(self, name).copy_(
+                value.to(torch.float32).clamp_min(1e-6) if "std" in name else value.to(torch.float32)
+            )
+
+    def standardize_target(self, post: torch.Tensor) -> torch.Tensor:
+        return (post.float() - self.out_mean) / self.out_std
+
+    def denormalize(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction.float() * self.out_std + self.out_mean
 
     def prepare(self, pre: torch.Tensor, mask: torch.Tensor) -> Prepared:
-        """pre (B, L, D') with mask (B, L) -> the input with the reasoning token appended."""
+        """pre (B, L, D') raw compressed states with mask (B, L) -> standardized input + reasoning token."""
+        pre = (pre.float() - self.in_mean) / self.in_std * mask.unsqueeze(-1)
         b, length, _ = pre.shape
         token = self.reasoning_token.to(pre.dtype).expand(b, 1, self.d)
         x = torch.cat([pre, token], dim=1)
@@ -179,11 +207,11 @@ class SequenceTRM(nn.Module, PyTorchModelHubMixin):
     def predict_steps(
         self, pre: torch.Tensor, mask: torch.Tensor, n_steps: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(prediction, halt logit) after each of `n_steps` supervision steps (evaluation: all steps run)."""
+        """(raw-scale prediction, halt logit) after each of `n_steps` supervision steps (all steps run)."""
         prepared = self.prepare(pre, mask)
         carry = self.initial_carry(prepared)
         out = []
         for _ in range(n_steps):
             carry, prediction, halt = self.supervision_step(prepared, carry)
-            out.append((prediction, halt))
+            out.append((self.denormalize(prediction), halt))
         return out

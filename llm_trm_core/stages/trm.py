@@ -74,6 +74,23 @@ def lm_head_for(store: ArtifactStore, compressor: Manifest) -> Head | None:
     return None
 
 
+def input_statistics(data: PairData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of every training pre state (one streaming pass)."""
+    count, total, squares = (
+        0,
+        torch.zeros(data.d_prime, dtype=torch.float64),
+        torch.zeros(data.d_prime, dtype=torch.float64),
+    )
+    for pair in data.iter_pairs("train"):
+        states = pair.pre.double()
+        count += states.shape[0]
+        total += states.sum(0)
+        squares += (states**2).sum(0)
+    mean = total / max(count, 1)
+    std = (squares / max(count, 1) - mean**2).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
 def _metrics(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, head: Head | None) -> dict[str, float]:
     tracker = ReconstructionMetrics(mean, head, lm_head_tokens=1 << 30)  # type: ignore[arg-type]
     tracker.update(target.float(), pred.float())
@@ -125,6 +142,7 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed)
         model = SequenceTRM(**trm_kwargs(cfg, data.d_prime))
+        model.set_normalization(*input_statistics(data), target_mean, train.target.float().std(0))
         tracker = Tracker(cfg.tracking, "trm", key, stage_config(cfg, STAGE))
         result, ema = train_trm(
             model, data, t, seed=cfg.runtime.seed, device=device, halt_threshold=halt_threshold,

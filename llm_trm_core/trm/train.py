@@ -213,8 +213,8 @@ def train_trm(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
                     carry, prediction, halt = model.supervision_step(prepared, carry)
-                mse = F.mse_loss(prediction.float(), batch.post)
-                errors = relative_errors(prediction.detach(), batch.post)
+                mse = F.mse_loss(prediction.float(), model.standardize_target(batch.post))  # scale-free loss
+                errors = relative_errors(model.denormalize(prediction.detach()), batch.post)
                 halt_target = (errors < progress["halt_threshold"]).float()
                 loss = mse + cfg.halt_weight * F.binary_cross_entropy_with_logits(halt.float(), halt_target)
                 if not torch.isfinite(loss):

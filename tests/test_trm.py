@@ -1,0 +1,212 @@
+"""Stage 2 model: the SequenceTRM, its baselines, training (halting, NaN guard, EMA), resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llm_trm_core.config import load_config
+from llm_trm_core.datagen.generate import PairStates
+from llm_trm_core.errors import UserError
+from llm_trm_core.faults import FAULT_ENV
+from llm_trm_core.models.trm import SequenceTRM
+from llm_trm_core.stages.pairs import META_FILE, STAGE, CompressedPair, PairsReader, _table, pairs_schema
+from llm_trm_core.stages.trm import load_trm, run_trm
+from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.trm.baselines import Features, fit_baselines, fit_knn, fit_ridge
+from llm_trm_core.trm.data import PairData
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _batch(b: int = 3, length: int = 5, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(b, length, d, generator=g)
+    mask = torch.ones(b, length)
+    mask[0, 3:] = 0
+    return pre, mask
+
+
+def test_shapes_recursion_and_gradients_reach_only_the_last_recursion() -> None:
+    torch.manual_seed(0)
+    model = SequenceTRM(16, n_heads=4, n_latent=2, t_recursions=3)
+    pre, mask = _batch()
+    prepared = model.prepare(pre, mask)
+    assert prepared.x.shape == (3, 6, 16) and prepared.positions[0, -1] == 3  # token right after the context
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    _, prediction, halt = model.supervision_step(prepared, model.initial_carry(prepared))
+    handle.remove()
+    assert prediction.shape == (3, 16) and halt.shape == (3,)
+    # T·(n+1) = 9 network calls: the first (T−1)·(n+1) = 6 without gradients, the last 3 with
+    assert calls == [False] * 6 + [True] * 3
+    prediction.sum().backward()
+    assert model.reasoning_token.grad is not None and model.blocks[0].attn.qkv.weight.grad is not None
+    assert torch.sigmoid(halt).max() < 0.01  # halt head starts at bias −5
+
+
+def test_padding_does_not_change_predictions_and_positions_matter_only_with_rope() -> None:
+    torch.manual_seed(0)
+    faithful = SequenceTRM(16, n_heads=4, n_latent=1, t_recursions=1, dropout=0.0).eval()
+    rope = SequenceTRM(
+        16, n_heads=4, n_latent=1, t_recursions=1, dropout=0.0, positions="rope", norm="post", mlp="swiglu"
+    ).eval()
+    pre, mask = _batch(b=1, length=4)
+    padded = torch.cat([pre, torch.randn(1, 3, 16)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 3)], dim=1)
+    full = torch.ones_like(mask)
+    flipped = pre.flip(1)
+    for model in (faithful, rope):
+        ((base, _),) = model.predict_steps(pre, mask, 1)
+        ((with_pad, _),) = model.predict_steps(padded, padded_mask, 1)
+        torch.testing.assert_close(base, with_pad, atol=1e-5, rtol=1e-4)
+    ((a, _),) = faithful.predict_steps(pre, full, 1)
+    ((b, _),) = faithful.predict_steps(flipped, full, 1)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # the original is blind to order
+    ((a, _),) = rope.predict_steps(pre, full, 1)
+    ((b, _),) = rope.predict_steps(flipped, full, 1)
+    assert not torch.allclose(a, b, atol=1e-4)  # with RoPE, order matters
+
+
+def test_bad_widths_are_clear_errors() -> None:
+    with pytest.raises(UserError, match="not divisible by trm.n_heads=5"):
+        SequenceTRM(16, n_heads=5)
+    with pytest.raises(UserError, match="even head size"):
+        SequenceTRM(12, n_heads=4, positions="rope")
+
+
+def test_ridge_and_knn_baselines() -> None:
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    w = torch.randn(8, 8, generator=g)
+    for i in range(60):
+        pre = torch.randn(4, 8, generator=g)
+        pairs.append(PairStates(f"p{i}", "train", pre, pre.mean(0) @ w + 1.0))
+    train, val = Features.of(pairs[:40]), Features.of(pairs[40:])
+    ridge = fit_ridge(train, 1e-8)
+    torch.testing.assert_close(ridge(val), val.target, atol=1e-6, rtol=1e-6)  # an exact linear map is recovered
+    knn = fit_knn(train, 1)
+    torch.testing.assert_close(knn(train), train.target)  # each training point is its own nearest neighbour
+    predictors, chosen = fit_baselines(train, val, [1e-6, 10.0], [1, 5])
+    assert chosen["ridge_lambda"] == 1e-6 and set(predictors) == {"mean", "last_pre", "mean_pool", "ridge", "knn"}
+
+
+def _synthetic_pairs(
+    store: ArtifactStore, d: int = 16, n: int = 300, seed: int = 0, bad_split: str | None = None
+) -> Manifest:
+    """A pairs artifact whose target is a learnable function of the pre sequence (one split may get D'+1)."""
+    g = torch.Generator().manual_seed(seed)
+    files: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    with store.writer(STAGE, uuid.uuid4().hex, config={}, code_version="test", upstream={"compressor": "none"}) as w:
+        for split, size in (("train", n), ("val", n // 4), ("test", n // 4)):
+            dim = d + 1 if split == bad_split else d
+            mix = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed + 1)) / dim**0.5
+            rows = []
+            for i in range(size):
+                pre = torch.randn(int(torch.randint(3, 9, (1,), generator=g)), dim, generator=g)
+                target = 40.0 + 25.0 * (pre.mean(0) + 0.5 * torch.tanh(pre[-1] @ mix))  # LM-like offset and scale
+                rows.append(CompressedPair(f"{split}{i}", split, 30.0 * pre, target))
+            name = f"shards/{split}/part-00000.parquet"
+            if rows:
+                with w.open(name) as f:
+                    pq.write_table(_table(rows, pairs_schema(dim, "float32", {})), f)
+                files[split] = [name]
+            counts[split] = size
+        w.write_json(META_FILE, {"d_prime": str(d), "files": files, "pairs": counts})
+        return w.commit({})
+
+
+def test_trm_trains_beside_baselines_with_a_non_vacuous_halting_target() -> None:
+    store = ArtifactStore(f"memory://trm-{uuid.uuid4().hex[:8]}")
+    pairs = _synthetic_pairs(store)
+    cfg = load_config(
+        "tiny",
+        [f"store.root={store.root}", "trm.epochs=12", "trm.lr=0.002", "trm.dropout=0.0", "trm.batch_size=16",
+         "trm.positions=rope", "trm.warmup_steps=5", "trm.weight_decay=0.0", "trm.n_latent=1", "trm.t_recursions=1"],
+    )  # fmt: skip
+    manifest = run_trm(cfg, store, pairs)
+    m = manifest.metrics
+    assert set(m["baselines"]) == {"mean", "last_pre", "mean_pool", "ridge", "knn"}
+    assert [row["step"] for row in m["per_step"]] == [1, 2, 3]
+    assert m["test"]["r2"] > m["baselines"]["mean"]["r2"] + 0.2  # it learned something a constant cannot
+    rates = m["halt"]["train_positive_rate_by_step"]
+    assert all(0.0 < r < 1.0 for r in rates), rates  # the halting target is neither all 0 nor all 1
+    assert m["training"]["nan_resets"] == 0
+    report = store.open("trm", manifest.key).read_bytes("report.md").decode()
+    assert "baseline: ridge" in report and "TRM step 3" in report
+    model = load_trm(store, manifest)
+    reader = PairData(PairsReader(store, pairs))
+    batch = next(reader.iter_batches("test", 4))
+    (pred, _), *_ = model.predict_steps(batch.pre, batch.mask, 1)
+    assert pred.shape == (4, 16)
+
+
+def test_nan_guard_resets_the_carried_state(monkeypatch) -> None:
+    store = ArtifactStore(f"memory://trm-{uuid.uuid4().hex[:8]}")
+    pairs = _synthetic_pairs(store, n=16)
+    original = SequenceTRM.supervision_step
+    calls = {"n": 0}
+
+    def flaky(self, prepared, carry):
+        carry, prediction, halt = original(self, prepared, carry)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            prediction = prediction * float("nan")
+        return carry, prediction, halt
+
+    monkeypatch.setattr(SequenceTRM, "supervision_step", flaky)
+    cfg = load_config("tiny", [f"store.root={store.root}", "trm.epochs=1"])
+    manifest = run_trm(cfg, store, pairs)
+    assert manifest.metrics["training"]["nan_resets"] == 1
+    assert all(torch.isfinite(v).all() for v in load_trm(store, manifest).state_dict().values())
+
+
+def test_bad_pairs_are_clear_errors() -> None:
+    store = ArtifactStore(f"memory://trm-{uuid.uuid4().hex[:8]}")
+    cfg = load_config("tiny", [f"store.root={store.root}"])
+    with pytest.raises(UserError, match="holds vectors of size 17, but the artifact says D'=16"):
+        run_trm(cfg, store, _synthetic_pairs(store, bad_split="train"))
+    with pytest.raises(UserError, match="has no val/test pairs"):
+        run_trm(cfg, store, _synthetic_pairs(store, n=2))
+    pairs = _synthetic_pairs(store)
+    other = pairs.model_copy(update={"key": "someone-else"})
+    with pytest.raises(UserError, match="was made with compressor none, not the requested someone-else"):
+        run_trm(cfg, store, pairs, compressor=other)
+    assert store.list_keys("trm") == []
+
+
+def _run_trm(root: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "llm_trm_core.stages.trm", "--preset", "tiny", "--store", root, *overrides]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    killed, straight = f"file://{tmp_path / 'killed'}", f"file://{tmp_path / 'straight'}"
+    args = ["trm.checkpoint_every=2", "trm.epochs=2"]
+    proc = _run_trm(killed, *args, env={FAULT_ENV: "checkpoint:4"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    store = ArtifactStore(killed)
+    assert store.list_keys("trm") == []
+    resumed = _run_trm(killed, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    key = json.loads(resumed.stdout.splitlines()[-1])["key"]
+    manifest = store.read_manifest("trm", key)
+    assert manifest is not None and manifest.metrics["training"]["resumed_from"] == 4
+    done = _run_trm(straight, *args)
+    other = ArtifactStore(straight)
+    reference = other.read_manifest("trm", json.loads(done.stdout.splitlines()[-1])["key"])
+    assert reference is not None and reference.key == key
+    a, b = load_trm(store, manifest), load_trm(other, reference)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert manifest.metrics["per_step"] == reference.metrics["per_step"]
