@@ -208,3 +208,14 @@ def test_bf16_mixed_precision_and_gradient_accumulation_train() -> None:
     manifest = run_compressor(cfg, store, hiddens, basis)
     assert manifest.metrics["sgd"]["steps"] == 6
     assert manifest.metrics["test"]["r2"] > 0.3  # started from the exact solution and stayed near it
+
+
+def test_a_checkpoint_from_another_model_is_a_clear_error() -> None:
+    cfg = _cfg("compressor.solver=sgd", "compressor.max_steps=4")
+    store, hiddens, basis = _stage1(cfg)
+    key, _ = stage.compressor_key(cfg, hiddens, basis, "1a", None)
+    wrong = {"weight": torch.zeros(8, 32), "mean": torch.zeros(32)}  # D=32: another model's compressor
+    CheckpointManager(store, "compressor", key).save(2, {"model": wrong, "progress": {}})
+    with pytest.raises(UserError, match="does not fit this model.*Delete"):
+        run_compressor(cfg, store, hiddens, basis)
+    assert store.list_keys("compressor") == []

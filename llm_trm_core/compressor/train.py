@@ -103,7 +103,7 @@ def train_sgd(
     resumed_from = None
     if checkpoints is not None and (latest := checkpoints.load_latest()) is not None:
         resumed_from, saved = latest
-        core.load_state_dict(saved["model"])
+        checkpoints.restore(core, saved["model"], resumed_from)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])

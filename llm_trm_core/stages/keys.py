@@ -23,7 +23,7 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
     "datagen": "1",
     "trace-hiddens": "1",
     "pairs": "1",
-    "trm": "1",
+    "trm": "2",
 }
 
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from llm_trm_core.errors import UserError
 from llm_trm_core.faults import kill_if_requested
 from llm_trm_core.store import CHECKPOINTS_DIR, TMP_MARKER, ArtifactStore
 
@@ -71,6 +72,17 @@ class CheckpointManager:
             state = torch.load(io.BytesIO(f.read()), weights_only=True)
         logger.info("resuming from checkpoint step %d", step)
         return step, state
+
+    def restore(self, module: torch.nn.Module, state: dict[str, Any], step: int) -> None:
+        """Load a checkpointed state dict, or explain why it does not fit."""
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UserError(
+                f"the checkpoint at {self.store.fs.unstrip_protocol(self._dir(step))} does not fit this model "
+                f"({str(exc).splitlines()[0]}…): it was written by other code or another configuration. Delete "
+                f"{self.store.fs.unstrip_protocol(self.folder)} to start this stage over."
+            ) from None
 
     def clear(self) -> None:
         if self.store.fs.exists(self.folder):

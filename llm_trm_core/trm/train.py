@@ -157,7 +157,7 @@ def train_trm(
     resumed_from = None
     if checkpoints is not None and (latest := checkpoints.load_latest()) is not None:
         resumed_from, saved = latest
-        model.load_state_dict(saved["model"])
+        checkpoints.restore(model, saved["model"], resumed_from)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if ema is not None:
