@@ -60,8 +60,9 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
 
     assert list(first) == [
         "problems", "hiddens", "basis", "compressor-1a", "datagen", "trace-hiddens", "trace-basis", "compressor-1b",
-        "pairs",
+        "pairs", "trm",
     ]  # fmt: skip
+    assert first["trm"]["upstream"] == {"pairs": first["pairs"]["key"]}
     assert first["compressor-1b"]["upstream"]["init"] == first["compressor-1a"]["key"]
     assert first["pairs"]["upstream"] == {
         "datagen": first["datagen"]["key"],
@@ -78,7 +79,9 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
         artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     core_logs = [log for log in logs if log.name.startswith("llm_trm_core")]
     assert any("committed" in log.message for log in core_logs), [log.message for log in logs]
-    assert {a.key for a in artifacts} >= {"problems-metrics", "problems-artifact", "datagen-artifact", "pairs-metrics"}
+    assert {a.key for a in artifacts} >= {
+        "problems-metrics", "problems-artifact", "datagen-artifact", "pairs-metrics", "trm-report", "trm-comparison",
+    }  # fmt: skip
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -138,3 +141,12 @@ def test_compressor_flow_and_cli(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--phase must be 1a or 1b" in bad.output
     too_big = runner.invoke(app, ["compressor", "--preset", "tiny", "--store", root, "compressor.d_prime=64"])
     assert too_big.exit_code == 2 and "hidden size D=64" in too_big.output
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_trm_cli_prints_the_report_beside_baselines(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["trm", "--preset", "tiny", "--store", f"file://{tmp_path / 'store'}"])
+    assert result.exit_code == 0, result.output
+    for row in ("baseline: mean", "baseline: last_pre", "baseline: mean_pool", "baseline: ridge", "baseline: knn"):
+        assert row in result.output
+    assert "TRM step 3" in result.output and "the best baseline (by R²)" in result.output
