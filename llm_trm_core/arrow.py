@@ -18,6 +18,21 @@ STATE_WRITE_OPTIONS: dict[str, Any] = {
 }
 
 
+def pair_schema(dim: int, dtype: str, name: str, version: str, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """id, split, pre_len, pre: list<fixed_size_list<float>[dim]>, post: fixed_size_list<float>[dim]."""
+    vector = pa.list_(pa.field("element", FLOAT_TYPES[dtype], nullable=False), dim)
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("pre_len", pa.int32(), nullable=False),
+            pa.field("pre", pa.list_(pa.field("position", vector, nullable=False)), nullable=False),
+            pa.field("post", vector, nullable=False),
+        ],
+        metadata={"schema": name, "schema_version": version, "dtype": dtype, **(metadata or {})},
+    )
+
+
 def vector_array(flat: np.ndarray, dtype: str, dim: int) -> pa.FixedSizeListArray:
     """(n*dim,) or (n, dim) numpy -> fixed_size_list<float>[dim] (no copy for float32 input)."""
     element = pa.field("element", FLOAT_TYPES[dtype], nullable=False)

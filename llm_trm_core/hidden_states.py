@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS
+from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS
 from llm_trm_core.compressor.metrics import LMHead
 from llm_trm_core.errors import UserError
 from llm_trm_core.store import Artifact, ArtifactWriter
@@ -36,7 +36,6 @@ SCHEMA_NAME = "llm-trm/hidden-states"
 SCHEMA_VERSION = "1"
 META_FILE = "hidden_states.json"
 HEAD_FILE = "lm_head.safetensors"
-_ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 
 def states_schema(hidden_size: int, dtype: str) -> pa.Schema:
@@ -44,7 +43,7 @@ def states_schema(hidden_size: int, dtype: str) -> pa.Schema:
         [
             pa.field("doc_id", pa.string(), nullable=False),
             pa.field("position", pa.int32(), nullable=False),
-            pa.field("state", pa.list_(pa.field("element", _ARROW_DTYPES[dtype], nullable=False), hidden_size)),
+            pa.field("state", pa.list_(pa.field("element", FLOAT_TYPES[dtype], nullable=False), hidden_size)),
         ],
         metadata={"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype},
     )
@@ -118,7 +117,7 @@ class ShardedStatesWriter:
                 buffer[0] = (doc_id, pos[n:], arr[n:])
         self._buffered[split] -= taken
         flat = np.concatenate(states).reshape(-1)
-        values = pa.array(flat, type=_ARROW_DTYPES[self.dtype])
+        values = pa.array(flat, type=FLOAT_TYPES[self.dtype])
         table = pa.table(
             {
                 "doc_id": pa.array(ids, pa.string()),

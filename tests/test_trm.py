@@ -19,7 +19,7 @@ from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import FAULT_ENV
 from llm_trm_core.models.trm import SequenceTRM
-from llm_trm_core.stages.pairs import META_FILE, STAGE, CompressedPair, PairsReader, _table, pairs_schema
+from llm_trm_core.stages.pairs import META_FILE, STAGE, PairsReader, _table, pairs_schema
 from llm_trm_core.stages.trm import load_trm, run_trm
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.trm.baselines import Features, fit_baselines, fit_knn, fit_ridge
@@ -115,7 +115,7 @@ def _synthetic_pairs(
             for i in range(size):
                 pre = torch.randn(int(torch.randint(3, 9, (1,), generator=g)), dim, generator=g)
                 target = 40.0 + 25.0 * (pre.mean(0) + 0.5 * torch.tanh(pre[-1] @ mix))  # LM-like offset and scale
-                rows.append(CompressedPair(f"{split}{i}", split, 30.0 * pre, target))
+                rows.append(PairStates(f"{split}{i}", split, 30.0 * pre, target))
             name = f"shards/{split}/part-00000.parquet"
             if rows:
                 with w.open(name) as f:

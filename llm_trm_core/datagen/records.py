@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from llm_trm_core.arrow import FLOAT_TYPES, float_rows, sequence_array, vector_array
+from llm_trm_core.arrow import float_rows, pair_schema, sequence_array, vector_array
 from llm_trm_core.datagen.generate import PairStates
 
 ROWS_SCHEMA_NAME = "llm-trm/datagen-rows"
@@ -64,25 +64,19 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def states_schema(hidden_size: int, dtype: str, metadata: dict[str, str] | None = None) -> pa.Schema:
-    vector = pa.list_(pa.field("element", FLOAT_TYPES[dtype], nullable=False), hidden_size)
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("split", pa.string(), nullable=False),
-            pa.field("pre_len", pa.int32(), nullable=False),
-            pa.field("pre", pa.list_(pa.field("position", vector, nullable=False)), nullable=False),
-            pa.field("post", vector, nullable=False),
-        ],
-        metadata={"schema": STATES_SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype, **(metadata or {})},
-    )
+    return pair_schema(hidden_size, dtype, STATES_SCHEMA_NAME, SCHEMA_VERSION, metadata)
 
 
 def pairs_to_table(
-    pairs: Sequence[PairStates], hidden_size: int, dtype: str, metadata: dict[str, str] | None = None
+    pairs: Sequence[PairStates],
+    hidden_size: int,
+    dtype: str,
+    metadata: dict[str, str] | None = None,
+    schema: pa.Schema | None = None,
 ) -> pa.Table:
     """(pre sequence, post vector) rows; pre is a list of fixed-size float lists."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    schema = states_schema(hidden_size, dtype, metadata)
+    schema = schema or states_schema(hidden_size, dtype, metadata)
     if not pairs:
         return schema.empty_table()
     pre, lengths = sequence_array([p.pre.numpy().astype(np_dtype, copy=False) for p in pairs], dtype, hidden_size)

@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, sequence_array, vector_array
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, pair_schema
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.datagen.records import table_to_pairs
+from llm_trm_core.datagen.generate import PairStates
+from llm_trm_core.datagen.records import pairs_to_table, table_to_pairs
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import TextChunk
 from llm_trm_core.lm import load_language_model
@@ -45,39 +46,15 @@ STAGE = "pairs"
 SCHEMA_NAME = "llm-trm/pairs"
 SCHEMA_VERSION = "1"
 META_FILE = "pairs.json"
-_FLOAT = {"float32": pa.float32(), "float16": pa.float16()}
 
 
 def pairs_schema(d_prime: int, dtype: str, metadata: dict[str, str]) -> pa.Schema:
-    vector = pa.list_(pa.field("element", _FLOAT[dtype], nullable=False), d_prime)
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("split", pa.string(), nullable=False),
-            pa.field("pre_len", pa.int32(), nullable=False),
-            pa.field("pre", pa.list_(pa.field("position", vector, nullable=False)), nullable=False),
-            pa.field("post", vector, nullable=False),
-        ],
-        metadata={"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype, **metadata},
-    )
+    return pair_schema(d_prime, dtype, SCHEMA_NAME, SCHEMA_VERSION, metadata)
 
 
-@dataclass
-class CompressedPair:
-    id: str
-    split: str
-    pre: torch.Tensor  # (L, D')
-    post: torch.Tensor  # (D',)
-
-
-def _table(pairs: list[CompressedPair], schema: pa.Schema) -> pa.Table:
+def _table(pairs: list[PairStates], schema: pa.Schema) -> pa.Table:
     dtype = schema.metadata[b"dtype"].decode()
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    d = schema.field("post").type.list_size
-    pre, lengths = sequence_array([p.pre.numpy().astype(np_dtype) for p in pairs], dtype, d)
-    post = vector_array(np.stack([p.post.numpy().astype(np_dtype) for p in pairs]), dtype, d)
-    ids, splits = pa.array([p.id for p in pairs]), pa.array([p.split for p in pairs])
-    return pa.Table.from_arrays([ids, splits, pa.array(lengths), pre, post], schema=schema)
+    return pairs_to_table(pairs, schema.field("post").type.list_size, dtype, schema=schema)
 
 
 def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[int, Any, dict[str, int]]:
@@ -123,7 +100,7 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
         "pre_positions": p.pre_positions,
     }
     schema = pairs_schema(model.d_prime, p.dtype, metadata)
-    buffers: dict[str, list[CompressedPair]] = {}
+    buffers: dict[str, list[PairStates]] = {}
     files: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     pre_lengths: list[int] = []
@@ -141,7 +118,7 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
         with torch.no_grad():
             for pair in iter_pair_states(store, datagen):
                 pre = pair.pre[prefix[pair.id] :] if p.pre_positions == "no_system_prefix" else pair.pre
-                compressed = CompressedPair(pair.id, pair.split, model.compress(pre), model.compress(pair.post))
+                compressed = PairStates(pair.id, pair.split, model.compress(pre), model.compress(pair.post))
                 buffers.setdefault(pair.split, []).append(compressed)
                 counts[pair.split] = counts.get(pair.split, 0) + 1
                 pre_lengths.append(pre.shape[0])
@@ -183,12 +160,11 @@ class PairsReader:
     def files(self, split: str) -> list[str]:
         return [self.store.open(STAGE, self.manifest.key).file_uri(n) for n in self.meta["files"].get(split, [])]
 
-    def iter_pairs(self, split: str) -> Iterator[CompressedPair]:
+    def iter_pairs(self, split: str) -> Iterator[PairStates]:
         artifact = self.store.open(STAGE, self.manifest.key)
         for name in self.meta["files"].get(split, []):
             with artifact.open(name) as f:
-                for raw in table_to_pairs(pq.read_table(f)):
-                    yield CompressedPair(raw.id, raw.split, raw.pre, raw.post)
+                yield from table_to_pairs(pq.read_table(f))
 
 
 def run_trace_hiddens(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest) -> Manifest:
