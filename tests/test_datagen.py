@@ -98,13 +98,13 @@ def test_seeded_sampling_is_reproducible(tiny_lm) -> None:
 def test_failures_are_recorded_not_dropped() -> None:
     store, _, report = _datagen(_cfg("datagen.close_on_budget=false", "datagen.close_on_eos=false"))
     rows = list(iter_rows(store, report))
-    assert len(rows) == report.metrics["problems"] == 8
+    assert len(rows) == report.metrics["problems"] == 24
     assert all(r["failure"] in ("truncated", "no_end") for r in rows if r["failure"])
     assert report.metrics["failures"]["truncated"] + report.metrics["failures"]["no_end"] > 0
     assert len(list(iter_pair_states(store, report))) == report.metrics["succeeded"]
 
     store, _, report = _datagen(_cfg("model.thinking=native"))  # the random model never opens <think>
-    assert report.metrics["failures"]["no_start"] == 8 and report.metrics["succeeded"] == 0
+    assert report.metrics["failures"]["no_start"] == 24 and report.metrics["succeeded"] == 0
     with pytest.raises(UserError, match="no successful generations"):
         run_trace_hiddens(_cfg("model.thinking=native", root=store.root), store, report)
 
@@ -130,12 +130,12 @@ def test_committed_shards_are_never_redone(monkeypatch) -> None:
     import llm_trm_core.stages.datagen as module
 
     monkeypatch.setattr(module, "ThinkingGenerator", None)  # any generation would now fail
-    spec = plan_shards(cfg, 8)[1]
+    spec = plan_shards(cfg, 24)[1]
     assert run_datagen_shard(cfg, store, problems, spec).key == shard_key(cfg, problems, spec)
     # more problems: the first shards keep their keys, only the new one is generated
-    bigger = _cfg("datagen.num_problems=12", root=cfg.store.root)
-    assert [shard_key(bigger, problems, s) for s in plan_shards(bigger, 12)[:2]] == [
-        shard_key(cfg, problems, s) for s in plan_shards(cfg, 8)
+    bigger = _cfg("datagen.num_problems=32", root=cfg.store.root)
+    assert [shard_key(bigger, problems, s) for s in plan_shards(bigger, 32)[:3]] == [
+        shard_key(cfg, problems, s) for s in plan_shards(cfg, 24)
     ]
 
 

@@ -1,0 +1,201 @@
+"""Putting the TRM back into the LM: k latent vectors injected as input embeddings before the answer.
+
+    prompt (no-think template) -> LM states of the prompt -> compress -> TRM (all N_sup steps)
+      -> projection to k vectors in the LM's input-embedding space
+      -> inputs_embeds = [prompt embeddings, k latents] -> generate the answer (KV cache)
+
+A last-layer state at one position can only change one next-token distribution (reference §6.3);
+input embeddings at k positions are read by every later token through attention, so the answer can
+use them. The original-style arm is kept for comparison: the decompressed TRM output replaces the
+state after the end-of-thinking delimiter, which sets only the first answer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from llm_trm_core.hidden_states import capture_layer
+from llm_trm_core.lm import LoadedLM
+from llm_trm_core.models.compressor import LinearCompressor
+from llm_trm_core.models.trm import SequenceTRM
+
+Arm = Literal["trm_latent", "random_latent", "no_latent"]
+
+
+class LatentProjector(nn.Module):
+    """Standardized TRM output (D') -> k input embeddings (k, D) at the scale of the LM's embeddings."""
+
+    def __init__(self, d_prime: int, hidden_size: int, k: int, embed_rms: float) -> None:
+        super().__init__()
+        self.d_prime, self.hidden_size, self.k = d_prime, hidden_size, k
+        self.proj = nn.Linear(d_prime, k * hidden_size)
+        nn.init.normal_(self.proj.weight, std=d_prime**-0.5)
+        nn.init.zeros_(self.proj.bias)
+        self.scale = nn.Parameter(torch.tensor(float(embed_rms)))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"d_prime": self.d_prime, "hidden_size": self.hidden_size, "k": self.k, "embed_rms": float(self.scale)}
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        e = self.proj(c).view(c.shape[0], self.k, self.hidden_size)
+        return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+
+
+def embedding_rms(lm: LoadedLM) -> float:
+    weight = lm.model.get_input_embeddings().weight
+    return float(weight.detach().float().pow(2).mean().sqrt())
+
+
+@dataclass
+class PromptBatch:
+    ids: list[list[int]]  # no-think prompt ids per question
+    pre: torch.Tensor  # (B, L, D') compressed pre states, zero-padded
+    mask: torch.Tensor  # (B, L)
+    think_end: list[int]  # position of the prompt's last `</think>` token (the original arm's post position)
+
+
+@dataclass
+class LatentReasoner:
+    lm: LoadedLM
+    compressor: LinearCompressor
+    trm: SequenceTRM
+    projector: LatentProjector
+    layer_index: int
+    n_steps: int
+    drop_system_prefix: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.model.parameters()).device
+
+    def _shared_prefix(self) -> list[int]:
+        tok = self.lm.tokenizer
+        a = tok(self.lm.chat.prompt("0", enable_thinking=False), add_special_tokens=False).input_ids
+        b = tok(self.lm.chat.prompt("1", enable_thinking=False), add_special_tokens=False).input_ids
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return list(a[:n])
+
+    @torch.no_grad()
+    def encode_prompts(self, questions: list[str]) -> PromptBatch:
+        """No-think prompts and their compressed pre states (positions before `<think>`, as in training)."""
+        tok = self.lm.tokenizer
+        prefix = self._shared_prefix() if self.drop_system_prefix else []
+        ids, starts, ends = [], [], []
+        for question in questions:
+            prompt = self.lm.chat.prompt(question, enable_thinking=False)
+            enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = [tuple(o) for o in enc.offset_mapping]
+            start_char = prompt.rfind(self.lm.chat.delimiters.start)
+            starts.append(next(i for i, (a, b) in enumerate(offsets) if a <= start_char < b or a >= start_char))
+            end_char = prompt.rfind(self.lm.chat.delimiters.end) + len(self.lm.chat.delimiters.end) - 1
+            ends.append(next(i for i, (a, b) in enumerate(offsets) if a <= end_char < b))
+            ids.append(list(enc.input_ids))
+        width = max(len(x) for x in ids)
+        batch = torch.full((len(ids), width), int(tok.pad_token_id or 0), dtype=torch.long)
+        attention = torch.zeros_like(batch)
+        for row, seq in enumerate(ids):
+            batch[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        with capture_layer(self.lm.model, self.layer_index) as captured:
+            self.lm.model.base_model(input_ids=batch.to(self.device), attention_mask=attention.to(self.device))
+        states = captured[0].float().cpu()
+        pieces = []
+        for row, seq in enumerate(ids):
+            keep_from = min(len(prefix), starts[row]) if seq[: len(prefix)] == prefix else 0
+            pieces.append(self.compressor.compress(states[row, keep_from : starts[row]]))
+        longest = max(max(p.shape[0] for p in pieces), 1)
+        pre = torch.zeros(len(pieces), longest, self.compressor.d_prime)
+        mask = torch.zeros(len(pieces), longest)
+        for row, piece in enumerate(pieces):
+            pre[row, : piece.shape[0]] = piece
+            mask[row, : piece.shape[0]] = 1
+        return PromptBatch(ids, pre, mask, ends)
+
+    def trm_output(self, batch: PromptBatch) -> torch.Tensor:
+        """The TRM's prediction after all supervision steps, raw scale (B, D'). Differentiable if the TRM trains."""
+        prepared = self.trm.prepare(batch.pre.to(self.device), batch.mask.to(self.device))
+        carry = self.trm.initial_carry(prepared)
+        prediction = carry.y[:, -1]
+        for _ in range(self.n_steps):
+            carry, prediction, _ = self.trm.supervision_step(prepared, carry)
+            carry = carry.detach()
+        return self.trm.denormalize(prediction)
+
+    def latents(self, batch: PromptBatch, arm: Arm, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        if arm == "no_latent":
+            return None
+        latents = self.projector(self.trm.standardize_target(self.trm_output(batch)))
+        if arm == "random_latent":  # same k, random directions with the norm of each real latent
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            latents = noise / noise.norm(dim=-1, keepdim=True) * latents.norm(dim=-1, keepdim=True)
+        return latents
+
+    def input_embeddings(
+        self, ids: list[list[int]], latents: torch.Tensor | None, answers: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Left-padded [prompt, latents, answer] embeddings and attention mask; returns each row's answer start."""
+        embed = self.lm.model.get_input_embeddings()
+        rows, starts = [], []
+        for row, seq in enumerate(ids):
+            parts = [embed(torch.tensor(seq, device=self.device))]
+            if latents is not None:
+                parts.append(latents[row].to(parts[0].dtype))
+            if answers is not None:
+                parts.append(embed(torch.tensor(answers[row], device=self.device, dtype=torch.long)))
+            rows.append(torch.cat(parts))
+        width = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(len(rows), width, hidden)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        k = 0 if latents is None else latents.shape[1]
+        for row, (seq, emb) in enumerate(zip(ids, rows, strict=True)):
+            embeds[row, width - emb.shape[0] :] = emb
+            mask[row, width - emb.shape[0] :] = 1
+            starts.append(width - emb.shape[0] + len(seq) + k)
+        return embeds, mask, starts
+
+    @torch.no_grad()
+    def generate(
+        self, questions: list[str], arm: Arm, max_new_tokens: int, generator: torch.Generator | None = None
+    ) -> list[list[int]]:
+        """Greedy answers (token ids, EOS cut) with the arm's latents injected before the answer."""
+        batch = self.encode_prompts(questions)
+        embeds, mask, _ = self.input_embeddings(batch.ids, self.latents(batch, arm, generator))
+        tok = self.lm.tokenizer
+        model: Any = self.lm.model
+        out = model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
+        return [_cut(row.tolist(), tok.eos_token_id) for row in out.cpu()]
+
+    @torch.no_grad()
+    def generate_original_style(self, questions: list[str], max_new_tokens: int) -> list[list[int]]:
+        """The original's arm: the decompressed TRM output replaces the state AT `</think>`, so it picks the
+        first answer token (lm_head of that state); the rest is generated normally."""
+        batch = self.encode_prompts(questions)
+        post = self.compressor.decompress(self.trm_output(batch).cpu())
+        head = self.lm.model.get_output_embeddings()
+        first = head(post.to(self.device).to(head.weight.dtype)).argmax(-1).tolist()
+        tok = self.lm.tokenizer
+        answers = []
+        for seq, token in zip(batch.ids, first, strict=True):
+            if token == tok.eos_token_id:
+                answers.append([])
+                continue
+            model: Any = self.lm.model
+            out = model.generate(
+                input_ids=torch.tensor([[*seq, token]], device=self.device), max_new_tokens=max_new_tokens - 1,
+                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )  # fmt: skip
+            answers.append([token, *_cut(out[0, len(seq) + 1 :].tolist(), tok.eos_token_id)])
+        return answers
+
+
+def _cut(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
