@@ -47,7 +47,8 @@ class LatentProjector(nn.Module):
 
 
 def embedding_rms(lm: LoadedLM) -> float:
-    weight = lm.model.get_input_embeddings().weight
+    model: Any = lm.model
+    weight = model.get_input_embeddings().weight
     return float(weight.detach().float().pow(2).mean().sqrt())
 
 
@@ -183,7 +184,7 @@ class LatentReasoner:
         head = self.lm.model.get_output_embeddings()
         first = head(post.to(self.device).to(head.weight.dtype)).argmax(-1).tolist()
         tok = self.lm.tokenizer
-        answers = []
+        answers: list[list[int]] = []
         for seq, token in zip(batch.ids, first, strict=True):
             if token == tok.eos_token_id:
                 answers.append([])
