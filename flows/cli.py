@@ -49,9 +49,7 @@ OverridesArg = Annotated[
 
 # Which issue brings each stage that is not built yet.
 PENDING_STAGES: dict[str, str] = {
-    "latent": "latent reasoning at inference",
     "grpo": "stage 3 (GRPO)",
-    "evaluate": "end-task evaluation",
 }
 
 
@@ -133,7 +131,9 @@ def pipeline(preset: PresetOption = "local", store: StoreOption = None, override
     from flows.pipeline import pipeline as pipeline_flow
 
     results = _run_guarded(lambda: pipeline_flow(cfg))
-    _print_manifests(results)
+    _print_manifests({k: v for k, v in results.items() if k != "evaluate"})
+    if "evaluate" in results:
+        _print_evaluation(results["evaluate"])
 
 
 @app.command()
@@ -199,6 +199,37 @@ def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: Ov
     console.print(table)
     verdict = "beats" if metrics["beats_best_baseline"] else "does NOT beat"
     console.print(f"  the TRM {verdict} the best baseline (by R²)", highlight=False)
+
+
+@app.command()
+def latent(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.latent import latent_flow
+
+    _print_manifests(_run_guarded(lambda: latent_flow(cfg)))
+
+
+@app.command()
+def evaluate(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.latent import evaluate_flow
+
+    results = _run_guarded(lambda: evaluate_flow(cfg))
+    _print_evaluation(results["evaluate"])
+
+
+def _print_evaluation(manifest: dict[str, Any]) -> None:
+    console.print(f"[bold]evaluate[/]  key={manifest['key']}", highlight=False)
+    console.print(f"  uri: {manifest['uri']}  (report.md, accuracy.png, answers.json)", highlight=False, soft_wrap=True)
+    table = Table(title=f"end-task accuracy, {manifest['metrics']['n']} held-out test problems", title_justify="left")
+    columns = ["arm", "accuracy", "ci_low", "ci_high", "accuracy_strict", "tokens_per_answer", "seconds_per_answer"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for row in manifest["metrics"]["rows"]:
+        table.add_row(*(fmt(row.get(c)) for c in columns))
+    console.print(table)
 
 
 @app.command()

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import Manifests, through_pairs
+from flows.chain import Manifests
+from flows.latent import through_latent
 from llm_trm_core.config import PipelineConfig
+from tasks.latent import evaluate_task
 from tasks.logs import core_logs_to_prefect
-from tasks.trm import trm_task
 
 
 @flow(name="pipeline")
 def pipeline(cfg: PipelineConfig) -> Manifests:
-    """problems -> compressor 1a -> datagen -> compressor 1b -> pairs -> trm, each cached by its store key."""
+    """problems -> 1a -> datagen -> 1b -> pairs -> trm -> latent -> evaluate, each cached by its store key."""
     with core_logs_to_prefect():
-        out = through_pairs(cfg)
-        out["trm"] = trm_task(cfg, out["pairs"], out["compressor-1b"])
+        out = through_latent(cfg)
+        out["evaluate"] = evaluate_task(cfg, out["problems"], out["compressor-1b"], out["trm"], out["latent"])
     return out

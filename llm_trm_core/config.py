@@ -291,7 +291,20 @@ class TRMConfig(Section):
 
 
 class LatentConfig(Section):
+    """Latent reasoning: k TRM-derived vectors injected as input embeddings before the answer (no-think mode)."""
+
     num_latents: int = Field(4, ge=1, description="k latent vectors injected before the answer.")
+    num_problems: int = Field(200, ge=1, description="Training-split problems used to train the projection.")
+    train_trm: bool = Field(
+        False, description="Also fine-tune the TRM through the frozen LM (else only the projection)."
+    )
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N batches.", json_schema_extra=NOT_KEYED)
 
 
 class GRPOConfig(Section):
@@ -300,7 +313,15 @@ class GRPOConfig(Section):
 
 
 class EvaluateConfig(Section):
+    """End-task evaluation on held-out test problems."""
+
     num_problems: int = Field(100, ge=1, description="Held-out test problems evaluated.")
+    max_answer_tokens: int = Field(48, ge=1, description="Answer budget of every arm.")
+    think_tokens: int | None = Field(
+        None, ge=1, description="Thinking budget of the think arm (default datagen.max_new_tokens)."
+    )
+    batch_size: int = Field(8, ge=1, json_schema_extra=NOT_KEYED)
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
 
 
 class SweepConfig(Section):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
 from llm_trm_core.models.compressor import LinearCompressor
@@ -117,6 +118,16 @@ class LatentReasoner:
             mask[row, : piece.shape[0]] = 1
         return PromptBatch(ids, pre, mask, ends)
 
+    def check_context(self, batch: PromptBatch, new_tokens: int) -> None:
+        """A question whose prompt, latents and answer budget exceed the model's context is an error."""
+        context = int(getattr(self.lm.model.config, "max_position_embeddings", 1 << 30))
+        longest = max(len(ids) for ids in batch.ids) + self.projector.k + new_tokens
+        if longest > context:
+            raise UserError(
+                f"a question's prompt ({max(len(ids) for ids in batch.ids)} tokens) plus {self.projector.k} latents "
+                f"and {new_tokens} answer tokens exceeds the model's context of {context} tokens; shorten the question"
+            )
+
     def trm_output(self, batch: PromptBatch) -> torch.Tensor:
         """The TRM's prediction after all supervision steps, raw scale (B, D'). Differentiable if the TRM trains."""
         prepared = self.trm.prepare(batch.pre.to(self.device), batch.mask.to(self.device))
@@ -166,6 +177,7 @@ class LatentReasoner:
     ) -> list[list[int]]:
         """Greedy answers (token ids, EOS cut) with the arm's latents injected before the answer."""
         batch = self.encode_prompts(questions)
+        self.check_context(batch, max_new_tokens)
         embeds, mask, _ = self.input_embeddings(batch.ids, self.latents(batch, arm, generator))
         tok = self.lm.tokenizer
         model: Any = self.lm.model
@@ -180,6 +192,7 @@ class LatentReasoner:
         """The original's arm: the decompressed TRM output replaces the state AT `</think>`, so it picks the
         first answer token (lm_head of that state); the rest is generated normally."""
         batch = self.encode_prompts(questions)
+        self.check_context(batch, max_new_tokens)
         post = self.compressor.decompress(self.trm_output(batch).cpu())
         head = self.lm.model.get_output_embeddings()
         first = head(post.to(self.device).to(head.weight.dtype)).argmax(-1).tolist()

@@ -24,6 +24,8 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
     "trace-hiddens": "1",
     "pairs": "1",
     "trm": "2",
+    "latent": "1",
+    "evaluate": "1",
 }
 
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.
@@ -38,6 +40,17 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "trace-hiddens": ("model", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
     "pairs": ("pairs",),
     "trm": ("trm", "runtime.seed", "runtime.device"),
+    "latent": ("latent", "model", "runtime.seed", "compressor.layer", "pairs.pre_positions", "trm.n_supervision"),
+    "evaluate": (
+        "evaluate",
+        "model",
+        "runtime.seed",
+        "compressor.layer",
+        "pairs.pre_positions",
+        "trm.n_supervision",
+        "latent.num_latents",
+        "datagen.max_new_tokens",
+    ),
 }
 
 _SGD_ONLY = frozenset(

@@ -1,0 +1,52 @@
+"""Prefect tasks for latent reasoning and end-task evaluation (thin wrappers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.reporting import fmt, png_markdown
+from llm_trm_core.stages.evaluate import COLUMNS, run_evaluate
+from llm_trm_core.stages.latent import run_latent
+from llm_trm_core.store import ArtifactStore, Manifest
+from tasks.artifacts import publish_manifest
+from tasks.compressor import RETRIES
+
+
+@task(name="latent", **RETRIES)
+def latent_task(
+    cfg: PipelineConfig, problems: dict[str, Any], compressor: dict[str, Any], trm: dict[str, Any]
+) -> dict[str, Any]:
+    p, c, t = (Manifest.model_validate(x) for x in (problems, compressor, trm))
+    manifest = run_latent(cfg, ArtifactStore(cfg.store.root), p, c, t)
+    publish_manifest(manifest, f"Latent injection (k={cfg.latent.num_latents})")
+    return manifest.model_dump(mode="json")
+
+
+@task(name="evaluate", **RETRIES)
+def evaluate_task(
+    cfg: PipelineConfig,
+    problems: dict[str, Any],
+    compressor: dict[str, Any],
+    trm: dict[str, Any],
+    latent: dict[str, Any],
+) -> dict[str, Any]:
+    store = ArtifactStore(cfg.store.root)
+    p, c, t, lat = (Manifest.model_validate(x) for x in (problems, compressor, trm, latent))
+    manifest = run_evaluate(cfg, store, p, c, t, lat)
+    create_table_artifact(
+        key="evaluate-accuracy",
+        table=[{c: fmt(row.get(c)) for c in COLUMNS} for row in manifest.metrics["rows"]],
+        description=f"End-task accuracy on {manifest.metrics['n']} held-out test problems (95% bootstrap CIs)",
+    )
+    artifact = store.open(manifest.stage, manifest.key)
+    body = (
+        artifact.read_bytes("report.md").decode()
+        + "\n\n"
+        + png_markdown(artifact.read_bytes("accuracy.png"), "accuracy")
+    )
+    publish_manifest(manifest, "End-task evaluation", body)
+    return manifest.model_dump(mode="json")
