@@ -60,7 +60,7 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
 
     assert list(first) == [
         "problems", "hiddens", "basis", "compressor-1a", "datagen", "trace-hiddens", "trace-basis", "compressor-1b",
-        "pairs", "trm",
+        "pairs", "trm", "latent", "evaluate",
     ]  # fmt: skip
     assert first["trm"]["upstream"] == {"pairs": first["pairs"]["key"]}
     assert first["compressor-1b"]["upstream"]["init"] == first["compressor-1a"]["key"]
@@ -81,6 +81,7 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
     assert any("committed" in log.message for log in core_logs), [log.message for log in logs]
     assert {a.key for a in artifacts} >= {
         "problems-metrics", "problems-artifact", "datagen-artifact", "pairs-metrics", "trm-report", "trm-comparison",
+        "latent-artifact", "evaluate-accuracy",
     }  # fmt: skip
 
 
@@ -93,6 +94,7 @@ def test_cli_pipeline_prints_key_uri_and_metrics(tmp_path: Path) -> None:
     assert re.search(r"pairs\s+key=[0-9a-f]{64}", result.output)
     assert f"uri: {root}/problems/" in result.output
     assert "n_train" in result.output
+    assert "end-task accuracy" in result.output and "random_latent" in result.output
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -1,0 +1,151 @@
+"""Latent reasoning at inference and end-task evaluation on the tiny preset."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+import llm_trm_core.stages.latent as latent_stage
+from llm_trm_core.config import load_config
+from llm_trm_core.errors import UserError
+from llm_trm_core.latent.reasoner import LatentProjector
+from llm_trm_core.stages.evaluate import ARMS, bootstrap_ci, run_evaluate, summarize_arm
+from llm_trm_core.stages.latent import build_reasoner, load_latent, run_latent
+from llm_trm_core.stages.problems import run_problems
+from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
+from llm_trm_core.store import ArtifactStore
+from llm_trm_core.training.checkpoints import CheckpointManager
+
+
+@pytest.fixture(scope="module")
+def chain():
+    cfg = load_config("tiny", [f"store.root=memory://lat-{uuid.uuid4().hex[:8]}"])
+    store = ArtifactStore(cfg.store.root)
+    pairs = run_upstream_pairs(cfg, store)
+    trm = run_trm(cfg, store, pairs)
+    compressor = store.read_manifest("compressor", pairs.upstream["compressor"])
+    return cfg, store, run_problems(cfg, store), compressor, trm
+
+
+def test_projector_and_injection_layout(chain) -> None:
+    cfg, store, _, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    projector = LatentProjector(16, 64, 3, embed_rms=0.5)
+    out = projector(torch.randn(2, 16))
+    assert out.shape == (2, 3, 64)
+    torch.testing.assert_close(out.pow(2).mean(-1).sqrt(), torch.full((2, 3), 0.5), atol=1e-3, rtol=1e-3)
+
+    batch = reasoner.encode_prompts(["What is 2 + 3?", "A much longer question about apples and oranges?"])
+    assert batch.pre.shape[0] == 2 and batch.pre.shape[2] == 16 and batch.mask.sum(1).min() > 0
+    latents = reasoner.latents(batch, "trm_latent")
+    assert latents.shape == (2, cfg.latent.num_latents, 64)
+    embeds, mask, starts = reasoner.input_embeddings(batch.ids, latents, answers=[[5, 6], [7]])
+    k = cfg.latent.num_latents
+    for row in range(2):
+        length = len(batch.ids[row]) + k + (2 if row == 0 else 1)
+        assert int(mask[row].sum()) == length and bool(mask[row, -1])  # left padding
+        start = starts[row]
+        torch.testing.assert_close(embeds[row, start - k : start], latents[row])  # latents right before the answer
+    # random latents: same norms, other directions
+    random = reasoner.latents(batch, "random_latent", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(random.norm(dim=-1), latents.norm(dim=-1))
+    assert not torch.allclose(random, latents)
+
+
+def test_injected_generation_with_kv_cache_equals_full_recomputation(chain) -> None:
+    cfg, store, _, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    questions = ["What is 2 + 3?", "How many legs do 3 spiders have?"]
+    cached = reasoner.generate(questions, "trm_latent", max_new_tokens=8)
+    batch = reasoner.encode_prompts(questions)
+    latents = reasoner.latents(batch, "trm_latent")
+    embed = reasoner.lm.model.get_input_embeddings()
+    eos = reasoner.lm.tokenizer.eos_token_id
+    for row in range(2):  # one sample alone, no cache: recompute the whole sequence at every step
+        sequence = torch.cat([embed(torch.tensor(batch.ids[row])), latents[row]])
+        tokens: list[int] = []
+        with torch.no_grad():
+            for _ in range(8):
+                logits = reasoner.lm.model(inputs_embeds=sequence[None], use_cache=False).logits[0, -1]
+                token = int(logits.argmax())
+                if token == eos:
+                    break
+                tokens.append(token)
+                sequence = torch.cat([sequence, embed(torch.tensor([token]))])
+        assert cached[row] == tokens
+
+
+def test_original_style_arm_sets_the_first_token_from_the_decompressed_trm_output(chain) -> None:
+    cfg, store, _, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    answers = reasoner.generate_original_style(["What is 2 + 3?"], max_new_tokens=4)
+    post = reasoner.compressor.decompress(reasoner.trm_output(reasoner.encode_prompts(["What is 2 + 3?"])))
+    first = int(reasoner.lm.model.get_output_embeddings()(post).argmax(-1))
+    assert answers[0][:1] == ([first] if first != reasoner.lm.tokenizer.eos_token_id else [])
+
+
+def test_bootstrap_and_summary_maths() -> None:
+    assert bootstrap_ci([True] * 20, 500) == (1.0, 1.0)
+    assert bootstrap_ci([False] * 20, 500) == (0.0, 0.0)
+    values = [i % 2 == 0 for i in range(400)]
+    low, high = bootstrap_ci(values, 4000, seed=1)
+    half_width = 1.96 * (0.25 / 400) ** 0.5  # normal approximation: ±0.049
+    assert low == pytest.approx(0.5 - half_width, abs=0.01) and high == pytest.approx(0.5 + half_width, abs=0.01)
+    assert bootstrap_ci(values, 1000, seed=3) == bootstrap_ci(values, 1000, seed=3)
+    graded = [{"correct": c, "strict": False, "tokens": 4, "seconds": 0.5} for c in (True, False, False, True)]
+    row = summarize_arm("x", graded, 500, 0)
+    assert row["accuracy"] == 0.5 and row["tokens_per_answer"] == 4 and row["n"] == 4
+    assert row["ci_low"] <= 0.5 <= row["ci_high"]
+
+
+def test_latent_training_resumes_exactly_and_evaluation_reports_every_arm(chain, monkeypatch) -> None:
+    cfg, store, problems, compressor, trm = chain
+    straight_store = ArtifactStore(f"memory://lat-{uuid.uuid4().hex[:8]}")
+    for stage, manifest in (("problems", problems), ("compressor", compressor), ("trm", trm)):
+        store.fs.cp(store.path(stage, manifest.key), straight_store.path(stage, manifest.key), recursive=True)
+    pairs_key = trm.upstream["pairs"]
+    store.fs.cp(store.path("pairs", pairs_key), straight_store.path("pairs", pairs_key), recursive=True)
+    reference = run_latent(cfg, straight_store, problems, compressor, trm)
+
+    original_save = CheckpointManager.save
+
+    def save_then_die(self, step, state):
+        original_save(self, step, state)
+        if step == 4:
+            raise RuntimeError("preempted")
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_die)
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_latent(cfg, store, problems, compressor, trm)
+    monkeypatch.setattr(CheckpointManager, "save", original_save)
+    resumed = run_latent(cfg, store, problems, compressor, trm)
+    assert resumed.metrics["resumed_from"] == 4 and resumed.key == reference.key
+    a = load_latent(store, resumed, build_reasoner(cfg, store, compressor, trm)).projector.state_dict()
+    b = load_latent(
+        straight_store, reference, build_reasoner(cfg, straight_store, compressor, trm)
+    ).projector.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(resumed.metrics["val_answer_nll"]) == {"trm_latent", "random_latent", "no_latent"}
+
+    report = run_evaluate(cfg, store, problems, compressor, trm, resumed)
+    assert [row["arm"] for row in report.metrics["rows"]] == list(ARMS)
+    for row in report.metrics["rows"]:
+        assert row["n"] == cfg.evaluate.num_problems and 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
+    think = report.metrics["arms"]["think"]["tokens_per_answer"]
+    assert think > report.metrics["arms"]["no_think"]["tokens_per_answer"]  # the thinking arm spends more tokens
+
+
+def test_bad_inputs(chain) -> None:
+    cfg, store, problems, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        reasoner.generate(["word " * 3000], "trm_latent", max_new_tokens=8)
+    other = compressor.model_copy(update={"key": "another-compressor"})
+    with pytest.raises(UserError, match="was not trained on pairs compressed by"):
+        run_latent(cfg, store, problems, other, trm)
+    small = load_config("tiny", ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    with pytest.raises(UserError, match="belong to another language model"):
+        build_reasoner(small, store, compressor, trm)
+    assert latent_stage.answer_text(18.0) == "#### 18" and latent_stage.answer_text(2.5) == "#### 2.5"
