@@ -163,6 +163,7 @@ def run_latent(
             scheduler.step()
             progress["batch"], progress["batches"] = index + 1, progress["batches"] + 1
             progress["history"].append({"batch": progress["batches"], "loss": loss.item()})
+            logger.info("latent batch %d/%d: answer NLL %.4f", progress["batches"], steps_total, loss.item())
             if progress["batches"] % lat.checkpoint_every == 0:
                 checkpoints.save(
                     progress["batches"],
