@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from typing import Any, Literal
 
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     assert basis is not None
     manifest = run_compressor(cfg, store, hiddens, basis, accelerator=accelerator)
     if accelerator.is_main_process:
-        print(json.dumps({"key": manifest.key, "uri": manifest.uri, "world_size": accelerator.num_processes}))  # noqa: T201
+        result = {"key": manifest.key, "uri": manifest.uri, "world_size": accelerator.num_processes}
+        sys.stdout.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

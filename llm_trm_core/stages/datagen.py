@@ -12,6 +12,7 @@ accuracy, thinking-length histogram).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         lm = load_language_model(cfg.model, cfg.runtime)
         shards = [run_datagen_shard(cfg, store, problems, spec, lm) for spec in specs]
         manifest = run_datagen_report(cfg, store, problems, shards)
-    print(json.dumps({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri}))  # noqa: T201
+    sys.stdout.write(json.dumps({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri}) + "\n")
 
 
 if __name__ == "__main__":

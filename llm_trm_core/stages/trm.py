@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from typing import Any
 
 import matplotlib
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     store = ArtifactStore(cfg.store.root)
     pairs = run_upstream_pairs(cfg, store)
     manifest = run_trm(cfg, store, pairs)
-    print(json.dumps({"key": manifest.key, "uri": manifest.uri}))  # noqa: T201
+    sys.stdout.write(json.dumps({"key": manifest.key, "uri": manifest.uri}) + "\n")
 
 
 def run_upstream_pairs(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
