@@ -40,7 +40,8 @@ class LatentProjector(nn.Module):
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"d_prime": self.d_prime, "hidden_size": self.hidden_size, "k": self.k, "embed_rms": float(self.scale)}
+        rms = float(self.scale.detach())
+        return {"d_prime": self.d_prime, "hidden_size": self.hidden_size, "k": self.k, "embed_rms": rms}
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         e = self.proj(c).view(c.shape[0], self.k, self.hidden_size)
