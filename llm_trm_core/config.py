@@ -298,6 +298,11 @@ class LatentConfig(Section):
     train_trm: bool = Field(
         False, description="Also fine-tune the TRM through the frozen LM (else only the projection)."
     )
+    lora_rank: int = Field(
+        0, ge=0, description="LoRA rank on the LM (peft) so it can learn to read the latents; 0 = off."
+    )
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="LoRA target modules.")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)

@@ -149,3 +149,30 @@ def test_bad_inputs(chain) -> None:
     with pytest.raises(UserError, match="belong to another language model"):
         build_reasoner(small, store, compressor, trm)
     assert latent_stage.answer_text(18.0) == "#### 18" and latent_stage.answer_text(2.5) == "#### 2.5"
+
+
+def test_optional_lora_trains_adapters_and_is_restored_on_load(chain) -> None:
+    cfg, store, problems, compressor, trm = chain
+    lora_cfg = cfg.model_copy(update={"latent": cfg.latent.model_copy(update={"lora_rank": 4, "epochs": 1})})
+    manifest = run_latent(lora_cfg, store, problems, compressor, trm)
+    assert "LoRA r=4" in manifest.metrics["trained"]
+    artifact = store.open("latent", manifest.key)
+    assert {"lora.safetensors", "lora.json", "projector.safetensors"} <= set(artifact.manifest.files)
+    from safetensors.torch import load as load_safetensors
+
+    adapter = load_safetensors(artifact.read_bytes("lora.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero: it was trained
+
+    plain = build_reasoner(cfg, store, compressor, trm)
+    tuned = load_latent(store, manifest, build_reasoner(cfg, store, compressor, trm))
+    question = ["What is 2 + 3?"]
+    # the TRM's inputs are the LM's states without adapters, so they do not move
+    torch.testing.assert_close(tuned.encode_prompts(question).pre, plain.encode_prompts(question).pre)
+    batch = tuned.encode_prompts(question)
+    embeds, mask, _ = tuned.input_embeddings(batch.ids, tuned.latents(batch, "trm_latent"))
+    with torch.no_grad():
+        with_lora = tuned.lm.model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
+        tuned.lm.model.disable_adapters()
+        without = tuned.lm.model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
+        tuned.lm.model.enable_adapters()
+    assert not torch.allclose(with_lora, without)  # the adapters change how the answer is read

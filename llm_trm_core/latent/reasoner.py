@@ -12,6 +12,8 @@ state after the end-of-thinking delimiter, which sets only the first answer toke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,7 +106,7 @@ class LatentReasoner:
         for row, seq in enumerate(ids):
             batch[row, : len(seq)] = torch.tensor(seq)
             attention[row, : len(seq)] = 1
-        with capture_layer(self.lm.model, self.layer_index) as captured:
+        with adapters_off(self.lm.model), capture_layer(self.lm.model, self.layer_index) as captured:
             self.lm.model.base_model(input_ids=batch.to(self.device), attention_mask=attention.to(self.device))
         states = captured[0].float().cpu()
         pieces = []
@@ -210,6 +212,19 @@ class LatentReasoner:
             )  # fmt: skip
             answers.append([token, *_cut(out[0, len(seq) + 1 :].tolist(), tok.eos_token_id)])
         return answers
+
+
+@contextmanager
+def adapters_off(model: Any) -> Iterator[None]:
+    """The TRM's inputs are the states of the LM without LoRA: adapters are off while encoding prompts."""
+    if not getattr(model, "_hf_peft_config_loaded", False):
+        yield
+        return
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
 
 
 def _cut(ids: list[int], eos: int | None) -> list[int]:

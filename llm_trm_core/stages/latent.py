@@ -72,8 +72,27 @@ def build_reasoner(
     return LatentReasoner(lm, comp, model, projector, layer, cfg.trm.n_supervision, cfg.pairs.pre_positions != "all")
 
 
+def add_lora(reasoner: LatentReasoner, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Attach LoRA adapters to the LM (transformers' peft integration); returns their parameters."""
+    from peft import LoraConfig
+
+    model: Any = reasoner.lm.model
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    try:
+        model.add_adapter(config)
+    except ValueError as exc:
+        raise UserError(f"cannot attach LoRA to {reasoner.lm.info.name}: {exc}; check latent.lora_targets") from None
+    return [p for name, p in model.named_parameters() if "lora_" in name]
+
+
 def load_latent(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner) -> LatentReasoner:
     artifact = store.open(manifest.stage, manifest.key)
+    if "lora.safetensors" in artifact.manifest.files:
+        from peft import set_peft_model_state_dict
+
+        lora = json.loads(artifact.read_bytes("lora.json"))
+        add_lora(reasoner, lora["rank"], lora["alpha"], lora["targets"])
+        set_peft_model_state_dict(reasoner.lm.model, load_safetensors(artifact.read_bytes("lora.safetensors")))
     config = json.loads(artifact.read_bytes("projector.json"))
     projector = LatentProjector(config["d_prime"], config["hidden_size"], config["k"], config["embed_rms"])
     projector.load_state_dict(load_safetensors(artifact.read_bytes("projector.safetensors")))
@@ -133,6 +152,9 @@ def run_latent(
     reasoner.trm.requires_grad_(lat.train_trm)
     reasoner.trm.train(False)
     params = list(reasoner.projector.parameters()) + (list(reasoner.trm.parameters()) if lat.train_trm else [])
+    lora_params = add_lora(reasoner, lat.lora_rank, lat.lora_alpha, lat.lora_targets) if lat.lora_rank else []
+    params += lora_params
+    lora_names = {id(p): n for n, p in reasoner.lm.model.named_parameters() if "lora_" in n}
     optimizer = torch.optim.AdamW(params, lr=lat.lr, weight_decay=lat.weight_decay)
     steps_total = lat.epochs * math.ceil(len(train) / lat.batch_size)
     scheduler = make_scheduler(optimizer, lr_multiplier("cosine", steps_total, lat.warmup_steps))
@@ -144,6 +166,8 @@ def run_latent(
         checkpoints.restore(reasoner.projector, saved["projector"], resumed_from)
         if lat.train_trm:
             checkpoints.restore(reasoner.trm, saved["trm"], resumed_from)
+        if lora_params:
+            reasoner.lm.model.load_state_dict(saved["lora"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -170,6 +194,7 @@ def run_latent(
                     {
                         "projector": reasoner.projector.state_dict(),
                         "trm": reasoner.trm.state_dict() if lat.train_trm else {},
+                        "lora": {lora_names[id(p)]: p.detach().cpu() for p in lora_params},
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(),
@@ -197,6 +222,11 @@ def run_latent(
     ) as w:
         w.write_bytes("projector.safetensors", projector_bytes)
         w.write_json("projector.json", reasoner.projector.config)
+        if lora_params:
+            adapter: dict[str, torch.Tensor] = reasoner.lm.model.get_adapter_state_dict()
+            weights = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
+            w.write_bytes("lora.safetensors", save_safetensors(weights))
+            w.write_json("lora.json", {"rank": lat.lora_rank, "alpha": lat.lora_alpha, "targets": lat.lora_targets})
         if lat.train_trm:
             w.write_bytes(
                 "trm.safetensors",
@@ -209,7 +239,13 @@ def run_latent(
                 "train_problems": len(train),
                 "val_problems": len(val),
                 "k": lat.num_latents,
-                "trained": "projection + TRM" if lat.train_trm else "projection",
+                "trained": " + ".join(
+                    [
+                        "projection",
+                        *(["TRM"] if lat.train_trm else []),
+                        *([f"LoRA r={lat.lora_rank}"] if lora_params else []),
+                    ]
+                ),
                 "batches": progress["batches"],
                 "resumed_from": resumed_from,
                 "final_train_loss": progress["history"][-1]["loss"] if progress["history"] else None,
