@@ -12,10 +12,7 @@ Also runnable under torchrun / accelerate launch for multi-process SGD:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
 from typing import Any, Literal
 
@@ -28,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from llm_trm_core.compressor.metrics import ReconstructionMetrics
 from llm_trm_core.compressor.moments import Basis, MomentAccumulator, solve
 from llm_trm_core.compressor.train import SGDResult, train_sgd
-from llm_trm_core.config import PipelineConfig, load_config
+from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.corpus import iter_corpus
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import (
@@ -333,15 +330,9 @@ def with_compressor(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Compressor stage 1a (multi-process capable).")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--store", default=None)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    overrides = [*args.overrides, *([f"store.root={args.store}"] if args.store else [])]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.preset, overrides)
-    store = ArtifactStore(cfg.store.root)
+    from llm_trm_core.stages.entry import emit_result, parse_stage_args
+
+    cfg, store, _ = parse_stage_args("Compressor stage 1a (multi-process capable).", argv)
     accelerator = get_accelerator(cfg.runtime.device, cfg.compressor.mixed_precision)
     if accelerator.is_main_process:
         run_basis(cfg, store, run_corpus_hiddens(cfg, store))
@@ -352,8 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     assert basis is not None
     manifest = run_compressor(cfg, store, hiddens, basis, accelerator=accelerator)
     if accelerator.is_main_process:
-        result = {"key": manifest.key, "uri": manifest.uri, "world_size": accelerator.num_processes}
-        sys.stdout.write(json.dumps(result) + "\n")
+        emit_result({"key": manifest.key, "uri": manifest.uri, "world_size": accelerator.num_processes})
 
 
 if __name__ == "__main__":

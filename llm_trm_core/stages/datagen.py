@@ -12,7 +12,6 @@ accuracy, thinking-length histogram).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -256,22 +255,14 @@ def run_datagen_report(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m llm_trm_core.stages.datagen --preset P --store URI [--shard N] [k=v ...]`: one shard, or all
-    shards and the report. Prints the resulting manifest key as a JSON line."""
-    import argparse
-    import json
-
-    from llm_trm_core.config import load_config
+    shards and the report."""
+    from llm_trm_core.stages.entry import emit_result, parse_stage_args
     from llm_trm_core.stages.problems import run_problems
 
-    parser = argparse.ArgumentParser(description="Thinking generation (datagen stage).")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--store", default=None)
-    parser.add_argument("--shard", type=int, default=None, help="run only this shard index")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.preset, [*args.overrides, *([f"store.root={args.store}"] if args.store else [])])
-    store = ArtifactStore(cfg.store.root)
+    def shard_option(parser: Any) -> None:
+        parser.add_argument("--shard", type=int, default=None, help="run only this shard index")
+
+    cfg, store, args = parse_stage_args("Thinking generation (datagen stage).", argv, shard_option)
     problems = run_problems(cfg, store)
     specs = plan_shards(cfg, len(datagen_problems(store, problems, cfg)))
     if args.shard is not None:
@@ -280,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         lm = load_language_model(cfg.model, cfg.runtime)
         shards = [run_datagen_shard(cfg, store, problems, spec, lm) for spec in specs]
         manifest = run_datagen_report(cfg, store, problems, shards)
-    sys.stdout.write(json.dumps({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri}) + "\n")
+    emit_result({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri})
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ decompression to D, the LM head's KL and top-1 agreement with the target.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from typing import Any
 
 import matplotlib
@@ -26,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from llm_trm_core.compressor.metrics import ReconstructionMetrics
-from llm_trm_core.config import PipelineConfig, load_config
+from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import HiddenStates
 from llm_trm_core.lm.loader import resolve_device
@@ -217,17 +215,11 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="TRM stage (runs every upstream stage first, cached).")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--store", default=None)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.preset, [*args.overrides, *([f"store.root={args.store}"] if args.store else [])])
-    store = ArtifactStore(cfg.store.root)
-    pairs = run_upstream_pairs(cfg, store)
-    manifest = run_trm(cfg, store, pairs)
-    sys.stdout.write(json.dumps({"key": manifest.key, "uri": manifest.uri}) + "\n")
+    from llm_trm_core.stages.entry import emit_result, parse_stage_args
+
+    cfg, store, _ = parse_stage_args("TRM stage (runs every upstream stage first, cached).", argv)
+    manifest = run_trm(cfg, store, run_upstream_pairs(cfg, store))
+    emit_result({"key": manifest.key, "uri": manifest.uri})
 
 
 def run_upstream_pairs(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
