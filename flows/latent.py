@@ -18,6 +18,12 @@ def through_latent(cfg: PipelineConfig) -> Manifests:
     return out
 
 
+def through_evaluate(cfg: PipelineConfig) -> Manifests:
+    out = through_latent(cfg)
+    out["evaluate"] = evaluate_task(cfg, out["problems"], out["compressor-1b"], out["trm"], out["latent"])
+    return out
+
+
 @flow(name="latent")
 def latent_flow(cfg: PipelineConfig) -> Manifests:
     """Everything up to the TRM (cached), then the projection trained on answer likelihood."""
@@ -29,6 +35,4 @@ def latent_flow(cfg: PipelineConfig) -> Manifests:
 def evaluate_flow(cfg: PipelineConfig) -> Manifests:
     """End-task accuracy of no-think, think, TRM-latent, random-latent and original-style arms."""
     with core_logs_to_prefect():
-        out = through_latent(cfg)
-        out["evaluate"] = evaluate_task(cfg, out["problems"], out["compressor-1b"], out["trm"], out["latent"])
-    return out
+        return through_evaluate(cfg)

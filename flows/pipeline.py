@@ -5,9 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.chain import Manifests
-from flows.latent import through_latent
+from flows.latent import through_evaluate
 from llm_trm_core.config import PipelineConfig
-from tasks.latent import evaluate_task
 from tasks.logs import core_logs_to_prefect
 
 
@@ -15,6 +14,4 @@ from tasks.logs import core_logs_to_prefect
 def pipeline(cfg: PipelineConfig) -> Manifests:
     """problems -> 1a -> datagen -> 1b -> pairs -> trm -> latent -> evaluate, each cached by its store key."""
     with core_logs_to_prefect():
-        out = through_latent(cfg)
-        out["evaluate"] = evaluate_task(cfg, out["problems"], out["compressor-1b"], out["trm"], out["latent"])
-    return out
+        return through_evaluate(cfg)
