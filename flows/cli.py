@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llm_trm_core.config import PRESETS, PipelineConfig, load_config
-from llm_trm_core.errors import UserError
+from llm_trm_core.errors import TransientError, UserError
 from llm_trm_core.reporting import comparison_rows, flatten, fmt
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -86,6 +86,9 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=2) from None
+    except TransientError as exc:
+        err_console.print(f"[bold red]error (still failing after retries):[/] {exc}", highlight=False)
+        raise typer.Exit(code=1) from None
 
 
 def _print_manifests(results: dict[str, dict[str, Any]]) -> None:

@@ -115,12 +115,29 @@ class ArtifactStore:
     def uri(self, stage: str, key: str, *parts: str) -> str:
         return self.fs.unstrip_protocol(self.path(stage, key, *parts))
 
+    @contextmanager
+    def reachable(self) -> Iterator[None]:
+        """Turn storage/network failures (other than a missing file) into a TransientError naming the store."""
+        try:
+            yield
+        except (FileNotFoundError, ArtifactError):
+            raise
+        except PermissionError as exc:
+            raise ArtifactError(
+                f"no permission on the artifact store {self.root}: {exc}; check its credentials"
+            ) from exc
+        except OSError as exc:
+            raise TransientError(
+                f"cannot reach the artifact store {self.root}: {exc.__class__.__name__}: {exc}. Check the network, "
+                "the bucket name and credentials (or STORAGE_EMULATOR_HOST for a local emulator)."
+            ) from exc
+
     # -- reading -----------------------------------------------------------------------------
     def read_manifest(self, stage: str, key: str) -> Manifest | None:
         """The manifest if the artifact is committed, else None."""
         path = self.path(stage, key, MANIFEST_NAME)
         try:
-            with self.fs.open(path, "rb") as f:
+            with self.reachable(), self.fs.open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
@@ -133,7 +150,8 @@ class ArtifactStore:
             ) from exc
 
     def is_committed(self, stage: str, key: str) -> bool:
-        return self.fs.exists(self.path(stage, key, MANIFEST_NAME))
+        with self.reachable():
+            return bool(self.fs.exists(self.path(stage, key, MANIFEST_NAME)))
 
     def open(self, stage: str, key: str, verify: Literal["size", "sha256"] = "size") -> Artifact:
         """A committed artifact, checked against its manifest.

@@ -151,3 +151,28 @@ def test_sigkill_mid_artifact_leaves_no_manifest_and_rerun_commits(backend: str,
     assert art.manifest.files["second.bin"].size == 8 * 256 * 1024
     names = [p.rsplit("/", 1)[-1] for p in store.fs.find(store.path("demo", "k"))]
     assert not any(TMP_MARKER in n for n in names), names
+
+
+def test_storage_failures_become_clear_transient_errors(monkeypatch) -> None:
+    from llm_trm_core.errors import TransientError
+    from tasks.retry import is_transient
+
+    store = ArtifactStore("memory://unreachable")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(store.fs, "open", refuse)
+    monkeypatch.setattr(store.fs, "exists", refuse)
+    with pytest.raises(TransientError, match="cannot reach the artifact store memory:///unreachable") as info:
+        store.read_manifest("demo", "k")
+    assert is_transient(info.value)  # Prefect retries it
+    with pytest.raises(TransientError, match="STORAGE_EMULATOR_HOST"):
+        store.is_committed("demo", "k")
+
+    def forbid(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store.fs, "open", forbid)
+    with pytest.raises(ArtifactError, match="no permission on the artifact store"):
+        store.read_manifest("demo", "k")
