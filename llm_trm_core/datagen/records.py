@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from llm_trm_core.arrow import float_rows, pair_schema, sequence_array, vector_array
@@ -96,7 +95,3 @@ def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
     flat = torch.from_numpy(float_rows(pre_col.values.values, dim))
     for i in range(table.num_rows):
         yield PairStates(ids[i], splits[i], flat[offsets[i] : offsets[i + 1]], post[i])
-
-
-def read_parquet(file: Any) -> pa.Table:
-    return pq.read_table(file)

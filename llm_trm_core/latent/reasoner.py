@@ -12,6 +12,7 @@ state after the end-of-thinking delimiter, which sets only the first answer toke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,7 +79,9 @@ class LatentReasoner:
     def device(self) -> torch.device:
         return next(self.lm.model.parameters()).device
 
-    def _shared_prefix(self) -> list[int]:
+    @functools.cached_property
+    def shared_prefix(self) -> list[int]:
+        """Token prefix common to every no-think prompt (the system block), computed once."""
         tok = self.lm.tokenizer
         a = tok(self.lm.chat.prompt("0", enable_thinking=False), add_special_tokens=False).input_ids
         b = tok(self.lm.chat.prompt("1", enable_thinking=False), add_special_tokens=False).input_ids
@@ -89,7 +92,7 @@ class LatentReasoner:
     def encode_prompts(self, questions: list[str]) -> PromptBatch:
         """No-think prompts and their compressed pre states (positions before `<think>`, as in training)."""
         tok = self.lm.tokenizer
-        prefix = self._shared_prefix() if self.drop_system_prefix else []
+        prefix = self.shared_prefix if self.drop_system_prefix else []
         ids, starts, ends = [], [], []
         for question in questions:
             prompt = self.lm.chat.prompt(question, enable_thinking=False)

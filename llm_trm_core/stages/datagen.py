@@ -155,8 +155,9 @@ def iter_shard_rows(
     store: ArtifactStore, files: Any, stage: str, key: str, check: bool = True
 ) -> Iterator[dict[str, Any]]:
     names = sorted(f for f in files if f.startswith("rows/"))
+    artifact = store.open(stage, key) if check else None  # verified once, not once per file
     for name in names:
-        path = store.open(stage, key).path(name) if check else store.path(stage, key, name)
+        path = artifact.path(name) if artifact is not None else store.path(stage, key, name)
         with store.fs.open(path, "rb") as f:
             yield from pq.read_table(f).to_pylist()
 

@@ -16,6 +16,7 @@ prefix is context only), in the hidden-states format compressor 1b trains on.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from llm_trm_core.lm import load_language_model
 from llm_trm_core.stages.compressor import load_compressor, write_states_artifact
 from llm_trm_core.stages.datagen import iter_pair_states, iter_rows, shard_manifests
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
-from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.store import Artifact, ArtifactStore, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +58,14 @@ def _table(pairs: list[PairStates], schema: pa.Schema) -> pa.Table:
     return pairs_to_table(pairs, schema.field("post").type.list_size, dtype, schema=schema)
 
 
-def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[int, Any, dict[str, int]]:
-    """(hidden size, layer, system_prefix_len by id) of a datagen artifact."""
+def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[dict[str, Any], Any, dict[str, int]]:
+    """(model info, layer, system_prefix_len by id) of a datagen artifact."""
     shards = shard_manifests(store, datagen)
     if not shards:
         raise UserError(f"the datagen artifact {datagen.uri} has no shards")
-    model = shards[0].metrics["model"]
     layer = shards[0].config["compressor.layer"]
     prefix = {row["id"]: int(row["system_prefix_len"]) for row in iter_rows(store, datagen) if row["failure"] is None}
-    return int(model["hidden_size"]), layer, prefix
+    return dict(shards[0].metrics["model"]), layer, prefix
 
 
 def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, compressor: Manifest) -> Manifest:
@@ -74,7 +74,8 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
     if (manifest := store.read_manifest(STAGE, key)) is not None:
         return manifest
     start = time.perf_counter()
-    hidden_size, layer, prefix = _datagen_context(store, datagen)
+    model_info, layer, prefix = _datagen_context(store, datagen)
+    hidden_size = int(model_info["hidden_size"])
     model = load_compressor(store, compressor)
     if model.hidden_size != hidden_size:
         raise UserError(
@@ -88,7 +89,6 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
             "use the same compressor.layer for both"
         )
     p = cfg.pairs
-    model_info = shard_manifests(store, datagen)[0].metrics["model"]
     metadata = {
         "model": str(model_info["name"]),
         "revision": str(model_info.get("revision")),
@@ -153,17 +153,20 @@ class PairsReader:
     store: ArtifactStore
     manifest: Manifest
 
-    @property
+    @functools.cached_property
+    def artifact(self) -> Artifact:
+        return self.store.open(STAGE, self.manifest.key)  # verified once
+
+    @functools.cached_property
     def meta(self) -> dict[str, Any]:
-        return dict(json.loads(self.store.open(STAGE, self.manifest.key).read_bytes(META_FILE)))
+        return dict(json.loads(self.artifact.read_bytes(META_FILE)))
 
     def files(self, split: str) -> list[str]:
-        return [self.store.open(STAGE, self.manifest.key).file_uri(n) for n in self.meta["files"].get(split, [])]
+        return [self.artifact.file_uri(n) for n in self.meta["files"].get(split, [])]
 
     def iter_pairs(self, split: str) -> Iterator[PairStates]:
-        artifact = self.store.open(STAGE, self.manifest.key)
         for name in self.meta["files"].get(split, []):
-            with artifact.open(name) as f:
+            with self.artifact.open(name) as f:
                 yield from table_to_pairs(pq.read_table(f))
 
 

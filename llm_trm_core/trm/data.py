@@ -16,7 +16,6 @@ import torch
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import table_to_pairs
 from llm_trm_core.errors import UserError
-from llm_trm_core.stages.pairs import STAGE as PAIRS_STAGE
 from llm_trm_core.stages.pairs import PairsReader
 
 
@@ -46,7 +45,7 @@ class PairData:
     def __init__(self, reader: PairsReader) -> None:
         self.reader = reader
         self.meta = reader.meta
-        self.artifact = reader.store.open(PAIRS_STAGE, reader.manifest.key)
+        self.artifact = reader.artifact
         self.d_prime = int(self.meta["d_prime"])
 
     def count(self, split: str) -> int:
