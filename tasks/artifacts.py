@@ -6,8 +6,8 @@ import re
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from llm_trm_core.reporting import comparison_rows, flatten, fmt
-from llm_trm_core.store import Manifest
+from llm_trm_core.reporting import comparison_rows, flatten, fmt, png_markdown
+from llm_trm_core.store import ArtifactStore, Manifest
 
 
 def artifact_key(*parts: str) -> str:
@@ -38,3 +38,9 @@ def publish_manifest(manifest: Manifest, title: str, extra_markdown: str = "") -
         ),
         description=f"{manifest.stage} artifact",
     )
+
+
+def report_with_plot(store: ArtifactStore, manifest: Manifest, png: str, alt: str) -> str:
+    """The artifact's report.md followed by one of its PNG plots inline (renders in the Prefect UI)."""
+    artifact = store.open(manifest.stage, manifest.key)
+    return artifact.read_bytes("report.md").decode() + "\n\n" + png_markdown(artifact.read_bytes(png), alt)

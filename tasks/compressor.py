@@ -7,14 +7,11 @@ from typing import Any, Literal
 from prefect import task
 
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.reporting import png_markdown
 from llm_trm_core.stages.compressor import run_basis, run_compressor, run_corpus_hiddens
 from llm_trm_core.stages.sweep import run_sweep_report
 from llm_trm_core.store import ArtifactStore, Manifest
-from tasks.artifacts import publish_manifest
-from tasks.retry import retry_transient
-
-RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_transient}
+from tasks.artifacts import publish_manifest, report_with_plot
+from tasks.retry import RETRIES
 
 
 @task(name="hiddens", **RETRIES)
@@ -55,9 +52,5 @@ def compressor_task(
 def sweep_report_task(cfg: PipelineConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
     store = ArtifactStore(cfg.store.root)
     manifest = run_sweep_report(cfg, store, [Manifest.model_validate(p) for p in points])
-    artifact = store.open(manifest.stage, manifest.key)
-    report = artifact.read_bytes("report.md").decode()
-    publish_manifest(
-        manifest, "Compressor sweep", report + "\n\n" + png_markdown(artifact.read_bytes("plot.png"), "sweep")
-    )
+    publish_manifest(manifest, "Compressor sweep", report_with_plot(store, manifest, "plot.png", "sweep"))
     return manifest.model_dump(mode="json")

@@ -7,12 +7,11 @@ from typing import Any
 from prefect import task
 
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.reporting import png_markdown
 from llm_trm_core.stages.datagen import ShardSpec, run_datagen_report, run_datagen_shard
 from llm_trm_core.stages.pairs import run_pairs, run_trace_hiddens
 from llm_trm_core.store import ArtifactStore, Manifest
-from tasks.artifacts import artifact_key, publish_manifest
-from tasks.compressor import RETRIES
+from tasks.artifacts import artifact_key, publish_manifest, report_with_plot
+from tasks.retry import RETRIES
 
 
 @task(name="datagen-shard", task_run_name="datagen-shard-{index}", **RETRIES)
@@ -32,12 +31,7 @@ def datagen_report_task(cfg: PipelineConfig, problems: dict[str, Any], shards: l
     manifest = run_datagen_report(
         cfg, store, Manifest.model_validate(problems), [Manifest.model_validate(s) for s in shards]
     )
-    artifact = store.open(manifest.stage, manifest.key)
-    body = (
-        artifact.read_bytes("report.md").decode()
-        + "\n\n"
-        + png_markdown(artifact.read_bytes("think_length.png"), "thinking length")
-    )
+    body = report_with_plot(store, manifest, "think_length.png", "thinking length")
     publish_manifest(manifest, "Thinking generation", body)
     return manifest.model_dump(mode="json")
 

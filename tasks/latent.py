@@ -8,12 +8,12 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.reporting import fmt, png_markdown
+from llm_trm_core.reporting import fmt
 from llm_trm_core.stages.evaluate import COLUMNS, run_evaluate
 from llm_trm_core.stages.latent import run_latent
 from llm_trm_core.store import ArtifactStore, Manifest
-from tasks.artifacts import publish_manifest
-from tasks.compressor import RETRIES
+from tasks.artifacts import publish_manifest, report_with_plot
+from tasks.retry import RETRIES
 
 
 @task(name="latent", **RETRIES)
@@ -42,11 +42,5 @@ def evaluate_task(
         table=[{c: fmt(row.get(c)) for c in COLUMNS} for row in manifest.metrics["rows"]],
         description=f"End-task accuracy on {manifest.metrics['n']} held-out test problems (95% bootstrap CIs)",
     )
-    artifact = store.open(manifest.stage, manifest.key)
-    body = (
-        artifact.read_bytes("report.md").decode()
-        + "\n\n"
-        + png_markdown(artifact.read_bytes("accuracy.png"), "accuracy")
-    )
-    publish_manifest(manifest, "End-task evaluation", body)
+    publish_manifest(manifest, "End-task evaluation", report_with_plot(store, manifest, "accuracy.png", "accuracy"))
     return manifest.model_dump(mode="json")

@@ -10,10 +10,10 @@ from llm_trm_core.config import PipelineConfig
 from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.store import ArtifactStore
 from tasks.artifacts import publish_manifest
-from tasks.retry import retry_transient
+from tasks.retry import RETRIES
 
 
-@task(name="problems", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+@task(name="problems", **RETRIES)
 def problems_task(cfg: PipelineConfig) -> dict[str, Any]:
     manifest = run_problems(cfg, ArtifactStore(cfg.store.root))
     publish_manifest(manifest, title="Problem set")

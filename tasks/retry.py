@@ -22,3 +22,7 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except BaseException as exc:  # the state's exception is re-raised by result()
         return is_transient(exc)
     return False
+
+
+# Options of every stage task: two retries, for transient failures only.
+RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_transient}
