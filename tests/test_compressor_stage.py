@@ -17,6 +17,7 @@ import llm_trm_core.stages.compressor as stage
 from llm_trm_core.config import load_config
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import FAULT_ENV
+from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.stages.compressor import (
     load_compressor,
     run_basis,
@@ -184,7 +185,10 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     a = load_compressor(one, one.read_manifest("compressor", single["key"]))
     b = load_compressor(two, two.read_manifest("compressor", double["key"]))
     torch.testing.assert_close(a.weight, b.weight, atol=1e-5, rtol=1e-4)
-    assert not torch.equal(a.weight, load_compressor(one, one.read_manifest("compressor", single["key"])).weight * 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the seeded orthogonal init both runs started from
+        init = LinearCompressor(64, 16)
+    assert not torch.allclose(a.weight, init.weight, atol=1e-3)  # training moved the weights: the match is not trivial
 
 
 def test_wandb_offline_tracking_writes_a_local_run(tmp_path: Path, monkeypatch) -> None:
