@@ -47,11 +47,6 @@ OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="Dotted config overrides, e.g. compressor.d_prime=128 runtime.seed=1.")
 ]
 
-# Which issue brings each stage that is not built yet.
-PENDING_STAGES: dict[str, str] = {
-    "grpo": "stage 3 (GRPO)",
-}
-
 
 def _prepare_environment() -> None:
     """Defaults that make Prefect and gcsfs behave on a fresh machine (set before they are imported)."""
@@ -134,9 +129,44 @@ def pipeline(preset: PresetOption = "local", store: StoreOption = None, override
     from flows.pipeline import pipeline as pipeline_flow
 
     results = _run_guarded(lambda: pipeline_flow(cfg))
-    _print_manifests({k: v for k, v in results.items() if k != "evaluate"})
-    if "evaluate" in results:
-        _print_evaluation(results["evaluate"])
+    _print_manifests({k: v for k, v in results.items() if not k.startswith(("evaluate", "grpo"))})
+    _print_grpo(results)
+
+
+@app.command()
+def grpo(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+    """Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after."""
+    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    from flows.grpo import grpo_flow
+
+    _print_grpo(_run_guarded(lambda: grpo_flow(cfg)))
+
+
+def _print_grpo(results: dict[str, Any]) -> None:
+    manifest, metrics = results["grpo"], results["grpo"]["metrics"]
+    console.print(f"[bold]grpo[/]  key={manifest['key']}", highlight=False)
+    console.print(f"  uri: {manifest['uri']}  (report.md, rewards.png, history.json)", highlight=False, soft_wrap=True)
+    console.print(
+        f"  {len(metrics['history'])} steps; reward rate {fmt(metrics['reward_rate'])} (first quarter "
+        f"{fmt(metrics['reward_first_quarter'])}, last quarter {fmt(metrics['reward_last_quarter'])}); "
+        f"{fmt(metrics['skipped_fraction'])} of groups skipped (no reward variance); resumed from "
+        f"{metrics['resumed_from']}",
+        highlight=False,
+    )
+    _print_change(f"held-out {metrics['problem_source']} problems, greedy", metrics["heldout"])
+    _print_evaluation(results["evaluate-before"])
+    _print_evaluation(results["evaluate"])
+    _print_change("end-task accuracy before vs after GRPO", results["evaluate"]["metrics"]["before_after"])
+
+
+def _print_change(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    columns = ["arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for row in rows:
+        table.add_row(*(fmt(row.get(c)) for c in columns))
+    console.print(table)
 
 
 @app.command()
@@ -226,7 +256,10 @@ def evaluate(preset: PresetOption = "local", store: StoreOption = None, override
 def _print_evaluation(manifest: dict[str, Any]) -> None:
     console.print(f"[bold]evaluate[/]  key={manifest['key']}", highlight=False)
     console.print(f"  uri: {manifest['uri']}  (report.md, accuracy.png, answers.json)", highlight=False, soft_wrap=True)
-    table = Table(title=f"end-task accuracy, {manifest['metrics']['n']} held-out test problems", title_justify="left")
+    title = (
+        f"end-task accuracy ({manifest['metrics'].get('policy', 'before GRPO')}), {manifest['metrics']['n']} held-out"
+    )
+    table = Table(title=f"{title} test problems", title_justify="left")
     columns = ["arm", "accuracy", "ci_low", "ci_high", "accuracy_strict", "tokens_per_answer", "seconds_per_answer"]
     for column in columns:
         table.add_column(column, justify="left" if column == "arm" else "right")
@@ -253,24 +286,6 @@ def sweep(preset: PresetOption = "local", store: StoreOption = None, overrides: 
     for row in report["metrics"]["rows"]:
         table.add_row(*(fmt(row.get(c)) for c in columns))
     console.print(table)
-
-
-def _pending(stage: str) -> Callable[..., None]:
-    def command(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-        _run_guarded(lambda: resolve(preset, store, overrides))  # still validate what was typed
-        err_console.print(
-            f"[bold yellow]not built yet:[/] `llm-trm {stage}` arrives with {PENDING_STAGES[stage]}. "
-            "`llm-trm pipeline` runs every stage that exists today.",
-            highlight=False,
-        )
-        raise typer.Exit(code=2)
-
-    command.__doc__ = f"{PENDING_STAGES[stage].capitalize()}: not built yet."
-    return command
-
-
-for _stage in PENDING_STAGES:
-    app.command(name=_stage)(_pending(_stage))
 
 
 def main() -> None:

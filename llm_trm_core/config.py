@@ -94,14 +94,17 @@ class ModelConfig(Section):
 class ProblemsConfig(Section):
     """GSM8K-format problems with a deterministic split by problem id."""
 
-    source: Literal["gsm8k", "gsm_symbolic"] = Field(
+    source: Literal["gsm8k", "gsm_symbolic", "arithmetic"] = Field(
         "gsm_symbolic",
-        description="gsm8k: openai/gsm8k from the hub (cloud); gsm_symbolic: generated offline by reasoning-gym.",
+        description="gsm8k: openai/gsm8k from the hub (cloud); gsm_symbolic: GSM8K-style problems generated offline "
+        "by reasoning-gym; arithmetic: reasoning-gym basic_arithmetic (an easier curriculum, e.g. for GRPO).",
     )
     hub_id: str = Field("openai/gsm8k", description="Dataset id for source=gsm8k.")
     hub_config: str = Field("main", description="Dataset config for source=gsm8k.")
     num_generated: int = Field(1000, ge=1, description="Pool size generated for source=gsm_symbolic.")
-    seed: int = Field(0, description="Generator seed for source=gsm_symbolic.")
+    seed: int = Field(0, description="Generator seed for the offline sources.")
+    arithmetic_terms: int = Field(2, ge=2, le=6, description="Terms per expression for source=arithmetic.")
+    arithmetic_digits: int = Field(1, ge=1, le=6, description="Digits per term for source=arithmetic.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of non-test problems held out for validation.")
     test_fraction: float = Field(
         0.2,
@@ -313,8 +316,64 @@ class LatentConfig(Section):
 
 
 class GRPOConfig(Section):
-    group_size: int = Field(8, ge=2, description="G samples per prompt.")
-    beta: float = Field(0.0, ge=0.0, description="k3 KL coefficient to the reference policy.")
+    """Stage 3: GRPO on answer correctness. Policy = frozen LM + trainable TRM and projection (+ optional LoRA);
+    actions = answer tokens sampled after the injected latents; reference = the starting TRM and projection."""
+
+    problems: ProblemsConfig | None = Field(
+        None,
+        description="Problem set GRPO trains on (its train split) and checks before/after on (its test split); "
+        "unset = the pipeline's problems. An easier curriculum gives denser rewards to a small LM.",
+    )
+    steps: int = Field(20, ge=1, description="Optimizer steps (one rollout batch each).")
+    questions_per_step: int = Field(4, ge=1, description="Questions per rollout batch.")
+    group_size: int = Field(8, ge=2, description="G samples per question.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (log-probs use the same).")
+    max_completion_tokens: int = Field(32, ge=1, description="Answer budget of a sample.")
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="k3 KL coefficient to the reference policy (0 = off, as TRL).")
+    epsilon_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip of the ratio (1 - epsilon_low).")
+    epsilon_high: float | None = Field(
+        None, gt=0.0, description="Upper clip (1 + epsilon_high); unset = epsilon_low. DAPO's clip-higher: 0.28."
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
+        "dapo",
+        description="dapo: token-level (sum over all tokens / tokens); grpo: sequence-level (mean per sequence, then "
+        "mean); dr_grpo: sum / (sequences x max_completion_tokens).",
+    )
+    scale_rewards: Literal["none", "group", "batch"] = Field(
+        "none", description="Divide advantages by the group's (or batch's) reward std; none = Dr. GRPO."
+    )
+    updates_per_rollout: int = Field(
+        1, ge=1, description="Optimizer steps per rollout batch (mu); above 1 the ratio moves and clipping acts."
+    )
+    skip_zero_variance: bool = Field(True, description="Drop groups whose rewards are all equal (no signal).")
+    mask_truncated: bool = Field(False, description="Exclude samples that hit the answer budget from the loss.")
+    format_reward: float = Field(
+        0.0, ge=0.0, description="Weight of a reward for a strict `#### N` answer line (0 = correctness only)."
+    )
+    train_trm: bool = Field(True, description="Train the TRM (else only the projection).")
+    train_projector: bool = Field(True, description="Train the latent projection.")
+    lora_rank: int = Field(
+        0, ge=0, description="Train a fresh LoRA adapter on the LM too (the latent stage must have none); 0 = off."
+    )
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    eval_problems: int = Field(
+        64, ge=1, description="Held-out test problems of the GRPO problem set checked greedily before and after."
+    )
+    micro_batch: int = Field(
+        16, ge=1, description="Sequences per forward/backward chunk (memory only).", json_schema_extra=NOT_KEYED
+    )
+    checkpoint_every: int = Field(5, ge=1, description="Checkpoint every N steps.", json_schema_extra=NOT_KEYED)
+
+    @model_validator(mode="after")
+    def _trainable(self) -> GRPOConfig:
+        if not (self.train_trm or self.train_projector or self.lora_rank):
+            raise ValueError("grpo trains nothing: set grpo.train_trm, grpo.train_projector or grpo.lora_rank")
+        return self
 
 
 class EvaluateConfig(Section):

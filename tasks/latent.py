@@ -9,7 +9,7 @@ from prefect.artifacts import create_table_artifact
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.reporting import fmt
-from llm_trm_core.stages.evaluate import COLUMNS, run_evaluate
+from llm_trm_core.stages.evaluate import CHANGE_COLUMNS, COLUMNS, run_evaluate
 from llm_trm_core.stages.latent import run_latent
 from llm_trm_core.store import ArtifactStore, Manifest
 from tasks.artifacts import publish_manifest, report_with_plot
@@ -33,14 +33,29 @@ def evaluate_task(
     compressor: dict[str, Any],
     trm: dict[str, Any],
     latent: dict[str, Any],
+    grpo: dict[str, Any] | None = None,
+    before: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Without `grpo`: the policy of the latent stage (before GRPO). With `grpo` and `before`: after GRPO,
+    with a before/after table on the same problems."""
     store = ArtifactStore(cfg.store.root)
     p, c, t, lat = (Manifest.model_validate(x) for x in (problems, compressor, trm, latent))
-    manifest = run_evaluate(cfg, store, p, c, t, lat)
+    g = Manifest.model_validate(grpo) if grpo else None
+    b = Manifest.model_validate(before) if before else None
+    manifest = run_evaluate(cfg, store, p, c, t, lat, grpo=g, before=b)
+    when = "after-grpo" if g else "before-grpo"
     create_table_artifact(
-        key="evaluate-accuracy",
+        key=f"evaluate-accuracy-{when}",
         table=[{c: fmt(row.get(c)) for c in COLUMNS} for row in manifest.metrics["rows"]],
-        description=f"End-task accuracy on {manifest.metrics['n']} held-out test problems (95% bootstrap CIs)",
+        description=f"End-task accuracy ({when}) on {manifest.metrics['n']} held-out test problems (95% CIs)",
     )
-    publish_manifest(manifest, "End-task evaluation", report_with_plot(store, manifest, "accuracy.png", "accuracy"))
+    if manifest.metrics.get("before_after"):
+        create_table_artifact(
+            key="evaluate-before-after-grpo",
+            table=[{c: fmt(row.get(c)) for c in CHANGE_COLUMNS} for row in manifest.metrics["before_after"]],
+            description="End-task accuracy before vs after GRPO on the same problems (paired bootstrap CIs)",
+        )
+    publish_manifest(
+        manifest, f"End-task evaluation ({when})", report_with_plot(store, manifest, "accuracy.png", "accuracy")
+    )
     return manifest.model_dump(mode="json")

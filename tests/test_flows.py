@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import PENDING_STAGES, app
+from flows.cli import app
 from llm_trm_core.config import load_config
 from llm_trm_core.stages.problems import read_problems
 from llm_trm_core.store import ArtifactStore
@@ -28,16 +28,10 @@ def test_cli_rejects_bad_config_with_exit_code_2() -> None:
     assert "unknown key 'compressor.d_primee'" in result.output and "d_prime" in result.output
 
 
-@pytest.mark.parametrize("stage", sorted(PENDING_STAGES))
-def test_cli_stages_not_built_yet_say_so(stage: str) -> None:
-    result = runner.invoke(app, [stage, "--preset", "tiny"])
-    assert result.exit_code == 2
-    assert "not built yet" in result.output
-
-
 def test_cli_help_everywhere() -> None:
     assert runner.invoke(app, ["--help"]).exit_code == 0
-    for command in ["pipeline", "config", *PENDING_STAGES]:
+    commands = ["pipeline", "config", "compressor", "datagen", "pairs", "trm", "latent", "evaluate", "grpo", "sweep"]
+    for command in commands:
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "--preset" in result.output, command
 
@@ -60,8 +54,11 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
 
     assert list(first) == [
         "problems", "hiddens", "basis", "compressor-1a", "datagen", "trace-hiddens", "trace-basis", "compressor-1b",
-        "pairs", "trm", "latent", "evaluate",
+        "pairs", "trm", "latent", "evaluate-before", "grpo-problems", "grpo", "evaluate",
     ]  # fmt: skip
+    assert first["grpo"]["upstream"]["latent"] == first["latent"]["key"]
+    assert first["evaluate"]["upstream"]["grpo"] == first["grpo"]["key"]
+    assert first["evaluate"]["upstream"]["before"] == first["evaluate-before"]["key"]
     assert first["trm"]["upstream"] == {"pairs": first["pairs"]["key"]}
     assert first["compressor-1b"]["upstream"]["init"] == first["compressor-1a"]["key"]
     assert first["pairs"]["upstream"] == {
@@ -81,7 +78,8 @@ def test_pipeline_flow_commits_then_hits_the_cache_and_logs_to_prefect(tmp_path:
     assert any("committed" in log.message for log in core_logs), [log.message for log in logs]
     assert {a.key for a in artifacts} >= {
         "problems-metrics", "problems-artifact", "datagen-artifact", "pairs-metrics", "trm-report", "trm-comparison",
-        "latent-artifact", "evaluate-accuracy",
+        "latent-artifact", "evaluate-accuracy-before-grpo", "evaluate-accuracy-after-grpo",
+        "evaluate-before-after-grpo", "grpo-heldout-before-after", "grpo-steps", "grpo-artifact",
     }  # fmt: skip
 
 
@@ -95,6 +93,7 @@ def test_cli_pipeline_prints_key_uri_and_metrics(tmp_path: Path) -> None:
     assert f"uri: {root}/problems/" in result.output
     assert "n_train" in result.output
     assert "end-task accuracy" in result.output and "random_latent" in result.output
+    assert "before vs after GRPO" in result.output and "reward rate" in result.output
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -4,6 +4,8 @@
   into train / val by problem id.
 - `gsm_symbolic`: GSM8K-style problems generated offline by reasoning-gym, deterministic by seed;
   cut into train / val / test by problem id.
+- `arithmetic`: reasoning-gym `basic_arithmetic` expressions (terms x digits set the difficulty), the
+  same way: an easier curriculum where a small LM earns rewards often enough for GRPO.
 Ids are content hashes of the question, so duplicates collapse and a question never sits in two splits.
 Problems with an empty question or no parseable gold answer are rejected and counted, never used.
 """
@@ -103,10 +105,15 @@ def _build(rows: Iterable[tuple[str, str, Any]], prefix: str, split_of: Any, rej
 
 def load_problems(cfg: ProblemsConfig) -> ProblemSet:
     rejected: Counter[str] = Counter()
-    if cfg.source == "gsm_symbolic":
+    if cfg.source in ("gsm_symbolic", "arithmetic"):
+        rows = (
+            _gsm_symbolic_rows(cfg.num_generated, cfg.seed)
+            if cfg.source == "gsm_symbolic"
+            else _arithmetic_rows(cfg.num_generated, cfg.seed, cfg.arithmetic_terms, cfg.arithmetic_digits)
+        )
         problems = _build(
-            _gsm_symbolic_rows(cfg.num_generated, cfg.seed),
-            "gsm_symbolic",
+            rows,
+            cfg.source,
             lambda id_: _assign_split(id_, cfg.test_fraction, cfg.val_fraction),
             rejected,
         )
@@ -129,12 +136,25 @@ def load_problems(cfg: ProblemsConfig) -> ProblemSet:
     return ProblemSet(problems, dict(rejected))
 
 
-def _gsm_symbolic_rows(size: int, seed: int) -> Iterable[tuple[str, str, Any]]:
+def _reasoning_gym(name: str, **kwargs: Any) -> Any:
     with warnings.catch_warnings():  # a reasoning-gym dependency emits SyntaxWarnings on first import
         warnings.simplefilter("ignore", SyntaxWarning)
         import reasoning_gym
 
-    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+    return reasoning_gym.create_dataset(name, **kwargs)
+
+
+def _arithmetic_rows(size: int, seed: int, terms: int, digits: int) -> Iterable[tuple[str, str, Any]]:
+    dataset = _reasoning_gym(
+        "basic_arithmetic", size=size, seed=seed, min_terms=terms, max_terms=terms, min_digits=1, max_digits=digits
+    )
+    for item in dataset:
+        answer = str(item.get("answer", ""))
+        yield item.get("question", ""), f"#### {answer}", parse_gold(f"#### {answer}")
+
+
+def _gsm_symbolic_rows(size: int, seed: int) -> Iterable[tuple[str, str, Any]]:
+    dataset = _reasoning_gym("gsm_symbolic", size=size, seed=seed)
     for item in dataset:
         meta = item.get("metadata", {})
         yield (

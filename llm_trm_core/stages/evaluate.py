@@ -8,10 +8,15 @@ Arms (greedy decoding, same answer budget):
 - original_style: the decompressed TRM output replaces the state at `</think>` (sets the first answer token).
 Accuracy = exact numeric match (answer module), with a 95% bootstrap interval over problems; also strict
 (`#### N`) accuracy, generated tokens and wall time per answer.
+
+After GRPO, the same stage runs with the GRPO weights and the evaluation made before GRPO: the LM-only
+arms (no_think, think) are taken from it when GRPO left the LM untouched (no LoRA), and the report adds
+a before/after table with paired bootstrap intervals of the change, problem by problem.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,9 +44,11 @@ logger = logging.getLogger(__name__)
 STAGE = "evaluate"
 ARMS = ("no_think", "think", "trm_latent", "random_latent", "original_style")
 COLUMNS = ("arm", "accuracy", "ci_low", "ci_high", "accuracy_strict", "tokens_per_answer", "seconds_per_answer", "n")
+CHANGE_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
+LM_ONLY_ARMS = ("no_think", "think")
 
 
-def bootstrap_ci(correct: Sequence[bool], reps: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(correct: Sequence[float], reps: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over problems."""
     values = np.asarray(correct, dtype=np.float64)
     if values.size == 0:
@@ -108,22 +115,48 @@ def run_evaluate(
     trm: Manifest,
     latent: Manifest,
     reasoner: LatentReasoner | None = None,
+    grpo: Manifest | None = None,
+    before: Manifest | None = None,
 ) -> Manifest:
+    """`grpo`: evaluate the GRPO-trained policy; `before`: the evaluation of the same problems before GRPO."""
     upstream = {"problems": problems.key, "compressor": compressor.key, "trm": trm.key, "latent": latent.key}
+    if grpo is not None:
+        upstream["grpo"] = grpo.key
+    if before is not None:
+        upstream["before"] = before.key
     key = key_for(cfg, STAGE, upstream)
     if (manifest := store.read_manifest(STAGE, key)) is not None:
         return manifest
-    check_lineage(trm, compressor, store)
-    if latent.upstream.get("trm") != trm.key:
-        raise UserError(
-            f"the latent artifact {latent.uri} was trained for TRM {latent.upstream.get('trm')}, not {trm.key}"
-        )
+    check_lineage(trm, compressor, store, latent)
     ev = cfg.evaluate
     test = read_problems(store, problems).split("test")[: ev.num_problems]
     if not test:
         raise UserError("the problem set has no test problems to evaluate")
+    if grpo is not None and grpo.upstream.get("latent") != latent.key:
+        raise UserError(
+            f"the GRPO artifact {grpo.uri} started from latent {grpo.upstream.get('latent')}, not {latent.key}"
+        )
+    if before is not None and (before.upstream.get("problems") != problems.key or "grpo" in before.upstream):
+        raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
     reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
+    if grpo is not None:
+        from llm_trm_core.stages.grpo import load_grpo
+
+        reasoner = load_grpo(store, grpo, reasoner)
     reasoner.trm.eval()
+    previous: dict[str, list[dict[str, Any]]] = {}
+    if before is not None:
+        previous = json.loads(store.open(STAGE, before.key).read_bytes("answers.json"))
+        if [r["id"] for r in previous["no_think"]] != [p.id for p in test]:
+            raise UserError(
+                f"the 'before' evaluation {before.uri} covers other problems; evaluate.num_problems changed"
+            )
+    reused = (
+        set(LM_ONLY_ARMS)
+        if before is not None
+        and (grpo is None or "lora.safetensors" not in store.open("grpo", grpo.key).manifest.files)
+        else set()
+    )
     tok = reasoner.lm.tokenizer
     think_budget = (ev.think_tokens or cfg.datagen.max_new_tokens) + ev.max_answer_tokens
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
@@ -134,11 +167,11 @@ def run_evaluate(
         "random_latent": lambda qs: reasoner.generate(qs, "random_latent", ev.max_answer_tokens, generator),
         "original_style": lambda qs: reasoner.generate_original_style(qs, ev.max_answer_tokens),
     }
-    results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    results: dict[str, list[dict[str, Any]]] = {arm: list(previous[arm]) if arm in reused else [] for arm in ARMS}
     for start in range(0, len(test), ev.batch_size):
         batch = test[start : start + ev.batch_size]
         questions = [p.question for p in batch]
-        for arm in ARMS:
+        for arm in (a for a in ARMS if a not in reused):
             began = time.perf_counter()
             answers = runners[arm](questions)
             seconds = (time.perf_counter() - began) / len(batch)
@@ -151,16 +184,55 @@ def run_evaluate(
                 )  # fmt: skip
         logger.info("evaluated %d/%d problems", min(start + ev.batch_size, len(test)), len(test))
     rows = [summarize_arm(arm, results[arm], ev.bootstrap, cfg.runtime.seed) for arm in ARMS]
+    title = "after GRPO" if grpo is not None else "before GRPO"
     report = (
-        f"# End-task accuracy on {len(test)} held-out test problems\n\n"
+        f"# End-task accuracy on {len(test)} held-out test problems ({title})\n\n"
         + markdown_table(rows, COLUMNS)
         + "\n\nAccuracy = exact numeric match of the extracted answer; "
-        "95% percentile bootstrap interval over problems.\n"
+        "95% percentile bootstrap interval over problems."
+        + (
+            f" Reused from the evaluation before GRPO (LM unchanged): {', '.join(sorted(reused))}.\n"
+            if reused
+            else "\n"
+        )
     )
+    change_rows = change_table(previous, results, ev.bootstrap, cfg.runtime.seed) if previous else []
+    if change_rows:
+        report += (
+            "\n## Before vs after GRPO (same problems)\n\n"
+            + markdown_table(change_rows, CHANGE_COLUMNS)
+            + "\n\nchange_ci = 95% paired bootstrap interval of (after - before), resampling problems.\n"
+        )
     with store.writer(
         STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
     ) as w:
         w.write_json("answers.json", results)
         w.write_bytes("report.md", report.encode())
         w.write_bytes("accuracy.png", _plot(rows))
-        return w.commit({"rows": rows, "arms": {r["arm"]: r for r in rows}, "n": len(test)})
+        return w.commit(
+            {
+                "rows": rows,
+                "arms": {r["arm"]: r for r in rows},
+                "n": len(test),
+                "policy": title,
+                "before_after": change_rows,
+                "reused_arms": sorted(reused),
+            }
+        )
+
+
+def change_table(
+    before: dict[str, list[dict[str, Any]]], after: dict[str, list[dict[str, Any]]], reps: int, seed: int
+) -> list[dict[str, Any]]:
+    """Per arm: accuracy before, after, and a paired bootstrap interval of the change over the same problems."""
+    rows = []
+    for arm in ARMS:
+        old = [float(r["correct"]) for r in before[arm]]
+        new = [float(r["correct"]) for r in after[arm]]
+        low, high = bootstrap_ci([b - a for a, b in zip(old, new, strict=True)], reps, seed)
+        rows.append(
+            {"arm": arm, "before": float(np.mean(old)), "after": float(np.mean(new)),
+             "change": float(np.mean(new) - np.mean(old)), "change_ci_low": low, "change_ci_high": high,
+             "n": len(new)}
+        )  # fmt: skip
+    return rows

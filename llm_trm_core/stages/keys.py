@@ -26,6 +26,7 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
     "trm": "2",
     "latent": "1",
     "evaluate": "1",
+    "grpo": "1",
 }
 
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.
@@ -41,6 +42,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pairs": ("pairs",),
     "trm": ("trm", "runtime.seed", "runtime.device"),
     "latent": ("latent", "model", "runtime.seed", "compressor.layer", "pairs.pre_positions", "trm.n_supervision"),
+    "grpo": ("grpo", "model", "runtime.seed", "compressor.layer", "pairs.pre_positions", "trm.n_supervision"),
     "evaluate": (
         "evaluate",
         "model",

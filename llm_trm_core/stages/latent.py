@@ -45,8 +45,12 @@ def answer_text(value: float) -> str:
     return f"#### {int(value) if float(value).is_integer() else value}"
 
 
-def check_lineage(trm: Manifest, compressor: Manifest, store: ArtifactStore) -> None:
-    """The TRM must have been trained on pairs made with this compressor."""
+def check_lineage(trm: Manifest, compressor: Manifest, store: ArtifactStore, latent: Manifest | None = None) -> None:
+    """The TRM must have been trained on pairs made with this compressor (and the latent stage for this TRM)."""
+    if latent is not None and latent.upstream.get("trm") != trm.key:
+        raise UserError(
+            f"the latent artifact {latent.uri} was trained for TRM {latent.upstream.get('trm')}, not {trm.key}"
+        )
     pairs = store.read_manifest("pairs", trm.upstream.get("pairs", ""))
     if pairs is None or pairs.upstream.get("compressor") != compressor.key:
         raise UserError(

@@ -1,0 +1,45 @@
+"""Reward functions with TRL's signature: `reward(completions, **kwargs) -> list[float | None]`.
+
+`completions` are the decoded answers; dataset columns arrive as keyword lists aligned with them
+(here `answer_value`, the gold number). Grading is the shared answer module's (DESIGN §5), so rewards,
+datagen accuracy and evaluation agree on what counts as correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from llm_trm_core.data.answers import extract_strict, grade
+
+RewardFunction = Callable[..., list[float | None]]  # (completions, **columns) -> one float (or None) each
+
+
+def correctness_reward(completions: Sequence[str], answer_value: Sequence[float], **_: Any) -> list[float | None]:
+    """1.0 when the extracted answer equals the gold number (numeric comparison), else 0.0."""
+    return [float(grade(text, gold).numeric) for text, gold in zip(completions, answer_value, strict=True)]
+
+
+def format_reward(completions: Sequence[str], **_: Any) -> list[float | None]:
+    """1.0 for a strict `#### N` answer line (whatever the number), else 0.0."""
+    return [float(extract_strict(text) is not None) for text in completions]
+
+
+def combined_rewards(
+    functions: Sequence[tuple[RewardFunction, float]], completions: Sequence[str], **columns: Any
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Weighted sum of several reward functions; `None` (not applicable) counts as 0. Returns the total
+    per completion and each function's raw values (for logging)."""
+    total = [0.0] * len(completions)
+    parts: dict[str, list[float]] = {}
+    for function, weight in functions:
+        values = [0.0 if v is None else float(v) for v in function(completions, **columns)]
+        if len(values) != len(completions):
+            raise ValueError(f"reward {reward_name(function)} returned {len(values)} values for {len(completions)}")
+        parts[reward_name(function)] = values
+        total = [t + weight * v for t, v in zip(total, values, strict=True)]
+    return total, parts
+
+
+def reward_name(function: RewardFunction) -> str:
+    return str(getattr(function, "__name__", type(function).__name__))

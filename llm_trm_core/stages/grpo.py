@@ -1,0 +1,333 @@
+"""Stage `grpo`: GRPO on answer correctness for the latent policy (frozen LM + TRM + projection).
+
+Starts from the latent stage's policy; the reference policy is that starting point, frozen. Trains on the
+train split of `grpo.problems` (default: the pipeline's problems) and checks greedy accuracy before and
+after on its test split, beside the no-latent LM on the same problems. Checkpoints every
+`grpo.checkpoint_every` steps; a killed run resumes from the newest one and ends identical to an
+uninterrupted run (every random draw is seeded by step). The artifact holds the trained weights, the
+per-step metrics (also in the manifest), a reward-curve plot and a before/after report.
+
+    python -m llm_trm_core.stages.grpo --preset tiny --store URI [key=value ...]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.data.answers import grade
+from llm_trm_core.data.problems import Problem
+from llm_trm_core.errors import UserError
+from llm_trm_core.grpo.learner import GRPOLearner
+from llm_trm_core.grpo.rewards import RewardFunction, correctness_reward, format_reward, reward_name
+from llm_trm_core.latent.reasoner import Arm, LatentReasoner
+from llm_trm_core.reporting import markdown_table, png_bytes
+from llm_trm_core.stages.evaluate import bootstrap_ci
+from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.stages.latent import add_lora, build_reasoner, check_lineage, load_latent
+from llm_trm_core.stages.problems import read_problems
+from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.tracking import Tracker
+from llm_trm_core.training.checkpoints import CheckpointManager
+from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+STAGE = "grpo"
+CHECK_ARMS: tuple[Arm, ...] = ("no_latent", "trm_latent")
+CHECK_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
+
+
+def grpo_problem_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The config whose `problems` section is the set GRPO trains on."""
+    if cfg.grpo.problems is None:
+        return cfg
+    return cfg.model_copy(update={"problems": cfg.grpo.problems})
+
+
+def step_problems(train: Sequence[Problem], step: int, size: int, seed: int) -> list[Problem]:
+    """The questions of optimizer step `step`: consecutive slices of per-epoch seeded permutations."""
+    out: list[Problem] = []
+    position = step * size
+    while len(out) < size:
+        epoch, offset = divmod(position, len(train))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(train[int(order[offset])])
+        position += 1
+    return out
+
+
+def greedy_accuracy(
+    reasoner: LatentReasoner, problems: Sequence[Problem], arm: Arm, max_new_tokens: int, batch_size: int
+) -> list[bool]:
+    tok = reasoner.lm.tokenizer
+    correct: list[bool] = []
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start : start + batch_size]
+        answers = reasoner.generate([p.question for p in batch], arm, max_new_tokens)
+        correct += [
+            grade(str(tok.decode(ids, skip_special_tokens=True)), p.answer_value).numeric
+            for p, ids in zip(batch, answers, strict=True)
+        ]
+    return correct
+
+
+def paired_change_ci(before: Sequence[bool], after: Sequence[bool], reps: int, seed: int) -> tuple[float, float]:
+    """Bootstrap interval of (after - before) accuracy, resampling problems (paired)."""
+    return bootstrap_ci([float(b) - float(a) for a, b in zip(before, after, strict=True)], reps, seed)
+
+
+def load_grpo(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner) -> LatentReasoner:
+    """Overlay a GRPO artifact's weights on a reasoner already loaded with its latent artifact."""
+    artifact = store.open(manifest.stage, manifest.key)
+    files = artifact.manifest.files
+    if "lora.safetensors" in files:
+        from peft import set_peft_model_state_dict
+
+        lora = json.loads(artifact.read_bytes("lora.json"))
+        add_lora(reasoner, lora["rank"], lora["alpha"], lora["targets"])
+        set_peft_model_state_dict(reasoner.lm.model, load_safetensors(artifact.read_bytes("lora.safetensors")))
+    if "projector.safetensors" in files:
+        reasoner.projector.load_state_dict(load_safetensors(artifact.read_bytes("projector.safetensors")))
+    if "trm.safetensors" in files:
+        reasoner.trm.load_state_dict(load_safetensors(artifact.read_bytes("trm.safetensors")))
+    return reasoner
+
+
+def _plot(history: list[dict[str, Any]]) -> bytes:
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    reward = np.asarray([h["reward_mean"] for h in history])
+    window = max(1, min(5, len(reward)))
+    smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
+    axes[0].plot(steps, reward, ".", alpha=0.5, label="reward (batch mean)")
+    axes[0].plot(steps[window - 1 :], smooth, "-", label=f"moving mean ({window})")
+    axes[0].plot(steps, [h["accuracy"] or 0.0 for h in history], "-", alpha=0.6, label="accuracy")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("reward")
+    axes[1].plot(steps, [h["kl"] for h in history], label="KL to reference (k3)")
+    axes[1].plot(steps, [h["clip_fraction"] for h in history], label="clip fraction")
+    axes[1].plot(steps, [h["skipped_fraction"] for h in history], label="skipped groups")
+    axes[1].legend(fontsize=7)
+    axes[1].set_xlabel("step")
+    axes[2].plot(steps, [h["entropy"] for h in history], label="entropy (nats/token)")
+    axes[2].plot(steps, [h["completion_length"] / 10 for h in history], label="answer length / 10")
+    axes[2].legend(fontsize=7)
+    axes[2].set_xlabel("step")
+    png = png_bytes(fig)
+    plt.close(fig)
+    return png
+
+
+def run_grpo(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    problems: Manifest,
+    compressor: Manifest,
+    trm: Manifest,
+    latent: Manifest,
+    rewards: Sequence[tuple[RewardFunction, float]] | None = None,
+) -> Manifest:
+    """`problems` is the GRPO problem set (see grpo_problem_config). `rewards` replaces the configured
+    reward functions (tests); the default is correctness (+ grpo.format_reward x format)."""
+    g = cfg.grpo
+    reward_functions: list[tuple[RewardFunction, float]] = list(
+        rewards or [(correctness_reward, 1.0), *([(format_reward, g.format_reward)] if g.format_reward else [])]
+    )
+    extra = {"rewards": [[reward_name(f), w] for f, w in reward_functions]}
+    upstream = {"problems": problems.key, "compressor": compressor.key, "trm": trm.key, "latent": latent.key}
+    key = key_for(cfg, STAGE, upstream, extra)
+    if (manifest := store.read_manifest(STAGE, key)) is not None:
+        return manifest
+    check_lineage(trm, compressor, store, latent)
+    started = time.perf_counter()
+    problem_set = read_problems(store, problems)
+    train, test = problem_set.split("train"), problem_set.split("test")[: g.eval_problems]
+    if not train or not test:
+        raise UserError(
+            f"the GRPO problem set has no train or test problems ({problem_set.counts()}); "
+            "raise grpo.problems.num_generated"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.runtime.seed)
+        policy = load_latent(store, latent, build_reasoner(cfg, store, compressor, trm))
+    if g.lora_rank and "lora.safetensors" in store.open(latent.stage, latent.key).manifest.files:
+        raise UserError(
+            "grpo.lora_rank > 0 needs a latent stage without LoRA (the reference policy is the LM with adapters "
+            "off); set latent.lora_rank=0 or grpo.lora_rank=0"
+        )
+    reference = LatentReasoner(
+        policy.lm, policy.compressor, copy.deepcopy(policy.trm).requires_grad_(False),
+        copy.deepcopy(policy.projector).requires_grad_(False), policy.layer_index, policy.n_steps,
+        policy.drop_system_prefix,
+    )  # fmt: skip
+    policy.trm.train(False).requires_grad_(g.train_trm)
+    policy.trm.halt_head.requires_grad_(False)  # the policy runs every supervision step: halting is unused
+    policy.projector.requires_grad_(g.train_projector)
+    params = [p for p in (*policy.trm.parameters(), *policy.projector.parameters()) if p.requires_grad]
+    lora_params = add_lora(policy, g.lora_rank, g.lora_alpha, g.lora_targets) if g.lora_rank else []
+    params += lora_params
+    lora_names = {id(p): n for n, p in policy.lm.model.named_parameters() if "lora_" in n}
+    optimizer = torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
+    scheduler = make_scheduler(optimizer, lr_multiplier("constant", g.steps, g.warmup_steps))
+    learner = GRPOLearner(
+        policy, reference, g, params, optimizer, scheduler, reward_functions, cfg.runtime.seed,
+        reference_adapters_off=bool(lora_params),
+    )  # fmt: skip
+    checkpoints = CheckpointManager(store, STAGE, key)
+    progress: dict[str, Any] = {"step": 0, "history": [], "before": None}
+    resumed_from = None
+    if (latest := checkpoints.load_latest()) is not None:
+        resumed_from, saved = latest
+        checkpoints.restore(policy.trm, saved["trm"], resumed_from)
+        checkpoints.restore(policy.projector, saved["projector"], resumed_from)
+        if lora_params:
+            policy.lm.model.load_state_dict(saved["lora"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress = saved["progress"]
+    batch_size = max(1, g.micro_batch // 2)
+    if progress["before"] is None:
+        with torch.no_grad():
+            before = {
+                arm: greedy_accuracy(policy, test, arm, g.max_completion_tokens, batch_size) for arm in CHECK_ARMS
+            }
+        progress["before"] = before
+        logger.info("grpo before: %s", {a: float(np.mean(v)) for a, v in before.items()})
+    tracker = Tracker(cfg.tracking, "grpo", key, stage_config(cfg, STAGE, extra))
+    while progress["step"] < g.steps:
+        step = progress["step"]
+        chosen = step_problems(train, step, g.questions_per_step, cfg.runtime.seed)
+        metrics = learner.step(step, [p.question for p in chosen], {"answer_value": [p.answer_value for p in chosen]})
+        progress["history"].append(metrics)
+        progress["step"] = step + 1
+        tracker.log({f"grpo/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step + 1)
+        if progress["step"] % g.checkpoint_every == 0 and progress["step"] < g.steps:
+            checkpoints.save(
+                progress["step"],
+                {
+                    "trm": policy.trm.state_dict(),
+                    "projector": policy.projector.state_dict(),
+                    "lora": {lora_names[id(p)]: p.detach().cpu() for p in lora_params},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "progress": progress,
+                },
+            )
+    with torch.no_grad():
+        after = {arm: greedy_accuracy(policy, test, arm, g.max_completion_tokens, batch_size) for arm in CHECK_ARMS}
+    rows = []
+    for arm in CHECK_ARMS:
+        low, high = paired_change_ci(progress["before"][arm], after[arm], 2000, cfg.runtime.seed)
+        before_acc, after_acc = float(np.mean(progress["before"][arm])), float(np.mean(after[arm]))
+        rows.append(
+            {"arm": arm, "before": before_acc, "after": after_acc, "change": after_acc - before_acc,
+             "change_ci_low": low, "change_ci_high": high, "n": len(test)}
+        )  # fmt: skip
+    history = progress["history"]
+    head = history[: max(1, len(history) // 4)]
+    tail = history[-max(1, len(history) // 4) :]
+    summary = {
+        "reward_first_quarter": float(np.mean([h["reward_mean"] for h in head])),
+        "reward_last_quarter": float(np.mean([h["reward_mean"] for h in tail])),
+        "reward_rate": float(np.mean([h["reward_mean"] for h in history])),
+        "skipped_fraction": float(np.mean([h["skipped_fraction"] for h in history])),
+        "steps_updated": sum(1 for h in history if h["updated"]),
+    }
+    report = _report(cfg, rows, summary, history, len(train))
+    tracker.summary({f"grpo/{k}": v for k, v in summary.items()})
+    tracker.finish()
+    with store.writer(
+        STAGE, key, config=stage_config(cfg, STAGE, extra), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
+    ) as w:
+        w.write_bytes("trm.safetensors", _tensors(policy.trm.state_dict()))
+        w.write_bytes("projector.safetensors", _tensors(policy.projector.state_dict()))
+        w.write_json("projector.json", policy.projector.config)
+        if lora_params:
+            w.write_bytes("lora.safetensors", _tensors(policy.lm.model.get_adapter_state_dict()))
+            w.write_json("lora.json", {"rank": g.lora_rank, "alpha": g.lora_alpha, "targets": g.lora_targets})
+        w.write_json("history.json", history)
+        w.write_json("heldout_answers.json", {"before": progress["before"], "after": after})
+        w.write_bytes("rewards.png", _plot(history))
+        w.write_bytes("report.md", report.encode())
+        manifest = w.commit(
+            {
+                "heldout": rows,
+                **summary,
+                "history": history,
+                "train_problems": len(train),
+                "heldout_problems": len(test),
+                "problem_source": problem_set.problems[0].id.split("-")[0],
+                "resumed_from": resumed_from,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+    checkpoints.clear()
+    return manifest
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def _report(
+    cfg: PipelineConfig,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    history: list[dict[str, Any]],
+    n_train: int,
+) -> str:
+    g = cfg.grpo
+    steps = [
+        {k: h[k] for k in ("step", "reward_mean", "reward_std", "accuracy", "skipped_groups", "kl", "clip_fraction",
+                           "entropy", "completion_length")}
+        for h in history
+    ]  # fmt: skip
+    return (
+        f"# GRPO: {len(history)} steps x {g.questions_per_step} questions x G={g.group_size}\n\n"
+        f"Trained on {n_train} train problems; loss {g.loss_type}, rewards scaled by {g.scale_rewards}, "
+        f"beta {g.beta}, clip [1-{g.epsilon_low}, 1+{g.epsilon_high or g.epsilon_low}], "
+        f"temperature {g.temperature}.\n\n"
+        f"Reward rate over the run: {summary['reward_rate']:.3f} (first quarter {summary['reward_first_quarter']:.3f}, "
+        f"last quarter {summary['reward_last_quarter']:.3f}); {summary['skipped_fraction']:.0%} of groups had no "
+        f"reward variance and were skipped; {summary['steps_updated']}/{len(history)} steps updated the policy.\n\n"
+        "## Held-out check (greedy, test split of the GRPO problem set)\n\n"
+        + markdown_table(rows, CHECK_COLUMNS)
+        + "\n\nchange_ci = 95% paired bootstrap interval of (after - before) over the same problems.\n\n"
+        "## Per-step metrics\n\n" + markdown_table(steps) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    from llm_trm_core.stages.entry import emit_result, parse_stage_args
+    from llm_trm_core.stages.latent import run_latent
+    from llm_trm_core.stages.problems import run_problems
+    from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
+
+    run_cfg, run_store, _ = parse_stage_args("GRPO stage (with its upstream stages, cached)", None)
+    pairs = run_upstream_pairs(run_cfg, run_store)
+    trm_manifest = run_trm(run_cfg, run_store, pairs)
+    comp = run_store.read_manifest("compressor", pairs.upstream["compressor"])
+    assert comp is not None
+    base_problems = run_problems(run_cfg, run_store)
+    lat = run_latent(run_cfg, run_store, base_problems, comp, trm_manifest)
+    grpo_problems = run_problems(grpo_problem_config(run_cfg), run_store)
+    result = run_grpo(run_cfg, run_store, grpo_problems, comp, trm_manifest, lat)
+    emit_result(
+        {"key": result.key, "uri": result.uri, "metrics": {k: v for k, v in result.metrics.items() if k != "history"}}
+    )

@@ -1,0 +1,330 @@
+"""GRPO: the objective against hand-computed values, rewards, the latent policy's log-probs, a toy run
+that must raise the reward, and the stage (cache, resume after SIGKILL, before/after report)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llm_trm_core.grpo.objective import group_advantages, grpo_loss, k3_kl, zero_variance_groups
+from llm_trm_core.grpo.rewards import combined_rewards, correctness_reward, format_reward
+
+
+def test_group_advantages_by_hand() -> None:
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    # group 1: mean 0.75, Bessel std 0.5; group 2: all equal
+    scaled = group_advantages(rewards, 4, "group")  # TRL: (R - mean) / (std + 1e-4)
+    torch.testing.assert_close(scaled[:4], torch.tensor([0.25, -0.75, 0.25, 0.25]) / (0.5 + 1e-4))
+    torch.testing.assert_close(scaled[4:], torch.zeros(4))  # a flat group has no advantage, no NaN
+    torch.testing.assert_close(group_advantages(rewards, 4, "none")[:4], torch.tensor([0.25, -0.75, 0.25, 0.25]))
+    batch_std = float(rewards.std())
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, "batch", eps=0.0)[:4], torch.tensor([0.25, -0.75, 0.25, 0.25]) / batch_std
+    )
+    assert zero_variance_groups(rewards, 4).tolist() == [False, True]
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def _two_token_logp(theta: torch.Tensor, answers: list[int]) -> torch.Tensor:
+    logits = torch.stack([theta, torch.zeros_like(theta)])
+    return logits.log_softmax(0)[answers].unsqueeze(1)  # (N, 1)
+
+
+def test_on_policy_loss_is_zero_and_gradient_matches_hand_value() -> None:
+    theta = torch.zeros((), requires_grad=True)
+    logp = _two_token_logp(theta, [0, 0, 1, 1])
+    adv = torch.tensor([0.5, -1.5, 0.5, 0.5])
+    terms = grpo_loss(logp, logp.detach(), adv, torch.ones(4, 1), loss_type="grpo")
+    assert float(terms.loss.detach()) == pytest.approx(0.0, abs=1e-7)
+    terms.loss.backward()
+    # dL/dtheta = -(1/4) [0.5*0.5 + (-1.5)*0.5 + 0.5*(-0.5) + 0.5*(-0.5)] = +0.25
+    assert float(theta.grad) == pytest.approx(0.25, abs=1e-6)
+    assert float(terms.clipped_tokens) == 0
+
+
+def test_clipping_by_hand_and_asymmetric_clip() -> None:
+    old = _two_token_logp(torch.tensor(0.0), [0, 1])
+    theta = torch.tensor(0.5, requires_grad=True)
+    new = _two_token_logp(theta, [0, 1])
+    adv = torch.tensor([1.0, -1.0])
+    # token 0: ratio 1.2449 -> 1.2, contributes -1.2; token 1: ratio 0.7551 -> 0.8, contributes +0.8
+    terms = grpo_loss(new, old, adv, torch.ones(2, 1), loss_type="grpo")
+    assert float(terms.loss.detach()) == pytest.approx(-0.2, abs=1e-6)
+    terms.loss.backward()
+    assert float(theta.grad) == pytest.approx(0.0, abs=1e-7)  # both tokens on the clipped branch
+    assert float(terms.clipped_tokens) == 2
+    # clip-higher 0.28: token 0 (ratio 1.2449 < 1.28) is no longer clipped
+    high = grpo_loss(new.detach(), old, adv, torch.ones(2, 1), epsilon_high=0.28, loss_type="grpo")
+    ratio0 = math.exp(0.5) / (1 + math.exp(0.5)) / 0.5
+    assert float(high.loss) == pytest.approx((-ratio0 + 0.8) / 2, abs=1e-6)
+    assert float(high.clipped_tokens) == 1
+
+
+def test_k3_kl_by_hand() -> None:
+    # d = ln(0.5/0.6) = -0.1823216; k3 = e^d - d - 1 = 0.8333333 + 0.1823216 - 1 = 0.0156549
+    # (grpo-eval.md §3.6 prints 0.015649, a dropped digit: the arithmetic gives 0.0156549)
+    logp = torch.log(torch.tensor([[0.6]], dtype=torch.float64))
+    ref = torch.log(torch.tensor([[0.5]], dtype=torch.float64))
+    assert float(k3_kl(logp, ref)) == pytest.approx(0.0156549, abs=1e-7)
+    terms = grpo_loss(logp, logp, torch.zeros(1, dtype=torch.float64), torch.ones(1, 1), ref_logp=ref, beta=0.1)
+    assert float(terms.loss) == pytest.approx(0.00156549, abs=1e-8)
+    with pytest.raises(ValueError, match="reference"):
+        grpo_loss(logp, logp, torch.zeros(1), torch.ones(1, 1), beta=0.1)
+
+
+def test_token_vs_sequence_aggregation_and_micro_batches() -> None:
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0]])
+    old = logp - 0.1  # ratio e^0.1 = 1.105, inside the clip range
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    r = math.exp(0.1)
+    # per token: -r on row 0 (3 tokens), +r on row 1 (1 token)
+    assert float(grpo_loss(logp, old, adv, mask, loss_type="dapo").loss) == pytest.approx((-3 * r + r) / 4)
+    assert float(grpo_loss(logp, old, adv, mask, loss_type="grpo").loss) == pytest.approx((-r + r) / 2, abs=1e-6)
+    assert float(grpo_loss(logp, old, adv, mask, loss_type="dr_grpo", max_len=5).loss) == pytest.approx(
+        (-3 * r + r) / (2 * 5)
+    )
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        whole = grpo_loss(logp, old, adv, mask, loss_type=loss_type, max_len=5).loss  # type: ignore[arg-type]
+        parts = sum(
+            grpo_loss(
+                logp[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], loss_type=loss_type,  # type: ignore[arg-type]
+                max_len=5, num_sequences=2, num_tokens=4.0,
+            ).loss
+            for i in range(2)
+        )  # fmt: skip
+        assert float(parts) == pytest.approx(float(whole), abs=1e-6)
+
+
+def test_rewards_use_trl_signature_and_the_shared_answer_module() -> None:
+    completions = ["#### 42", "The answer is 42.", "I think 41", "#### 7"]
+    gold = [42.0, 42.0, 42.0, 42.0]
+    assert correctness_reward(completions, answer_value=gold, prompts=["q"] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert format_reward(completions) == [1.0, 0.0, 0.0, 1.0]
+    total, parts = combined_rewards([(correctness_reward, 1.0), (format_reward, 0.1)], completions, answer_value=gold)
+    assert total == pytest.approx([1.1, 1.0, 0.0, 0.1])
+    assert parts["format_reward"] == [1.0, 0.0, 0.0, 1.0]
+
+    def not_applicable(completions, **_):  # TRL: None = not applicable
+        return [None] * len(completions)
+
+    assert combined_rewards([(not_applicable, 1.0)], completions)[0] == [0.0] * 4
+
+
+# --- the latent policy on the tiny preset -------------------------------------------------------------
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from safetensors.torch import load as load_safetensors  # noqa: E402
+
+from llm_trm_core.config import load_config  # noqa: E402
+from llm_trm_core.errors import UserError  # noqa: E402
+from llm_trm_core.grpo.learner import GRPOLearner  # noqa: E402
+from llm_trm_core.grpo.rollout import answer_log_probs, sample_answers  # noqa: E402
+from llm_trm_core.latent.reasoner import LatentReasoner  # noqa: E402
+from llm_trm_core.stages.evaluate import run_evaluate  # noqa: E402
+from llm_trm_core.stages.grpo import grpo_problem_config, run_grpo, step_problems  # noqa: E402
+from llm_trm_core.stages.latent import build_reasoner, load_latent, run_latent  # noqa: E402
+from llm_trm_core.stages.problems import read_problems, run_problems  # noqa: E402
+from llm_trm_core.stages.trm import run_trm, run_upstream_pairs  # noqa: E402
+from llm_trm_core.store import ArtifactStore  # noqa: E402
+from llm_trm_core.training.schedules import lr_multiplier, make_scheduler  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chain():
+    cfg = load_config("tiny", [f"store.root=memory://grpo-{uuid.uuid4().hex[:8]}"])
+    store = ArtifactStore(cfg.store.root)
+    pairs = run_upstream_pairs(cfg, store)
+    trm = run_trm(cfg, store, pairs)
+    compressor = store.read_manifest("compressor", pairs.upstream["compressor"])
+    problems = run_problems(cfg, store)
+    latent = run_latent(cfg, store, problems, compressor, trm)
+    return cfg, store, problems, compressor, trm, latent
+
+
+def _policy(chain) -> tuple[LatentReasoner, LatentReasoner]:
+    cfg, store, _, compressor, trm, latent = chain
+    policy = load_latent(store, latent, build_reasoner(cfg, store, compressor, trm))
+    reference = LatentReasoner(
+        policy.lm, policy.compressor, copy.deepcopy(policy.trm).requires_grad_(False),
+        copy.deepcopy(policy.projector).requires_grad_(False), policy.layer_index, policy.n_steps,
+        policy.drop_system_prefix,
+    )  # fmt: skip
+    return policy, reference
+
+
+def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
+    """Teacher-forced log-probs equal log_softmax(logits / T) that generate sampled from, token by token."""
+    policy, _ = _policy(chain)
+    batch = policy.encode_prompts(["What is 2 + 3?", "How many legs do 3 spiders have and why?"])
+    latents = policy.latents(batch, "trm_latent").detach()
+    rollout = sample_answers(policy, batch.ids, latents, temperature=0.7, max_new_tokens=5, seed=3)
+    again = sample_answers(policy, batch.ids, latents, temperature=0.7, max_new_tokens=5, seed=3)
+    assert rollout.completions == again.completions  # seeded
+    tok = policy.lm.tokenizer
+    embeds, mask, _ = policy.input_embeddings(batch.ids, latents)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(3)
+        out = policy.lm.model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=0.7, top_k=0,
+            top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        scored = answer_log_probs(policy, batch.ids, latents, rollout.completions, temperature=0.7)
+    for row, completion in enumerate(rollout.completions):
+        for t, token in enumerate(completion):
+            expected = (out.logits[t][row].float() / 0.7).log_softmax(-1)[token]
+            assert float(scored.logp[row, t]) == pytest.approx(float(expected), abs=1e-4)
+        assert float(scored.mask[row].sum()) == len(completion)
+
+
+def test_gradient_reaches_the_trm_and_never_the_lm(chain) -> None:
+    cfg, store, problems, *_ = chain
+    policy, reference = _policy(chain)
+    policy.trm.requires_grad_(True)
+    params = [*policy.trm.parameters(), *policy.projector.parameters()]
+    g = cfg.grpo.model_copy(update={"skip_zero_variance": False, "beta": 0.04})
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    learner = GRPOLearner(
+        policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 1, 0)),
+        [(lambda completions, completion_ids, **_: [float(ids[0] % 2) for ids in completion_ids], 1.0)], seed=0,
+    )  # fmt: skip
+    seen: dict[str, bool] = {}
+
+    def check_before_step(*_):
+        # every TRM weight except the halting head (the latent policy runs all supervision steps)
+        seen["trm"] = all((p.grad is not None) != n.startswith("halt_head") for n, p in policy.trm.named_parameters())
+        seen["lm"] = all(p.grad is None for p in policy.lm.model.parameters())
+
+    optimizer.register_step_pre_hook(check_before_step)
+    questions = [p.question for p in read_problems(store, problems).split("train")[:2]]
+    metrics = learner.step(0, questions, {"answer_value": [0.0, 0.0]})
+    assert metrics["updated"] and seen == {"trm": True, "lm": True}
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy still equals the reference
+    for key in ("reward_mean", "reward_std", "accuracy", "clip_fraction", "entropy", "completion_length"):
+        assert metrics[key] is not None and math.isfinite(metrics[key]), key
+
+
+def test_grpo_raises_the_reward_on_a_learnable_toy_task(chain) -> None:
+    """Toy task: reward 1 when the first answer token's id is a multiple of 3 (base rate ~1/3). The tiny
+    random LM's logits are near-uniform, so its LM head is sharpened (x8) to make the first token
+    steerable by the latents; the LM stays frozen and only the TRM + projection learn. Seeded."""
+    cfg, store, problems, *_ = chain
+    policy, reference = _policy(chain)
+    with torch.no_grad():
+        policy.lm.model.get_output_embeddings().weight.mul_(8.0)
+    policy.trm.requires_grad_(True)
+    params = [*policy.trm.parameters(), *policy.projector.parameters()]
+    g = cfg.grpo.model_copy(update={"max_completion_tokens": 2, "lr": 0.01, "group_size": 8, "micro_batch": 16})
+    optimizer = torch.optim.AdamW(params, lr=g.lr)
+
+    def first_token_multiple_of_3(completions, completion_ids, **_):
+        return [float(ids[0] % 3 == 0) for ids in completion_ids]
+
+    learner = GRPOLearner(
+        policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 20, 0)),
+        [(first_token_multiple_of_3, 1.0)], seed=0,
+    )  # fmt: skip
+    train = read_problems(store, problems).split("train")
+    rewards = []
+    for step in range(20):
+        chosen = step_problems(train, step, 4, 0)
+        rewards.append(learner.step(step, [p.question for p in chosen], {"answer_value": [0.0] * 4})["reward_mean"])
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.2, rewards
+
+
+def test_grpo_stage_caches_and_reports_before_after(chain) -> None:
+    cfg, store, problems, compressor, trm, latent = chain
+    grpo_problems = run_problems(grpo_problem_config(cfg), store)
+    assert grpo_problems.metrics["source"] == "arithmetic"
+    manifest = run_grpo(cfg, store, grpo_problems, compressor, trm, latent)
+    assert manifest.upstream == {
+        "problems": grpo_problems.key, "compressor": compressor.key, "trm": trm.key, "latent": latent.key,
+    }  # fmt: skip
+    history = manifest.metrics["history"]
+    assert [h["step"] for h in history] == list(range(1, cfg.grpo.steps + 1))
+    for key in ("reward_mean", "reward_std", "accuracy", "kl", "clip_fraction", "entropy", "completion_length",
+                "skipped_groups"):  # fmt: skip
+        assert all(key in h for h in history), key
+    assert [r["arm"] for r in manifest.metrics["heldout"]] == ["no_latent", "trm_latent"]
+    artifact = store.open("grpo", manifest.key)
+    assert {"trm.safetensors", "projector.safetensors", "history.json", "rewards.png", "report.md"} <= set(
+        artifact.manifest.files
+    )
+    assert "Held-out check" in artifact.read_bytes("report.md").decode()
+    assert run_grpo(cfg, store, grpo_problems, compressor, trm, latent) == manifest  # cached by store key
+
+    before = run_evaluate(cfg, store, problems, compressor, trm, latent)
+    after = run_evaluate(cfg, store, problems, compressor, trm, latent, grpo=manifest, before=before)
+    assert after.key != before.key and after.upstream["grpo"] == manifest.key
+    assert [r["arm"] for r in after.metrics["before_after"]] == [r["arm"] for r in before.metrics["rows"]]
+    assert after.metrics["reused_arms"] == ["no_think", "think"]
+    rows = {r["arm"]: r for r in after.metrics["before_after"]}
+    assert rows["no_think"]["change"] == 0.0  # the LM-only arm is the same answers
+    assert rows["trm_latent"]["before"] == before.metrics["arms"]["trm_latent"]["accuracy"]
+    assert "Before vs after GRPO" in store.open("evaluate", after.key).read_bytes("report.md").decode()
+    with pytest.raises(UserError, match="not a pre-GRPO evaluation"):
+        run_evaluate(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"seed": 5})}), store,
+                     problems, compressor, trm, latent, grpo=manifest, before=after)  # fmt: skip
+
+
+def test_grpo_rejects_inconsistent_inputs(chain) -> None:
+    cfg, store, problems, compressor, trm, latent = chain
+    other_trm = run_trm(load_config("tiny", [f"store.root={cfg.store.root}", "trm.lr=0.002"]), store,
+                        store.read_manifest("pairs", trm.upstream["pairs"]))  # fmt: skip
+    with pytest.raises(UserError, match="was trained for TRM"):
+        run_grpo(cfg, store, problems, compressor, other_trm, latent)
+    lora_cfg = load_config("tiny", [f"store.root={cfg.store.root}", "latent.lora_rank=2", "grpo.lora_rank=2"])
+    lora_latent = run_latent(lora_cfg, store, problems, compressor, trm)
+    with pytest.raises(UserError, match="latent stage without LoRA"):
+        run_grpo(lora_cfg, store, problems, compressor, trm, lora_latent)
+    with pytest.raises(UserError, match="trains nothing"):
+        load_config("tiny", ["grpo.train_trm=false", "grpo.train_projector=false"])
+
+
+def _stage(root: str, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"LLM_TRM_FAULT_KILL": fault} if fault else {})}
+    env.pop("LLM_TRM_FAULT_KILL", None) if fault is None else None
+    return subprocess.run(
+        [sys.executable, "-m", "llm_trm_core.stages.grpo", "--preset", "tiny", "--store", root, *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_grpo_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
+    overrides = ("grpo.steps=6", "grpo.temperature=1.0")
+    whole = tmp_path / "whole"
+    done = _stage(f"file://{whole}", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = json.loads(done.stdout.strip().splitlines()[-1])
+    # the same upstream artifacts, without the GRPO artifact: only GRPO reruns
+    shutil.copytree(whole, tmp_path / "killed", ignore=lambda d, names: ["grpo"] if d == str(whole) else [])
+    killed = _stage(f"file://{tmp_path / 'killed'}", *overrides, fault="checkpoint:4")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not list((tmp_path / "killed" / "grpo").glob("*/_MANIFEST.json"))
+    resumed = _stage(f"file://{tmp_path / 'killed'}", *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert result["key"] == uninterrupted["key"] and result["metrics"]["resumed_from"] == 4
+    a, b = ArtifactStore(f"file://{whole}"), ArtifactStore(f"file://{tmp_path / 'killed'}")
+    for name in ("trm.safetensors", "projector.safetensors"):
+        x = load_safetensors(a.open("grpo", result["key"]).read_bytes(name))
+        y = load_safetensors(b.open("grpo", result["key"]).read_bytes(name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    history_a = json.loads(a.open("grpo", result["key"]).read_bytes("history.json"))
+    history_b = json.loads(b.open("grpo", result["key"]).read_bytes("history.json"))
+    assert history_a == history_b
