@@ -8,19 +8,20 @@ from flows.chain import Manifests
 from flows.latent import through_latent
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.stages.grpo import grpo_problem_config
+from tasks.attempts import flow_guard
+from tasks.caching import cached
 from tasks.grpo import grpo_task
 from tasks.latent import evaluate_task
-from tasks.logs import core_logs_to_prefect
 from tasks.problems import problems_task
 
 
 def through_grpo(cfg: PipelineConfig) -> Manifests:
     out = through_latent(cfg)
     shared = (cfg, out["problems"], out["compressor-1b"], out["trm"], out["latent"])
-    out["evaluate-before"] = evaluate_task.with_options(name="evaluate-before-grpo")(*shared)
-    out["grpo-problems"] = problems_task(grpo_problem_config(cfg))
-    out["grpo"] = grpo_task(cfg, out["grpo-problems"], out["compressor-1b"], out["trm"], out["latent"])
-    out["evaluate"] = evaluate_task.with_options(name="evaluate-after-grpo")(
+    out["evaluate-before"] = cached(evaluate_task.with_options(name="evaluate-before-grpo"), cfg)(*shared)
+    out["grpo-problems"] = cached(problems_task, cfg)(grpo_problem_config(cfg))
+    out["grpo"] = cached(grpo_task, cfg)(cfg, out["grpo-problems"], out["compressor-1b"], out["trm"], out["latent"])
+    out["evaluate"] = cached(evaluate_task.with_options(name="evaluate-after-grpo"), cfg)(
         *shared, grpo=out["grpo"], before=out["evaluate-before"]
     )
     return out
@@ -29,5 +30,5 @@ def through_grpo(cfg: PipelineConfig) -> Manifests:
 @flow(name="grpo")
 def grpo_flow(cfg: PipelineConfig) -> Manifests:
     """Everything up to the latent policy (cached), evaluation before, GRPO, evaluation after."""
-    with core_logs_to_prefect():
+    with flow_guard(cfg):
         return through_grpo(cfg)

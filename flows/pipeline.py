@@ -7,12 +7,12 @@ from prefect import flow
 from flows.chain import Manifests
 from flows.grpo import through_grpo
 from llm_trm_core.config import PipelineConfig
-from tasks.logs import core_logs_to_prefect
+from tasks.attempts import flow_guard
 
 
 @flow(name="pipeline")
 def pipeline(cfg: PipelineConfig) -> Manifests:
     """problems -> 1a -> datagen -> 1b -> pairs -> trm -> latent -> evaluate (before) -> grpo -> evaluate
     (after, with the before/after table), each cached by its store key."""
-    with core_logs_to_prefect():
+    with flow_guard(cfg):
         return through_grpo(cfg)

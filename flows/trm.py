@@ -6,14 +6,15 @@ from prefect import flow
 
 from flows.chain import Manifests, through_pairs
 from llm_trm_core.config import PipelineConfig
-from tasks.logs import core_logs_to_prefect
+from tasks.attempts import flow_guard
+from tasks.caching import cached
 from tasks.trm import trm_task
 
 
 @flow(name="trm")
 def trm_flow(cfg: PipelineConfig) -> Manifests:
     """Everything the pairs depend on (cached), then the TRM and its baseline report."""
-    with core_logs_to_prefect():
+    with flow_guard(cfg):
         out = through_pairs(cfg)
-        out["trm"] = trm_task(cfg, out["pairs"], out["compressor-1b"])
+        out["trm"] = cached(trm_task, cfg)(cfg, out["pairs"], out["compressor-1b"])
     return out

@@ -145,6 +145,18 @@ class RuntimeConfig(Section):
         description="Local cache for converted models (default $LLM_TRM_CACHE_DIR or ~/.cache/llm-trm).",
         json_schema_extra=NOT_KEYED,
     )
+    max_flow_attempts: int = Field(
+        3,
+        ge=1,
+        description="Runs allowed per flow run (first run + retries, manual or by the resume-crashed automation).",
+        json_schema_extra=NOT_KEYED,
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes per training stage (compressor, TRM): above 1 the task launches torchrun.",
+        json_schema_extra=NOT_KEYED,
+    )
 
 
 class StoreConfig(Section):

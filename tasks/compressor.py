@@ -7,6 +7,7 @@ from typing import Any, Literal
 from prefect import task
 
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.launch import launch_stage
 from llm_trm_core.stages.compressor import run_basis, run_compressor, run_corpus_hiddens
 from llm_trm_core.stages.sweep import run_sweep_report
 from llm_trm_core.store import ArtifactStore, Manifest
@@ -36,14 +37,22 @@ def compressor_task(
     phase: Literal["1a", "1b"] = "1a",
     init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    manifest = run_compressor(
-        cfg,
-        ArtifactStore(cfg.store.root),
-        Manifest.model_validate(hiddens),
-        Manifest.model_validate(basis),
-        phase=phase,
-        init=Manifest.model_validate(init) if init else None,
-    )
+    store = ArtifactStore(cfg.store.root)
+    if cfg.runtime.num_processes > 1 and phase == "1a" and cfg.compressor.solver == "sgd":
+        # multi-process SGD: torchrun as a child process that dies with this task's process
+        result = launch_stage("llm_trm_core.stages.compressor", cfg, cfg.runtime.num_processes)
+        committed = store.read_manifest("compressor", result["key"])
+        assert committed is not None, result
+        manifest = committed
+    else:
+        manifest = run_compressor(
+            cfg,
+            store,
+            Manifest.model_validate(hiddens),
+            Manifest.model_validate(basis),
+            phase=phase,
+            init=Manifest.model_validate(init) if init else None,
+        )
     publish_manifest(manifest, f"Compressor {phase} D'={cfg.compressor.d_prime} ({cfg.compressor.solver})")
     return manifest.model_dump(mode="json")
 

@@ -78,7 +78,16 @@ def _datagen_shard_view(dumped: dict[str, Any]) -> dict[str, Any]:
     return dumped
 
 
+def _problems_view(dumped: dict[str, Any]) -> dict[str, Any]:
+    """Difficulty fields of the arithmetic source do not affect the other sources' problems."""
+    section = dumped["problems"]
+    if section.get("source") != "arithmetic":
+        dumped["problems"] = {k: v for k, v in section.items() if not k.startswith("arithmetic_")}
+    return dumped
+
+
 STAGE_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "problems": _problems_view,
     "compressor": _compressor_view,
     "datagen-shard": _datagen_shard_view,
 }

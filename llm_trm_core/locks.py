@@ -1,0 +1,129 @@
+"""Leased locks in the artifact store, so several workers never compute the same artifact twice.
+
+A lock is one small JSON file `{root}/_locks/{name}.lock` = {holder, expires_at}, created atomically
+(`mode="create"`: O_EXCL on a local disk, `ifGenerationMatch=0` on GCS). The holder renews its lease from
+a background thread while it holds the lock; a holder that dies (SIGKILL, preempted VM) stops renewing,
+and its lock expires after the lease (default 120 s, `LLM_TRM_LOCK_LEASE_SECONDS`), so a retried run
+is never blocked for good. A holder that is stuck but alive keeps its lock (its thread still renews).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+
+from fsspec import AbstractFileSystem
+
+logger = logging.getLogger(__name__)
+
+LOCKS_DIR = "_locks"
+LEASE_ENV = "LLM_TRM_LOCK_LEASE_SECONDS"
+POLL_SECONDS = 0.2
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get(LEASE_ENV, "120"))
+
+
+class StoreLocks:
+    """Named leased locks under one folder of a filesystem (thread-safe)."""
+
+    def __init__(self, fs: AbstractFileSystem, folder: str, lease: float | None = None) -> None:
+        self.fs, self.folder = fs, folder.rstrip("/")
+        self.lease = lease if lease is not None else lease_seconds()
+        self._held: dict[str, str] = {}  # name -> holder
+        self._guard = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def _path(self, name: str) -> str:
+        return f"{self.folder}/{name}.lock"
+
+    def _read(self, name: str) -> dict[str, object] | None:
+        try:
+            return dict(json.loads(self.fs.cat_file(self._path(name))))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # half-written by a dying holder: treat as expired
+            return {"holder": "?", "expires_at": 0.0}
+
+    def _payload(self, holder: str) -> bytes:
+        return json.dumps({"holder": holder, "expires_at": time.time() + self.lease}).encode()
+
+    def try_acquire(self, name: str, holder: str) -> bool:
+        current = self._read(name)
+        if current is not None:
+            if current.get("holder") == holder:
+                return True
+            if float(str(current.get("expires_at", 0.0))) > time.time():
+                return False
+            # Several waiters may see the same expired lease: only the one that atomically creates the
+            # break marker of that lease removes it (the others keep polling), so a fresh lock is never
+            # deleted by a late waiter. Markers stay (one tiny file per expired lease).
+            marker = f"{self.folder}/{name}.break-{current.get('expires_at')}"
+            try:
+                self.fs.pipe_file(marker, holder.encode(), mode="create")
+            except FileExistsError:
+                return False
+            logger.warning("lock %s held by %s expired; breaking it", name, current.get("holder"))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._path(name))
+        try:
+            self.fs.makedirs(self.folder, exist_ok=True)
+            self.fs.pipe_file(self._path(name), self._payload(holder), mode="create")
+        except FileExistsError:
+            return False
+        with self._guard:
+            self._held[name] = holder
+            self._start_renewer()
+        return True
+
+    def acquire(self, name: str, holder: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.try_acquire(name, holder):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
+        return True
+
+    def release(self, name: str, holder: str) -> None:
+        current = self._read(name)
+        if current is None or current.get("holder") != holder:
+            raise ValueError(f"lock {name} is not held by {holder}")
+        with self._guard:
+            self._held.pop(name, None)
+        self.fs.rm_file(self._path(name))
+
+    def holder(self, name: str) -> str | None:
+        current = self._read(name)
+        if current is None or float(str(current.get("expires_at", 0.0))) <= time.time():
+            return None
+        return str(current.get("holder"))
+
+    def wait(self, name: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.holder(name) is not None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
+        return True
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(target=self._renew_forever, name="llm-trm-lock-lease", daemon=True)
+            self._renewer.start()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(max(self.lease / 4, POLL_SECONDS))
+            with self._guard:
+                held = dict(self._held)
+            for name, holder in held.items():
+                try:
+                    if (self._read(name) or {}).get("holder") == holder:
+                        self.fs.pipe_file(self._path(name), self._payload(holder))
+                except OSError as exc:  # storage hiccup: try again next round, the lease has slack
+                    logger.warning("could not renew lock %s: %s", name, exc)

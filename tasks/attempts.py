@@ -1,0 +1,36 @@
+"""Bounded attempts per flow run: the resume-crashed automation reschedules a Crashed run with no
+counter of its own, so the flow refuses to start once it has run `runtime.max_flow_attempts` times
+(it then ends Failed, which no automation retries)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.runtime import flow_run
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.errors import UserError
+from tasks.logs import core_logs_to_prefect
+
+
+class TooManyAttemptsError(UserError):
+    pass
+
+
+def check_attempts(max_attempts: int) -> None:
+    count = int(flow_run.run_count or 1)
+    if count > max_attempts:
+        raise TooManyAttemptsError(
+            f"flow run {flow_run.name} ({flow_run.id}) is on attempt {count}, above runtime.max_flow_attempts="
+            f"{max_attempts}: it keeps crashing. Inspect its logs, fix the cause, then start a new run "
+            "(finished stages come back from the cache)."
+        )
+
+
+@contextmanager
+def flow_guard(cfg: PipelineConfig) -> Iterator[None]:
+    """Enter every flow through this: the attempt bound, then core logs routed to the run's log."""
+    check_attempts(cfg.runtime.max_flow_attempts)
+    with core_logs_to_prefect():
+        yield

@@ -1,0 +1,207 @@
+"""Prefect caching keyed on the artifact store, with records and locks under the store root.
+
+Every stage task runs as `cached(task, cfg)(...)`:
+- cache key = sha256 of the task name, the stage's code version, the stage's config view (the same
+  sections that make up its artifact key, llm_trm_core.stages.keys) and its upstream artifact keys: the
+  ingredients of the store key, so a config change re-runs exactly the stages whose artifacts change;
+- Prefect's cache records (`_prefect/cache-keys`) and results (`_prefect/results`, JSON manifests) live
+  under the store root, so every worker reads them and a fresh Prefect database still hits the cache;
+- a record whose artifact was deleted from the store is dropped before lookup (the stage recomputes);
+- SERIALIZABLE isolation with leased store locks (`_prefect/locks`): two runs of one config compute
+  each stage once, the second waits and then reads the cached result;
+- without a record (new root, records deleted) the task still finds the committed manifest and
+  returns at once: the store is the source of truth, Prefect's cache only skips scheduling work.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import Task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect.locking.protocol import LockManager
+from prefect.results import ResultStore
+from prefect.serializers import JSONSerializer
+from prefect.transactions import IsolationLevel
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.locks import StoreLocks
+from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, stage_config
+from llm_trm_core.store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+PREFECT_DIR = "_prefect"
+T = TypeVar("T", bound=Task[Any, Any])
+
+# task name -> the stage whose config view and code version key it
+TASK_STAGES: dict[str, str] = {
+    "problems": "problems", "hiddens": "hiddens", "basis": "basis", "compressor": "compressor",
+    "sweep-report": "sweep", "datagen-shard": "datagen-shard", "datagen-report": "datagen",
+    "trace-hiddens": "trace-hiddens", "pairs": "pairs", "trm": "trm", "latent": "latent", "grpo": "grpo",
+    "evaluate": "evaluate", "evaluate-before-grpo": "evaluate", "evaluate-after-grpo": "evaluate",
+}  # fmt: skip
+
+
+def _is_manifest(value: Any) -> bool:
+    return isinstance(value, dict) and "stage" in value and "key" in value
+
+
+def _input_view(value: Any) -> Any:
+    """Manifests by their artifact key; scalars as they are; anything else is not cacheable."""
+    if _is_manifest(value):
+        return f"{value['stage']}:{value['key']}"
+    if isinstance(value, list | tuple):
+        return [_input_view(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"uncacheable task input of type {type(value).__name__}")
+
+
+class StoreKeyPolicy(CachePolicy):
+    """Cache key from the store-key ingredients; drops records whose artifact left the store."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        name = task_ctx.task.name
+        cfg = inputs.get("cfg")
+        stage = TASK_STAGES.get(name)
+        if stage is None or not isinstance(cfg, PipelineConfig):
+            logger.warning("task %s has no store-key cache policy mapping; it runs uncached", name)
+            return None
+        try:
+            others = {k: _input_view(v) for k, v in sorted(inputs.items()) if k != "cfg"}
+        except TypeError as exc:
+            logger.warning("task %s runs uncached: %s", name, exc)
+            return None
+        scalars = {k: v for k, v in others.items() if not isinstance(v, list | str) or ":" not in str(v)}
+        blob = {
+            "task": name,
+            "code_version": STAGE_CODE_VERSIONS[stage],
+            "config": stage_config(cfg, stage, scalars),
+            "inputs": others,
+            "store": cfg.store.root,
+        }
+        key = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+        self._drop_stale_record(key)
+        return key
+
+    def _drop_stale_record(self, key: str) -> None:
+        """A record pointing at an artifact that is no longer committed must not be served."""
+        store = ArtifactStore(self.root)
+        record_path = f"{store.base}/{PREFECT_DIR}/cache-keys/{key}"
+        if not store.fs.exists(record_path):
+            return
+        try:
+            results = ResultStore(
+                result_storage=_block(result_storage_for(self.root)),
+                metadata_storage=_block(key_storage_for(self.root)),
+                serializer=JSONSerializer(),
+            )
+            manifest = results.read(key).result
+        except Exception as exc:  # unreadable record: drop it too
+            logger.warning("dropping unreadable Prefect cache record %s: %s", key, exc)
+            store.fs.rm_file(record_path)
+            return
+        if _is_manifest(manifest) and not store.is_committed(manifest["stage"], manifest["key"]):
+            logger.warning(
+                "artifact %s/%s is no longer in the store: dropping its cache record",
+                manifest["stage"],
+                manifest["key"],
+            )
+            store.fs.rm_file(record_path)
+
+
+class StoreLockManager(LockManager):
+    """Prefect's lock protocol over leased locks in the artifact store (any fsspec backend)."""
+
+    def __init__(self, root: str) -> None:
+        store = ArtifactStore(root)
+        self.locks = StoreLocks(store.fs, f"{store.base}/{PREFECT_DIR}/locks")
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        return self.locks.acquire(key, holder, acquire_timeout)
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        self.locks.release(key, holder)
+
+    def is_locked(self, key: str) -> bool:
+        return self.locks.holder(key) is not None
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return self.locks.holder(key) == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return self.locks.wait(key, timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return self.wait_for_lock(key, timeout)
+
+
+def _block(storage: Any) -> Any:
+    return LocalFileSystem(basepath=str(storage)) if isinstance(storage, Path) else storage
+
+
+def _local_path(root: str) -> Path | None:
+    store = ArtifactStore(root)
+    protocols = {store.fs.protocol} if isinstance(store.fs.protocol, str) else set(store.fs.protocol)
+    return Path(store.base) if protocols & {"file", "local"} else None
+
+
+def key_storage_for(root: str) -> Any:
+    local = _local_path(root)
+    if local is not None:
+        return local / PREFECT_DIR / "cache-keys"
+    return RemoteFileSystem(basepath=f"{ArtifactStore(root).root}/{PREFECT_DIR}/cache-keys")
+
+
+@functools.cache
+def result_storage_for(root: str) -> Any:
+    """A local folder, or a saved RemoteFileSystem block (Prefect requires result storage blocks be saved)."""
+    local = _local_path(root)
+    if local is not None:
+        return local / PREFECT_DIR / "results"
+    store = ArtifactStore(root)
+    block = RemoteFileSystem(basepath=f"{store.root}/{PREFECT_DIR}/results")
+    name = "llm-trm-results-" + hashlib.sha256(store.root.encode()).hexdigest()[:12]
+    block.save(name, overwrite=True)
+    return block
+
+
+@functools.cache
+def _policy(root: str) -> CachePolicy:
+    return StoreKeyPolicy(root).configure(
+        key_storage=key_storage_for(root),
+        lock_manager=StoreLockManager(root),
+        isolation_level=IsolationLevel.SERIALIZABLE,
+    )
+
+
+def cached(task: T, cfg: PipelineConfig) -> T:
+    """The task with the store-keyed cache policy, JSON results and locks under `cfg.store.root`."""
+    root = cfg.store.root
+    return task.with_options(  # type: ignore[return-value]
+        cache_policy=_policy(root),
+        result_storage=result_storage_for(root),
+        result_serializer="json",
+        persist_result=True,
+    )

@@ -1,0 +1,135 @@
+"""Prefect caching keyed on the store (records under the store root), leased store locks, and two
+concurrent runs of one config computing each stage once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_trm_core.config import load_config
+from llm_trm_core.locks import StoreLocks
+from llm_trm_core.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _locks(root: str, lease: float) -> StoreLocks:
+    store = ArtifactStore(root)
+    return StoreLocks(store.fs, f"{store.base}/_locks", lease=lease)
+
+
+def test_store_locks_exclude_expire_and_renew(store_root: str) -> None:
+    a, b = _locks(store_root, lease=0.8), _locks(store_root, lease=0.8)
+    assert a.try_acquire("stage", "A") and a.try_acquire("stage", "A")  # re-entrant for its holder
+    assert not b.try_acquire("stage", "B") and not b.acquire("stage", "B", timeout=0.3)
+    time.sleep(1.2)  # longer than the lease: A's renewer keeps it alive
+    assert b.holder("stage") == "A" and not b.try_acquire("stage", "B")
+    with pytest.raises(ValueError, match="not held by B"):
+        b.release("stage", "B")
+    a.release("stage", "A")
+    assert b.acquire("stage", "B", timeout=1.0) and b.holder("stage") == "B"
+    b.release("stage", "B")
+
+    # a dead holder (never renews): its lock expires, exactly one of many waiters breaks it
+    if store_root.startswith("gs://"):
+        pytest.skip(
+            "gcp-storage-emulator ignores ifGenerationMatch=0 (gcsfs sends it for mode='create'; real GCS answers "
+            "412), so atomic creation cannot be exercised against the emulator"
+        )
+    store = ArtifactStore(store_root)
+    store.fs.pipe_file(f"{store.base}/_locks/dead.lock", json.dumps({"holder": "X", "expires_at": 1.0}).encode())
+    winners: list[str] = []
+    contenders = [_locks(store_root, lease=30) for _ in range(6)]
+
+    def contend(i: int) -> None:
+        if contenders[i].try_acquire("dead", f"W{i}"):
+            winners.append(f"W{i}")
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and _locks(store_root, 30).holder("dead") == winners[0]
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, str] = {}
+    for run in runs:
+        name = re.sub(r"-[0-9a-f]{3}$", "", run.name)
+        states[name if name not in states else f"{name}#2"] = run.state.name
+    return states
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_config_change_reruns_exactly_that_stage_and_its_dependents(tmp_path: Path) -> None:
+    from flows.pipeline import pipeline
+
+    root = f"file://{tmp_path / 'store'}"
+    base = load_config("tiny", [f"store.root={root}"])
+    first = pipeline(base, return_state=True)
+    assert set(_task_states(first.state_details.flow_run_id).values()) == {"Completed"}
+    again = pipeline(base, return_state=True)
+    assert set(_task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+    assert again.result() == first.result()
+
+    changed = pipeline(load_config("tiny", [f"store.root={root}", "grpo.lr=0.0003"]), return_state=True)
+    states = _task_states(changed.state_details.flow_run_id)
+    recomputed = sorted(name for name, state in states.items() if state != "Cached")
+    assert recomputed == ["evaluate-after-grpo", "grpo"], states
+
+    # an artifact deleted from the store is recomputed even though Prefect holds a record for it
+    store = ArtifactStore(root)
+    trm_key = first.result()["trm"]["key"]
+    store.fs.rm(store.path("trm", trm_key), recursive=True)
+    healed = pipeline(base, return_state=True)
+    states = _task_states(healed.state_details.flow_run_id)
+    assert sorted(n for n, s in states.items() if s != "Cached") == ["trm"], states
+    assert store.is_committed("trm", trm_key)
+
+
+def _cli(root: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "-v", "pipeline", "--preset", "tiny", "--store", root],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_two_concurrent_runs_compute_each_stage_once_and_an_empty_database_hits_the_cache(tmp_path: Path) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    root = f"file://{tmp_path / 'store'}"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    runs = [_cli(root, env), _cli(root, env)]
+    outputs = [p.communicate(timeout=600)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    store = ArtifactStore(root)
+    for stage in ("hiddens", "datagen", "pairs", "trm", "latent", "grpo"):
+        commits = sum(len(re.findall(rf"committed {re.escape(root)}/{stage}/", out)) for out in outputs)
+        assert commits == 1 == len(store.list_keys(stage)), (stage, commits)
+    cached = [len(re.findall(r"Finished in state Cached", out)) for out in outputs]
+    assert max(cached) >= 10, cached  # the waiting run read the other's results
+
+    # a fresh Prefect database (new PREFECT_HOME, ephemeral server): every stage comes back cached
+    fresh = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    fresh["PREFECT_HOME"] = str(tmp_path / "fresh-prefect-home")
+    third = _cli(root, fresh)
+    out = third.communicate(timeout=600)[0]
+    assert third.returncode == 0, out[-3000:]
+    assert "committed" not in out and len(re.findall(r"Finished in state Cached", out)) >= 15, out[-3000:]
+    shutil.rmtree(tmp_path / "fresh-prefect-home", ignore_errors=True)

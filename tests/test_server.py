@@ -1,0 +1,150 @@
+"""A real `prefect server start` on 127.0.0.1 (SQLite, isolated PREFECT_HOME): `prefect deploy`, a process
+worker, a flow run created through the REST API the UI uses, SIGKILLed mid-training (a preempted
+machine), resumed by `prefect flow-run retry`: finished stages come back cached, the TRM resumes from its
+checkpoint, and the final artifacts equal an uninterrupted run's. Its artifacts are visible via the API."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llm_trm_core.config import load_config
+from llm_trm_core.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"), PREFECT_LOGGING_LEVEL="INFO",
+    )  # fmt: skip
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(
+                "prefect server did not become healthy: " + (tmp_path / "server.log").read_text()[-2000:]
+            )
+        yield api, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wait_final(api: str, run_id: str, timeout: float, previous: set[str] | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api}/flow_runs/{run_id}").json()
+        if run["state_type"] in FINAL_STATES and run["state_type"] not in (previous or set()):
+            return dict(run)
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} still {run['state_type']} after {timeout} s")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path) -> None:
+    api, env = server
+    root = f"file://{tmp_path / 'store'}"
+
+    def cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
+        assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
+        return done
+
+    cli("work-pool", "create", "llm-trm-local", "--type", "process")
+    cli("--no-prompt", "deploy", "--name", "pipeline-local")
+    worker_env = {**env, "LLM_TRM_FAULT_KILL": "checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once")}
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "llm-trm-local", "--limit", "1"],
+        cwd=REPO, env=worker_env, stdout=worker_log, stderr=worker_log,
+    )  # fmt: skip
+    try:
+        deployment = httpx.get(f"{api}/deployments/name/pipeline/pipeline-local").json()
+        # what the UI's "Run" form posts: a partial config merged onto the preset
+        created = httpx.post(
+            f"{api}/deployments/{deployment['id']}/create_flow_run",
+            json={"parameters": {"cfg": {"preset": "tiny", "store": {"root": root}}}},
+        )
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        first = _wait_final(api, run_id, 600)
+        assert first["state_type"] == "CRASHED", first["state"]  # SIGKILLed at the TRM's checkpoint 2
+        assert (tmp_path / "killed-once").exists()
+        store = ArtifactStore(root)
+        assert store.list_keys("pairs") and not store.list_keys("trm")
+
+        cli("flow-run", "retry", run_id)  # the UI's Retry button does the same
+        second = _wait_final(api, run_id, 600, previous={"CRASHED"})
+        assert second["state_type"] == "COMPLETED", (second["state"], (tmp_path / "worker.log").read_text()[-3000:])
+        assert second["run_count"] == 2
+
+        tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        cached = {t["name"].rsplit("-", 1)[0] for t in tasks if t["state"]["name"] == "Cached"}
+        assert {"problems", "hiddens", "pairs"} <= cached, cached  # finished stages came back from the cache
+        trm = store.read_manifest("trm", store.list_keys("trm")[0])
+        assert trm is not None and trm.metrics["resumed_from"] == 2
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        assert {"trm-report", "grpo-steps", "evaluate-before-after-grpo"} <= {a["key"] for a in artifacts}
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        worker_log.close()
+
+    # the same config, uninterrupted, in another store: identical weights and accuracies
+    from flows.pipeline import pipeline
+
+    clean = pipeline(load_config("tiny", [f"store.root=file://{tmp_path / 'clean'}"]))
+    other = ArtifactStore(f"file://{tmp_path / 'clean'}")
+    for stage in ("trm", "latent", "grpo"):
+        a = store.read_manifest(stage, clean[stage]["key"])
+        b = other.read_manifest(stage, clean[stage]["key"])
+        assert a is not None and b is not None, stage
+        weights = [f for f in a.files if f.endswith(".safetensors")]
+        assert weights and all(a.files[f].sha256 == b.files[f].sha256 for f in weights), stage
+    evaluated = store.read_manifest("evaluate", clean["evaluate"]["key"])
+    assert evaluated is not None
+    assert [(r["arm"], r["accuracy"]) for r in evaluated.metrics["rows"]] == [
+        (r["arm"], r["accuracy"]) for r in clean["evaluate"]["metrics"]["rows"]
+    ]
