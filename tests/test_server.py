@@ -100,10 +100,14 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
     try:
         deployment = httpx.get(f"{api}/deployments/name/pipeline/pipeline-local").json()
         # what the UI's "Run" form posts: a partial config merged onto the preset
-        created = httpx.post(
-            f"{api}/deployments/{deployment['id']}/create_flow_run",
-            json={"parameters": {"cfg": {"preset": "tiny", "store": {"root": root}}}},
-        )
+        for _ in range(20):  # SQLite answers 503 while another writer (the worker's poll) holds it
+            created = httpx.post(
+                f"{api}/deployments/{deployment['id']}/create_flow_run",
+                json={"parameters": {"cfg": {"preset": "tiny", "store": {"root": root}}}},
+            )
+            if created.status_code != 503:
+                break
+            time.sleep(1)
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
         first = _wait_final(api, run_id, 600)
@@ -112,6 +116,11 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
         store = ArtifactStore(root)
         assert store.list_keys("pairs") and not store.list_keys("trm")
 
+        # the worker reports the crash too once the process is reaped; retry after that, or the worker
+        # still holds the run as "being submitted" and skips it as a duplicate
+        deadline = time.monotonic() + 120
+        while "infrastructure exited" not in (tmp_path / "worker.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
         cli("flow-run", "retry", run_id)  # the UI's Retry button does the same
         second = _wait_final(api, run_id, 600, previous={"CRASHED"})
         assert second["state_type"] == "COMPLETED", (second["state"], (tmp_path / "worker.log").read_text()[-3000:])
@@ -121,7 +130,7 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
         cached = {t["name"].rsplit("-", 1)[0] for t in tasks if t["state"]["name"] == "Cached"}
         assert {"problems", "hiddens", "pairs"} <= cached, cached  # finished stages came back from the cache
         trm = store.read_manifest("trm", store.list_keys("trm")[0])
-        assert trm is not None and trm.metrics["resumed_from"] == 2
+        assert trm is not None and trm.metrics["training"]["resumed_from"] == 2
         artifacts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
         assert {"trm-report", "grpo-steps", "evaluate-before-after-grpo"} <= {a["key"] for a in artifacts}
     finally:
