@@ -1,10 +1,13 @@
 """Leased locks in the artifact store, so several workers never compute the same artifact twice.
 
 A lock is one small JSON file `{root}/_locks/{name}.lock` = {holder, expires_at}, created atomically
-(`mode="create"`: O_EXCL on a local disk, `ifGenerationMatch=0` on GCS). The holder renews its lease from
-a background thread while it holds the lock; a holder that dies (SIGKILL, preempted VM) stops renewing,
-and its lock expires after the lease (default 120 s, `LLM_TRM_LOCK_LEASE_SECONDS`), so a retried run
-is never blocked for good. A holder that is stuck but alive keeps its lock (its thread still renews).
+with its content: a hard link from a written temporary file on a local disk (fails if the name
+exists), `ifGenerationMatch=0` on GCS (gcsfs `mode="create"`), a check-and-set under a process lock
+in memory://. Renewals replace the whole file atomically (rename locally; object writes on GCS).
+The holder renews its lease from a background thread while it holds the lock; a holder that dies
+(SIGKILL, preempted VM) stops renewing, and its lock expires after the lease (default 120 s,
+`LLM_TRM_LOCK_LEASE_SECONDS`), so a retried run is never blocked for good. A holder that is stuck
+but alive keeps its lock (its thread still renews).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ logger = logging.getLogger(__name__)
 LOCKS_DIR = "_locks"
 LEASE_ENV = "LLM_TRM_LOCK_LEASE_SECONDS"
 POLL_SECONDS = 0.2
+_MEMORY_CREATE = threading.Lock()
 
 
 def lease_seconds() -> float:
@@ -47,8 +51,38 @@ class StoreLocks:
             return dict(json.loads(self.fs.cat_file(self._path(name))))
         except FileNotFoundError:
             return None
-        except ValueError:  # half-written by a dying holder: treat as expired
-            return {"holder": "?", "expires_at": 0.0}
+        except ValueError:  # unreadable (a holder died mid-write): expires a lease after its last change
+            modified = self.fs.modified(self._path(name)).timestamp()
+            return {"holder": "?", "expires_at": modified + self.lease}
+
+    def _create(self, path: str, data: bytes) -> None:
+        """Create `path` holding `data`, atomically; FileExistsError if it exists."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if protocols & {"file", "local"}:
+            local = self.fs._strip_protocol(path)
+            tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, local)  # atomic: fails with FileExistsError when the name is taken
+            finally:
+                os.unlink(tmp)
+        elif "memory" in protocols:
+            with _MEMORY_CREATE:
+                self.fs.pipe_file(path, data, mode="create")
+        else:
+            self.fs.pipe_file(path, data, mode="create")
+
+    def _replace(self, path: str, data: bytes) -> None:
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if protocols & {"file", "local"}:
+            local = self.fs._strip_protocol(path)
+            tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, local)
+        else:
+            self.fs.pipe_file(path, data)
 
     def _payload(self, holder: str) -> bytes:
         return json.dumps({"holder": holder, "expires_at": time.time() + self.lease}).encode()
@@ -65,7 +99,7 @@ class StoreLocks:
             # deleted by a late waiter. Markers stay (one tiny file per expired lease).
             marker = f"{self.folder}/{name}.break-{current.get('expires_at')}"
             try:
-                self.fs.pipe_file(marker, holder.encode(), mode="create")
+                self._create(marker, holder.encode())
             except FileExistsError:
                 return False
             logger.warning("lock %s held by %s expired; breaking it", name, current.get("holder"))
@@ -73,7 +107,7 @@ class StoreLocks:
                 self.fs.rm_file(self._path(name))
         try:
             self.fs.makedirs(self.folder, exist_ok=True)
-            self.fs.pipe_file(self._path(name), self._payload(holder), mode="create")
+            self._create(self._path(name), self._payload(holder))
         except FileExistsError:
             return False
         with self._guard:
@@ -124,6 +158,6 @@ class StoreLocks:
             for name, holder in held.items():
                 try:
                     if (self._read(name) or {}).get("holder") == holder:
-                        self.fs.pipe_file(self._path(name), self._payload(holder))
+                        self._replace(self._path(name), self._payload(holder))
                 except OSError as exc:  # storage hiccup: try again next round, the lease has slack
                     logger.warning("could not renew lock %s: %s", name, exc)
