@@ -91,7 +91,10 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
 
     cli("work-pool", "create", "llm-trm-local", "--type", "process")
     cli("--no-prompt", "deploy", "--name", "pipeline-local")
-    worker_env = {**env, "LLM_TRM_FAULT_KILL": "checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once")}
+    worker_env = {
+        **env, "LLM_TRM_FAULT_KILL": "checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once"),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }  # fmt: skip
     worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "llm-trm-local", "--limit", "1"],
@@ -157,3 +160,48 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
     assert [(r["arm"], r["accuracy"]) for r in evaluated.metrics["rows"]] == [
         (r["arm"], r["accuracy"]) for r in clean["evaluate"]["metrics"]["rows"]
     ]
+
+
+@pytest.mark.slow
+def test_scheduled_sweep_fans_out_one_run_per_d_prime(server, tmp_path: Path) -> None:
+    """The sweep-nightly deployment starts one sweep-local run per D' through run_deployment (at most
+    the deployment's concurrency limit at once), then writes the report over every D'."""
+    api, env = server
+    root = f"file://{tmp_path / 'store'}"
+    for args in (("work-pool", "create", "llm-trm-local", "--type", "process"),
+                 ("--no-prompt", "deploy", "--name", "sweep-local", "--name", "sweep-nightly")):  # fmt: skip
+        done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "llm-trm-local", "--limit", "3"], cwd=REPO,
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=worker_log, stderr=worker_log,
+    )  # fmt: skip
+    try:
+        deployment = httpx.get(f"{api}/deployments/name/sweep-fanout/sweep-nightly").json()
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        cfg = {"preset": "tiny", "store": {"root": root}}
+        created = httpx.post(
+            f"{api}/deployments/{deployment['id']}/create_flow_run",
+            json={"parameters": {"cfg": cfg, "deployment": "sweep/sweep-local", "poll_seconds": 1}},
+        )
+        assert created.status_code == 201, created.text
+        parent = _wait_final(api, created.json()["id"], 900)
+        assert parent["state_type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        children = httpx.post(
+            f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [parent["id"]]}}}
+        ).json()
+        d_primes = load_config("tiny").sweep.d_primes
+        assert sorted(c["parameters"]["cfg"]["sweep"]["d_primes"][0] for c in children) == sorted(d_primes)
+        assert all(c["state_type"] == "COMPLETED" for c in children)
+        store = ArtifactStore(root)
+        (report,) = store.list_keys("sweep")
+        rows = store.read_manifest("sweep", report).metrics["rows"]
+        assert sorted({r["d_prime"] for r in rows}) == sorted(d_primes)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        worker_log.close()
