@@ -15,6 +15,14 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
+def store_link(uri: str) -> str:
+    """Markdown for an artifact's store URI: a Cloud Console link for gs://, the URI itself otherwise."""
+    if uri.startswith(("gs://", "gcs://")):
+        path = uri.split("://", 1)[1]
+        return f"[`{uri}`](https://console.cloud.google.com/storage/browser/{path})"
+    return f"`{uri}`"
+
+
 def publish_manifest(manifest: Manifest, title: str, extra_markdown: str = "") -> None:
     rows = comparison_rows(manifest.metrics)
     if rows:
@@ -33,7 +41,7 @@ def publish_manifest(manifest: Manifest, title: str, extra_markdown: str = "") -
     create_markdown_artifact(
         key=artifact_key(manifest.stage, "artifact"),
         markdown=(
-            f"### {title}\n\n- store URI: `{manifest.uri}`\n- key: `{manifest.key}`\n"
+            f"### {title}\n\n- store URI: {store_link(manifest.uri)}\n- key: `{manifest.key}`\n"
             f"- files: {len(manifest.files)}\n- completed: {manifest.completed_at}\n\n{extra_markdown}"
         ),
         description=f"{manifest.stage} artifact",

@@ -49,3 +49,12 @@ def test_automations_install_idempotently() -> None:
     related = resume.trigger.match_related
     related = related[0] if isinstance(related, list) else related
     assert related["prefect.resource.id"] in (f"prefect.tag.{TAG}", [f"prefect.tag.{TAG}"])
+
+
+def test_reports_link_gcs_artifacts_to_the_cloud_console() -> None:
+    from tasks.artifacts import store_link
+
+    assert store_link("gs://bucket/llm-trm/trm/abc") == (
+        "[`gs://bucket/llm-trm/trm/abc`](https://console.cloud.google.com/storage/browser/bucket/llm-trm/trm/abc)"
+    )
+    assert store_link("file:///tmp/store/trm/abc") == "`file:///tmp/store/trm/abc`"
