@@ -55,32 +55,37 @@ class StoreLocks:
             modified = self.fs.modified(self._path(name)).timestamp()
             return {"holder": "?", "expires_at": modified + self.lease}
 
+    @property
+    def _local(self) -> bool:
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        return bool(protocols & {"file", "local"})
+
+    def _written_tmp(self, path: str, data: bytes) -> tuple[str, str]:
+        """(local path, a temporary file beside it holding `data`)."""
+        local = self.fs._strip_protocol(path)
+        tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return local, tmp
+
     def _create(self, path: str, data: bytes) -> None:
         """Create `path` holding `data`, atomically; FileExistsError if it exists."""
-        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
-        if protocols & {"file", "local"}:
-            local = self.fs._strip_protocol(path)
-            tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+        if self._local:
+            local, tmp = self._written_tmp(path, data)
             try:
                 os.link(tmp, local)  # atomic: fails with FileExistsError when the name is taken
             finally:
                 os.unlink(tmp)
-        elif "memory" in protocols:
+        elif self.fs.protocol == "memory" or "memory" in self.fs.protocol:
             with _MEMORY_CREATE:
                 self.fs.pipe_file(path, data, mode="create")
         else:
             self.fs.pipe_file(path, data, mode="create")
 
     def _replace(self, path: str, data: bytes) -> None:
-        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
-        if protocols & {"file", "local"}:
-            local = self.fs._strip_protocol(path)
-            tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, local)
+        """Overwrite `path` so readers see the old or the new content, never a partial one."""
+        if self._local:
+            os.replace(*reversed(self._written_tmp(path, data)))
         else:
             self.fs.pipe_file(path, data)
 

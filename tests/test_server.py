@@ -31,6 +31,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     home = tmp_path / "prefect-home"
@@ -61,11 +69,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             )
         yield api, env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         log.close()
 
 
@@ -137,11 +141,7 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
         artifacts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
         assert {"trm-report", "grpo-steps", "evaluate-before-after-grpo"} <= {a["key"] for a in artifacts}
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop(worker)
         worker_log.close()
 
     # the same config, uninterrupted, in another store: identical weights and accuracies
@@ -203,9 +203,5 @@ def test_scheduled_sweep_fans_out_one_run_per_d_prime(server, tmp_path: Path) ->
         assert set(d_primes) in covered  # one report over every D' (beside each point's own)
         assert len(covered) == len(d_primes) + 1
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop(worker)
         worker_log.close()
