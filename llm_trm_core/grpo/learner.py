@@ -15,16 +15,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llm_trm_core.config import GRPOConfig
 from llm_trm_core.errors import UserError
-from llm_trm_core.grpo.objective import group_advantages, grpo_loss, zero_variance_groups
+from llm_trm_core.grpo.objective import group_advantages, grpo_loss, k3_kl, zero_variance_groups
 from llm_trm_core.grpo.rewards import RewardFunction, combined_rewards, correctness_reward
-from llm_trm_core.grpo.rollout import Rollout, answer_log_probs, sample_answers
+from llm_trm_core.grpo.rollout import answer_log_probs, sample_answers
 from llm_trm_core.latent.reasoner import LatentReasoner, PromptBatch, adapters_off
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ class GRPOLearner:
     rewards: Sequence[tuple[RewardFunction, float]]
     seed: int
     reference_adapters_off: bool = False
-    last_rollout: Rollout | None = field(default=None, repr=False)
 
     def _latents(self, reasoner: LatentReasoner, batch: PromptBatch) -> torch.Tensor:
         latents = reasoner.latents(batch, "trm_latent")
@@ -66,7 +65,6 @@ class GRPOLearner:
             ref_latents = self._latents(self.reference, batch)
         rollout = sample_answers(self.policy, prompt_ids, latents, g.temperature, g.max_completion_tokens,
                                  step_seed(self.seed, step))  # fmt: skip
-        self.last_rollout = rollout
         repeated = {name: [v for v in values for _ in range(g.group_size)] for name, values in columns.items()}
         repeated["prompts"] = [q for q in questions for _ in range(g.group_size)]
         repeated["completion_ids"] = rollout.completions
@@ -95,8 +93,7 @@ class GRPOLearner:
                 cur = answer_log_probs(self.policy, pids, latents[chunk], comps, g.temperature)
                 with adapters_off(self.policy.lm.model) if self.reference_adapters_off else nullcontext():
                     ref = answer_log_probs(self.reference, pids, ref_latents[chunk], comps, g.temperature)
-                d = ref.logp - cur.logp
-                kl_sum += float(((torch.exp(d) - d - 1) * cur.mask).sum())
+                kl_sum += float((k3_kl(cur.logp, ref.logp) * cur.mask).sum())
                 entropy_sum += float(cur.entropy.sum())
                 tokens += float(cur.mask.sum())
                 for j, i in enumerate(chunk):

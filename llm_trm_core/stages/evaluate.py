@@ -225,14 +225,17 @@ def change_table(
     before: dict[str, list[dict[str, Any]]], after: dict[str, list[dict[str, Any]]], reps: int, seed: int
 ) -> list[dict[str, Any]]:
     """Per arm: accuracy before, after, and a paired bootstrap interval of the change over the same problems."""
-    rows = []
-    for arm in ARMS:
-        old = [float(r["correct"]) for r in before[arm]]
-        new = [float(r["correct"]) for r in after[arm]]
-        low, high = bootstrap_ci([b - a for a, b in zip(old, new, strict=True)], reps, seed)
-        rows.append(
-            {"arm": arm, "before": float(np.mean(old)), "after": float(np.mean(new)),
-             "change": float(np.mean(new) - np.mean(old)), "change_ci_low": low, "change_ci_high": high,
-             "n": len(new)}
-        )  # fmt: skip
-    return rows
+    return [
+        change_row(arm, [r["correct"] for r in before[arm]], [r["correct"] for r in after[arm]], reps, seed)
+        for arm in ARMS
+    ]
+
+
+def change_row(arm: str, before: Sequence[bool], after: Sequence[bool], reps: int, seed: int) -> dict[str, Any]:
+    """Accuracy before and after on the same problems, with a paired bootstrap interval of the change."""
+    old, new = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    low, high = bootstrap_ci((new - old).tolist(), reps, seed)
+    return {
+        "arm": arm, "before": float(old.mean()), "after": float(new.mean()), "change": float(new.mean() - old.mean()),
+        "change_ci_low": low, "change_ci_high": high, "n": len(new),
+    }  # fmt: skip

@@ -36,7 +36,7 @@ from llm_trm_core.grpo.learner import GRPOLearner
 from llm_trm_core.grpo.rewards import RewardFunction, correctness_reward, format_reward, reward_name
 from llm_trm_core.latent.reasoner import Arm, LatentReasoner
 from llm_trm_core.reporting import markdown_table, png_bytes
-from llm_trm_core.stages.evaluate import bootstrap_ci
+from llm_trm_core.stages.evaluate import change_row
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.latent import add_lora, build_reasoner, check_lineage, load_latent
 from llm_trm_core.stages.problems import read_problems
@@ -84,11 +84,6 @@ def greedy_accuracy(
             for p, ids in zip(batch, answers, strict=True)
         ]
     return correct
-
-
-def paired_change_ci(before: Sequence[bool], after: Sequence[bool], reps: int, seed: int) -> tuple[float, float]:
-    """Bootstrap interval of (after - before) accuracy, resampling problems (paired)."""
-    return bootstrap_ci([float(b) - float(a) for a, b in zip(before, after, strict=True)], reps, seed)
 
 
 def load_grpo(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner) -> LatentReasoner:
@@ -231,14 +226,7 @@ def run_grpo(
             )
     with torch.no_grad():
         after = {arm: greedy_accuracy(policy, test, arm, g.max_completion_tokens, batch_size) for arm in CHECK_ARMS}
-    rows = []
-    for arm in CHECK_ARMS:
-        low, high = paired_change_ci(progress["before"][arm], after[arm], 2000, cfg.runtime.seed)
-        before_acc, after_acc = float(np.mean(progress["before"][arm])), float(np.mean(after[arm]))
-        rows.append(
-            {"arm": arm, "before": before_acc, "after": after_acc, "change": after_acc - before_acc,
-             "change_ci_low": low, "change_ci_high": high, "n": len(test)}
-        )  # fmt: skip
+    rows = [change_row(arm, progress["before"][arm], after[arm], 2000, cfg.runtime.seed) for arm in CHECK_ARMS]
     history = progress["history"]
     head = history[: max(1, len(history) // 4)]
     tail = history[-max(1, len(history) // 4) :]
