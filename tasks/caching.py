@@ -86,7 +86,7 @@ class StoreKeyPolicy(CachePolicy):
         except TypeError as exc:
             logger.warning("task %s runs uncached: %s", name, exc)
             return None
-        scalars = {k: v for k, v in others.items() if not isinstance(v, list | str) or ":" not in str(v)}
+        scalars = {k: v for k, v in inputs.items() if k != "cfg" and not _is_manifest(v) and not isinstance(v, list)}
         blob = {
             "task": name,
             "code_version": STAGE_CODE_VERSIONS[stage],
