@@ -4,14 +4,20 @@
     llm-trm config --preset tiny compressor.d_prime=32
     llm-trm <stage> --preset {tiny,local,smollm3-3b} --store URI [key=value ...]
 
-Every command resolves one `PipelineConfig` (preset + `--store` + dotted overrides), runs the
+Every command resolves one `PipelineConfig` (preset + `--store` + dotted overrides), checks the
+store and the model source (`llm_trm_core.preflight`, before Prefect is even imported), runs the
 matching Prefect flow, and prints the artifact keys, URIs and metrics.
+
+Exit codes: 0 done; 2 something the user fixes, printed as one `error:` line naming the cause and the
+fix (bad config, unusable store, missing or incomplete model, the temporary Prefect server not
+starting in time); 1 a storage or network failure that outlived the retries, or an unexpected crash.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -19,10 +25,12 @@ from typing import Annotated, Any, Literal
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llm_trm_core.config import PRESETS, PipelineConfig, load_config
 from llm_trm_core.errors import TransientError, UserError
+from llm_trm_core.preflight import preflight
 from llm_trm_core.reporting import comparison_rows, flatten, fmt
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -30,7 +38,9 @@ err_console = Console(stderr=True)
 
 app = typer.Typer(
     name="llm-trm",
-    help="Tiny Recursive Models reasoning in an LLM's compressed hidden-state space, orchestrated by Prefect.",
+    help="Tiny Recursive Models reasoning in an LLM's compressed hidden-state space, orchestrated by Prefect. "
+    "Exit codes: 0 done; 2 a problem you fix (bad config, unusable store, missing model, Prefect server not "
+    "started in time), printed as one error line naming the fix; 1 a storage or network failure after retries.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -48,10 +58,19 @@ OverridesArg = Annotated[
 ]
 
 
+SERVER_STARTUP_TIMEOUT_S = 300
+_SERVER_TIMEOUT_TEXT = "Timed out while attempting to connect to ephemeral Prefect API server"
+_SERVER_NOTICES = ("Starting temporary server on", "Stopping temporary server on")
+
+
 def _prepare_environment() -> None:
     """Defaults that make Prefect and gcsfs behave on a fresh machine (set before they are imported)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # Prefect's default (20 s) and our former 90 s are too short on a loaded machine: the temporary
+    # server took over a minute on 2 busy cores, and Prefect counts only its 0.1 s sleeps between
+    # health checks, so the wall time is longer still. 300 s is several times the worst start seen;
+    # a machine slower than that gets one line naming the remedies (_server_start_message).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -65,6 +84,14 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("llm_trm_core").setLevel(logging.INFO)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # Prefect announces its temporary server at INFO on every run (it serves no UI); keep stderr for
+        # what matters, e.g. the one-line error when that server does not start.
+        logging.getLogger("prefect").addFilter(_hide_server_notices)
+
+
+def _hide_server_notices(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_SERVER_NOTICES)
 
 
 def resolve(preset: str, store: str | None, overrides: list[str] | None) -> PipelineConfig:
@@ -75,15 +102,56 @@ def resolve(preset: str, store: str | None, overrides: list[str] | None) -> Pipe
 
 
 def _run_guarded(fn: Callable[[], Any]) -> Any:
-    """Run `fn`, turning user errors into a one-paragraph message and exit code 2."""
+    """Run `fn`, turning user errors into one `error:` line and exit code 2."""
     try:
         return fn()
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _print_error("error:", str(exc))
         raise typer.Exit(code=2) from None
     except TransientError as exc:
-        err_console.print(f"[bold red]error (still failing after retries):[/] {exc}", highlight=False)
+        _print_error("error (still failing after retries):", str(exc))
         raise typer.Exit(code=1) from None
+    except RuntimeError as exc:
+        if _SERVER_TIMEOUT_TEXT not in str(exc):
+            raise
+        _print_error("error:", _server_start_message(str(exc)))
+        raise typer.Exit(code=2) from None
+
+
+def _print_error(label: str, message: str) -> None:
+    # soft_wrap: one line whatever the terminal width (rich would wrap at 80 columns when piped).
+    err_console.print(f"[bold red]{label}[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _server_start_message(raw: str) -> str:
+    """The one line for Prefect's "Timed out while attempting to connect to ephemeral Prefect API server"."""
+    limit = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
+    try:
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        limit = str(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    except Exception:  # the environment value above is the best we have
+        pass
+    longer = max(600, 2 * int(limit)) if limit.isdigit() else 600
+    exited = re.search(r"exited with code (-?\d+)", raw)
+    persistent = "start a persistent server (`prefect server start`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+    if exited:
+        return (
+            f"the temporary Prefect API server exited with code {exited.group(1)} without answering. Fix: "
+            f"{persistent}; its output shows why it stops."
+        )
+    return (
+        f"the temporary Prefect API server did not answer within {limit} s (the machine is probably busy). Fix: "
+        f"allow it longer (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={longer}, now {limit}) or {persistent}."
+    )
+
+
+def _checked(preset: str, store: str | None, overrides: list[str] | None) -> PipelineConfig:
+    """The resolved config, after the store and model preflight: a bad store or model fails here, in
+    about a second, before Prefect is imported or its server started."""
+    cfg: PipelineConfig = _run_guarded(lambda: resolve(preset, store, overrides))
+    _run_guarded(lambda: preflight(cfg))
+    return cfg
 
 
 def _print_manifests(results: dict[str, dict[str, Any]]) -> None:
@@ -125,7 +193,7 @@ def config(preset: PresetOption = "tiny", store: StoreOption = None, overrides: 
 @app.command()
 def pipeline(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Run every stage that exists, end to end, each cached by its store key."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.pipeline import pipeline as pipeline_flow
 
     results = _run_guarded(lambda: pipeline_flow(cfg))
@@ -136,7 +204,7 @@ def pipeline(preset: PresetOption = "local", store: StoreOption = None, override
 @app.command()
 def grpo(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.grpo import grpo_flow
 
     _print_grpo(_run_guarded(lambda: grpo_flow(cfg)))
@@ -177,10 +245,10 @@ def compressor(
     phase: Annotated[str, typer.Option("--phase", help="1a (plain text) or 1b (thinking traces).")] = "1a",
 ) -> None:
     """Stage 1: train the tied linear compressor D -> D' (hidden states cached, closed form and/or SGD)."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
     if phase not in ("1a", "1b"):
-        err_console.print(f"[bold red]error:[/] --phase must be 1a or 1b, got {phase!r}")
+        _print_error("error:", f"--phase must be 1a or 1b, got {phase!r}")
         raise typer.Exit(code=2)
+    cfg = _checked(preset, store, overrides)
     if phase == "1b":
         err_console.print("phase 1b: generating thinking traces first (datagen), then fine-tuning the 1a compressor")
     from flows.compressor import compressor_flow
@@ -192,7 +260,7 @@ def compressor(
 @app.command()
 def datagen(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.datagen import datagen_flow
 
     _print_manifests(_run_guarded(lambda: datagen_flow(cfg)))
@@ -201,7 +269,7 @@ def datagen(preset: PresetOption = "local", store: StoreOption = None, overrides
 @app.command()
 def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.datagen import pairs_flow
 
     _print_manifests(_run_guarded(lambda: pairs_flow(cfg)))
@@ -210,7 +278,7 @@ def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: 
 @app.command()
 def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test)."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.trm import trm_flow
 
     results = _run_guarded(lambda: trm_flow(cfg))
@@ -237,7 +305,7 @@ def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: Ov
 @app.command()
 def latent(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.latent import latent_flow
 
     _print_manifests(_run_guarded(lambda: latent_flow(cfg)))
@@ -246,7 +314,7 @@ def latent(preset: PresetOption = "local", store: StoreOption = None, overrides:
 @app.command()
 def evaluate(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.latent import evaluate_flow
 
     results = _run_guarded(lambda: evaluate_flow(cfg))
@@ -271,7 +339,7 @@ def _print_evaluation(manifest: dict[str, Any]) -> None:
 @app.command()
 def sweep(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report."""
-    cfg = _run_guarded(lambda: resolve(preset, store, overrides))
+    cfg = _checked(preset, store, overrides)
     from flows.compressor import sweep_flow
 
     results = _run_guarded(lambda: sweep_flow(cfg))

@@ -49,3 +49,14 @@ def require_hub(what: str, offline_alternative: str) -> None:
     raise HubUnavailableError(
         f"{what} needs the Hugging Face hub, but {reason}. Offline alternative: {offline_alternative}"
     )
+
+
+def in_local_hub_cache(repo_id: str, filename: str = "config.json", revision: str | None = None) -> bool:
+    """Whether `filename` of hub repo `repo_id` is in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except ValueError:  # HFValidationError: not a repo id (e.g. a path)
+        return False
+    return isinstance(found, str)

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
+from llm_trm_core.preflight import preflight
 from tasks.logs import core_logs_to_prefect
 
 
@@ -30,7 +31,10 @@ def check_attempts(max_attempts: int) -> None:
 
 @contextmanager
 def flow_guard(cfg: PipelineConfig) -> Iterator[None]:
-    """Enter every flow through this: the attempt bound, then core logs routed to the run's log."""
+    """Enter every flow through this: the attempt bound, core logs routed to the run's log, then the
+    store and model preflight, so a run submitted from the UI or a deployment fails on an unusable store
+    or a missing model with the same one-line message as the CLI (before any task takes a lock)."""
     check_attempts(cfg.runtime.max_flow_attempts)
     with core_logs_to_prefect():
+        preflight(cfg)
         yield

