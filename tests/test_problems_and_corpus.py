@@ -10,6 +10,7 @@ import pytest
 from llm_trm_core.config import CorpusConfig, ProblemsConfig
 from llm_trm_core.data.corpus import iter_corpus
 from llm_trm_core.data.problems import PROBLEM_SCHEMA, ProblemSet, _assign_split, _build, load_problems
+from llm_trm_core.data.splits import allocate, interleave
 from llm_trm_core.errors import HubUnavailableError
 
 
@@ -79,3 +80,37 @@ def test_offline_corpus_reaches_the_local_preset_size() -> None:
     docs = list(iter_corpus(CorpusConfig(num_documents=400)))
     assert len(docs) == 400
     assert sum(len(d.text) for d in docs) > 300_000
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [{"train": 6726, "val": 747, "test": 1319}, {"train": 45, "val": 6, "test": 13}, {"train": 5, "val": 0, "test": 5}],
+)
+def test_interleave_is_a_proportional_prefix_order(sizes: dict[str, int]) -> None:
+    order = list(interleave(sizes))
+    total = sum(sizes.values())
+    assert sorted(order) == sorted((s, i) for s, n in sizes.items() for i in range(n))  # every item once
+    assert order == list(interleave(dict(sizes)))  # a function of the sizes alone
+    for split in sizes:  # each split keeps its own order
+        assert [i for s, i in order if s == split] == list(range(sizes[split]))
+    seen = Counter[str]()
+    for n, (split, _) in enumerate(order, start=1):  # every prefix is proportional, to within one
+        seen[split] += 1
+        assert all(abs(seen[s] - n * sizes[s] / total) <= 1 for s in sizes), (n, seen)
+        if n in (1, 10, 100, 1000):
+            assert allocate(sizes, n) == {s: seen[s] for s in sizes}
+    assert allocate(sizes, total + 5) == sizes
+
+
+def test_gsm8k_sized_allocation() -> None:
+    assert allocate({"train": 6726, "val": 747, "test": 1319}, 1000) == {"train": 765, "val": 85, "test": 150}
+
+
+def test_stratified_selection_of_generated_problems_is_nested_and_per_split() -> None:
+    ps = load_problems(ProblemsConfig(num_generated=64))
+    small, large = ps.select_stratified(24), ps.select_stratified(40)
+    assert large[:24] == small and len({p.id for p in large}) == 40
+    assert {p.split for p in small} == {"train", "val", "test"}
+    everything = ps.select_stratified(10_000)  # more than there are: all of them, once
+    assert len(everything) == len(ps.problems) and {p.id for p in everything} == {p.id for p in ps.problems}
+    assert ps.select_split("test", 5) == ps.split("test")[:5] and ps.select_split("val", 999) == ps.split("val")

@@ -6,13 +6,25 @@
   cut into train / val / test by problem id.
 - `arithmetic`: reasoning-gym `basic_arithmetic` expressions (terms x digits set the difficulty), the
   same way: an easier curriculum where a small LM earns rewards often enough for GRPO.
+- `file`: your own Parquet or JSON Lines file(s) at `problems.path` (a file, a folder or a glob, local or
+  any fsspec URL such as `gs://`), with columns `question` and `answer` (GSM8K's text ending in a
+  `#### N` line, or a number) and optionally `split` (`train` / `val` / `test`; `validation` and `dev`
+  mean val). With a split column, its test rows are the test split and, when no row says val, a
+  `problems.val_fraction` share of the train rows is held out by id, as for GSM8K; without one, rows are
+  cut by id like the generated sources.
 Ids are content hashes of the question, so duplicates collapse and a question never sits in two splits.
-Problems with an empty question or no parseable gold answer are rejected and counted, never used.
+Problems with an empty question, no parseable gold answer or an empty split value are rejected and
+counted, never used; a file that cannot be used at all is a `ConfigError` naming the file and the fix.
+
+Which problems a stage takes is a count per split (`select_split`), or for datagen a stratified prefix
+(`select_stratified`): the splits interleaved in proportion to their sizes, each in problem-set order.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -23,7 +35,9 @@ import pyarrow as pa
 
 from llm_trm_core.config import ProblemsConfig
 from llm_trm_core.data.answers import parse_gold
-from llm_trm_core.data.splits import content_id, unit_hash
+from llm_trm_core.data.files import DataFiles, iter_jsonl, kind_of, list_files, parquet_columns, read_parquet
+from llm_trm_core.data.splits import content_id, interleave, unit_hash
+from llm_trm_core.errors import ConfigError
 from llm_trm_core.hub import require_hub
 
 logger = logging.getLogger(__name__)
@@ -59,6 +73,17 @@ class ProblemSet:
 
     def split(self, name: Split) -> list[Problem]:
         return [p for p in self.problems if p.split == name]
+
+    def select_split(self, name: Split, n: int) -> list[Problem]:
+        """The first `n` problems of one split, in problem-set order (all of them when it has fewer)."""
+        return self.split(name)[:n]
+
+    def select_stratified(self, n: int) -> list[Problem]:
+        """The first `n` of the splits interleaved in proportion to their sizes (see `splits.interleave`):
+        each split gets its share of `n` (to within one), and a larger `n` extends a smaller one."""
+        by_split: dict[str, list[Problem]] = {name: self.split(name) for name in SPLITS}
+        order = interleave({name: len(items) for name, items in by_split.items()})
+        return [by_split[name][i] for name, i in itertools.islice(order, n)]
 
     def counts(self) -> dict[str, int]:
         counter = Counter(p.split for p in self.problems)
@@ -117,6 +142,8 @@ def load_problems(cfg: ProblemsConfig) -> ProblemSet:
             lambda id_: _assign_split(id_, cfg.test_fraction, cfg.val_fraction),
             rejected,
         )
+    elif cfg.source == "file":
+        problems = _file_problems(cfg, rejected)
     else:
         require_hub(f"problems.source=gsm8k ({cfg.hub_id})", "set problems.source=gsm_symbolic (reasoning-gym)")
         from datasets import load_dataset
@@ -134,6 +161,139 @@ def load_problems(cfg: ProblemsConfig) -> ProblemSet:
     if rejected:
         logger.warning("rejected problems: %s", dict(rejected))
     return ProblemSet(problems, dict(rejected))
+
+
+# Rows per split of hub datasets whose sizes are known without downloading them: (train, test).
+HUB_SPLIT_ROWS: dict[tuple[str, str], tuple[int, int]] = {
+    ("openai/gsm8k", "main"): (7473, 1319),
+    ("openai/gsm8k", "socratic"): (7473, 1319),
+}
+
+
+def split_sizes(cfg: ProblemsConfig) -> dict[str, int] | None:
+    """Problems per split without loading a model: exact for the generated sources and files (they are read,
+    which takes well under a second for GSM8K-sized sets), estimated for known hub datasets (official
+    sizes, val = `val_fraction` of train), None for other hub datasets."""
+    if cfg.source == "gsm8k":
+        rows = HUB_SPLIT_ROWS.get((cfg.hub_id, cfg.hub_config))
+        if rows is None:
+            return None
+        train, test = rows
+        val = round(train * cfg.val_fraction)
+        return {"train": train - val, "val": val, "test": test}
+    return load_problems(cfg).counts()
+
+
+# ---------------------------------------------------------------------------------------------
+# problems.source=file
+
+SPLIT_NAMES: dict[str, Split] = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test",
+}  # fmt: skip
+COLUMNS_HELP = (
+    "columns 'question' and 'answer' (GSM8K style: the answer's last line is '#### N', or a number), "
+    "optionally 'split' (train/val/test)"
+)
+
+
+def _answer(value: Any) -> tuple[str, float | None]:
+    """(answer_text, value) of an answer cell: GSM8K text (value parsed later) or a finite number."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        number = float(value)
+        return f"#### {int(number) if number.is_integer() else number}", number
+    return "", None
+
+
+def _file_rows(files: DataFiles, path: str) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of one problem file (question, answer, split) and whether it has a split column."""
+    if kind_of(path) == "parquet":
+        names = parquet_columns(files, path)
+        missing = [c for c in ("question", "answer") if c not in names]
+        if missing:
+            raise ConfigError(
+                f"{files.name(path)} has no {' or '.join(repr(c) for c in missing)} column (it has: "
+                f"{', '.join(names) or 'none'}); problem files need {COLUMNS_HELP}"
+            )
+        wanted = [c for c in ("question", "answer", "split") if c in names]
+        return read_parquet(files, path, wanted), "split" in names
+    rows = list(iter_jsonl(files, path))
+    keys = set().union(*(row.keys() for row in rows)) if rows else set()
+    missing = [c for c in ("question", "answer") if c not in keys]
+    if missing:
+        raise ConfigError(
+            f"{files.name(path)} has no {' or '.join(repr(c) for c in missing)} field in any line "
+            f"(fields: {', '.join(sorted(keys)) or 'none'}); problem files need {COLUMNS_HELP}"
+        )
+    return rows, "split" in keys
+
+
+def _file_problems(cfg: ProblemsConfig, rejected: Counter[str]) -> list[Problem]:
+    files = list_files(cfg.path, "problems.path", ("parquet", "jsonl"))
+    rows: list[tuple[str, str, float | None]] = []
+    labels: dict[str, Split] = {}  # id -> the split its first row names
+    with_split: list[str] = []
+    for path in files.paths:
+        file_rows, has_split = _file_rows(files, path)
+        if has_split:
+            with_split.append(path)
+        for row in file_rows:
+            question = row.get("question")
+            question = "" if question is None else str(question)
+            answer_text, value = _answer(row.get("answer"))
+            if has_split:
+                raw = row.get("split")
+                label = str(raw).strip().lower() if raw is not None else ""
+                if not label:
+                    rejected["no_split"] += 1
+                    continue
+                if label not in SPLIT_NAMES:
+                    raise ConfigError(
+                        f"{files.name(path)}: split value {raw!r} is not one of {', '.join(SPLIT_NAMES)}; "
+                        "fix the split column or drop it to split by problems.test_fraction / problems.val_fraction"
+                    )
+                labels.setdefault(content_id("file", question.strip()), SPLIT_NAMES[label])
+            rows.append((question, answer_text, value))
+    if with_split and len(with_split) != len(files.paths):
+        without = next(p for p in files.paths if p not in with_split)
+        raise ConfigError(
+            f"{files.name(without)} has no split column but {files.name(with_split[0])} has one; "
+            "give every problem file a split column, or none"
+        )
+    if with_split:
+        has_val = "val" in labels.values()
+
+        def split_of(id_: str) -> Split:
+            label = labels[id_]
+            return _assign_split(id_, 0.0, cfg.val_fraction) if label == "train" and not has_val else label
+
+    else:
+
+        def split_of(id_: str) -> Split:
+            return _assign_split(id_, cfg.test_fraction, cfg.val_fraction)
+
+    problems = _build(rows, "file", split_of, rejected)
+    where = f"problems.path={cfg.path!r}" + (f" ({len(files.paths)} files)" if len(files.paths) > 1 else "")
+    if not problems:
+        raise ConfigError(
+            f"{where}: none of its {sum(rejected.values())} rows is usable (rejected: {dict(rejected)}); "
+            f"problem files need {COLUMNS_HELP}, with a non-empty question on every row"
+        )
+    if with_split:
+        present = {p.split for p in problems}
+        for split, fix in (
+            ("train", "add rows with split=train"),
+            ("test", "add rows with split=test"),
+        ):
+            if split not in present:
+                raise ConfigError(
+                    f"{where}: no usable {split} rows in the split column; {fix}, or drop the split column to "
+                    "cut the problems by problems.test_fraction / problems.val_fraction"
+                )
+    return problems
 
 
 def _reasoning_gym(name: str, **kwargs: Any) -> Any:

@@ -1,12 +1,13 @@
 """Stage 2 data: `datagen`.
 
-Problems (the first `datagen.num_problems` of the problem set, all splits) are cut into shards of
-`datagen.shard_size` by index. Each shard is its own artifact (`datagen-shard`), so shards can be
-mapped over workers and a committed shard is never redone. Inside a shard, every generate batch is
-published as a part named by its index range (states first, rows last); a shard that was killed
-resumes at the end of its last complete part: no duplicates, no gaps. The `datagen` artifact then
-aggregates the shards into a report (success rate, failure and end-of-span breakdown, think-mode
-accuracy, thinking-length histogram).
+Problems (`datagen.num_problems` of the problem set, drawn from train / val / test in proportion to their
+sizes: `ProblemSet.select_stratified`, llm_trm_core/plan.py) are cut into shards of `datagen.shard_size`
+by index; a larger count extends a smaller one, so a shard's index range always names the same problems.
+Each shard is its own artifact (`datagen-shard`), so shards can be mapped over workers and a committed
+shard is never redone. Inside a shard, every generate batch is published as a part named by its index
+range (states first, rows last); a shard that was killed resumes at the end of its last complete part:
+no duplicates, no gaps. The `datagen` artifact then aggregates the shards into a report (success rate,
+problems per split, failure and end-of-span breakdown, think-mode accuracy, thinking-length histogram).
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class ShardSpec:
 
 
 def datagen_problems(store: ArtifactStore, problems: Manifest, cfg: PipelineConfig) -> list[Problem]:
-    items = read_problems(store, problems).problems
-    if not items:
+    problem_set = read_problems(store, problems)
+    if not problem_set.problems:
         raise UserError("the problem set is empty; check the problems stage")
-    return items[: cfg.datagen.num_problems]
+    return problem_set.select_stratified(cfg.datagen.num_problems)
 
 
 def plan_shards(cfg: PipelineConfig, n_problems: int) -> list[ShardSpec]:
@@ -221,6 +222,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "think_tokens_mean": sum(lengths) / len(lengths) if lengths else 0.0,
         "think_tokens_median": lengths[len(lengths) // 2] if lengths else 0,
         "splits": dict(Counter(r["split"] for r in ok)),
+        "problems_per_split": dict(Counter(r["split"] for r in rows)),
     }
 
 

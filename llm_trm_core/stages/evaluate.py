@@ -129,9 +129,9 @@ def run_evaluate(
         return manifest
     check_lineage(trm, compressor, store, latent)
     ev = cfg.evaluate
-    test = read_problems(store, problems).split("test")[: ev.num_problems]
+    test = read_problems(store, problems).select_split("test", ev.num_problems)
     if not test:
-        raise UserError("the problem set has no test problems to evaluate")
+        raise UserError("the problem set has no test problems to evaluate; raise problems.test_fraction")
     if grpo is not None and grpo.upstream.get("latent") != latent.key:
         raise UserError(
             f"the GRPO artifact {grpo.uri} started from latent {grpo.upstream.get('latent')}, not {latent.key}"

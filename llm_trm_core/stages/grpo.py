@@ -152,7 +152,7 @@ def run_grpo(
     check_lineage(trm, compressor, store, latent)
     started = time.perf_counter()
     problem_set = read_problems(store, problems)
-    train, test = problem_set.split("train"), problem_set.split("test")[: g.eval_problems]
+    train, test = problem_set.split("train"), problem_set.select_split("test", g.eval_problems)
     if not train or not test:
         raise UserError(
             f"the GRPO problem set has no train or test problems ({problem_set.counts()}); "

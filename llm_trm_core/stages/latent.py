@@ -28,6 +28,7 @@ from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import resolve_layer
 from llm_trm_core.latent.reasoner import Arm, LatentProjector, LatentReasoner, embedding_rms
 from llm_trm_core.lm import LoadedLM, load_language_model
+from llm_trm_core.plan import latent_val_count
 from llm_trm_core.stages.compressor import load_compressor
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.problems import read_problems
@@ -146,10 +147,13 @@ def run_latent(
     start_time = time.perf_counter()
     lat = cfg.latent
     problem_set = read_problems(store, problems)
-    train = problem_set.split("train")[: lat.num_problems]
-    val = problem_set.split("val")[: max(lat.batch_size, lat.num_problems // 4)]
+    train = problem_set.select_split("train", lat.num_problems)
+    val = problem_set.select_split("val", latent_val_count(lat))
     if not train or not val:
-        raise UserError(f"the problem set has no train/val problems for the latent stage ({problem_set.counts()})")
+        raise UserError(
+            f"the problem set has no train/val problems for the latent stage ({problem_set.counts()}); "
+            "raise problems.val_fraction or the problem set's size"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed)
         reasoner = build_reasoner(cfg, store, compressor, trm)
