@@ -1,21 +1,53 @@
-"""Arrow helpers for hidden-state columns: fixed-size float lists and sequences of them."""
+"""Arrow helpers for hidden-state columns (fixed-size float lists and sequences of them), and Parquet
+reading and writing for artifacts.
+
+Every Parquet file is written with page checksums (CRC32 of each data and dictionary page, as stored)
+and read through `read_parquet`: the whole file is read once and checked against the manifest's sha256
+(llm_trm_core.store), so the footer (schema, row groups, key-value metadata), page headers and pages are
+all covered before anything is parsed; the page checksums are verified as the pages are decoded on top of
+that. They also make a shard self-checking for any Parquet reader outside the store, and catch a page that
+was corrupted before a resumed writer adopted the file (its sha256 is then taken from the bad bytes).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_trm_core.errors import ArtifactCorruptError
+from llm_trm_core.store import recompute_hint
+
+if TYPE_CHECKING:
+    from llm_trm_core.store import Artifact, ArtifactWriter
 
 FLOAT_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+# Tables of scalars (problems, generation rows).
+TABLE_WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_page_checksum": True}
 
 # Float columns get neither dictionary encoding nor min/max statistics (useless for them, and 2-3x slower).
 STATE_WRITE_OPTIONS: dict[str, Any] = {
     "use_dictionary": ["id", "split", "doc_id"],
     "write_statistics": ["id", "split", "doc_id", "pre_len", "position"],
     "compression": "zstd",
+    "write_page_checksum": True,
 }
+
+
+def read_parquet(source: Artifact | ArtifactWriter, relpath: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file of a committed artifact (or one its writer wrote), verified before it is parsed."""
+    data = source.read_bytes(relpath)  # size + sha256 against the manifest: every byte of the file
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:  # a page checksum mismatch is an OSError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArtifactCorruptError(
+            f"{source.file_uri(relpath)} is not a valid Parquet file ({first}); {recompute_hint(source.uri)}"
+        ) from exc
 
 
 def pair_schema(dim: int, dtype: str, name: str, version: str, metadata: dict[str, str] | None = None) -> pa.Schema:

@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS
+from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS, read_parquet
 from llm_trm_core.compressor.metrics import LMHead
 from llm_trm_core.errors import UserError
 from llm_trm_core.store import Artifact, ArtifactWriter
@@ -193,8 +193,7 @@ class HiddenStates:
 
     def read_shard(self, name: str) -> torch.Tensor:
         """All states of one shard as a float32 (rows, D) tensor."""
-        with self.artifact.open(name) as f:
-            column = pq.read_table(f, columns=["state"]).column("state").combine_chunks()
+        column = read_parquet(self.artifact, name, columns=["state"]).column("state").combine_chunks()
         flat = column.values.to_numpy(zero_copy_only=False)
         states = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(-1, self.hidden_size))  # owned copy
         if not torch.isfinite(states).all():

@@ -10,7 +10,22 @@ slow), so a reader never sees a half-written file under its final name.
     with store.writer("problems", key, config=cfg_dict) as w:
         w.write_bytes("problems.parquet", data)
         w.commit(metrics={"rows": 10})
-    art = store.open("problems", key)          # verified against the manifest
+    art = store.open("problems", key)          # files present with their sizes
+    table = read_parquet(art, "problems.parquet")  # llm_trm_core.arrow; bytes verified before parsing
+
+Integrity: what is verified, and when.
+- `_MANIFEST.json` carries `manifest_sha256`, the sha256 of the canonical JSON of all its other fields
+  except `uri` (a location, not content: readers report where the artifact is now). `read_manifest`
+  checks it on every read, and that the manifest names the stage and key of its folder, so a hand-edited
+  metric or a manifest copied into another folder is refused with an error naming the manifest.
+- `open` checks that every listed file exists with its recorded size (one listing; nothing is read).
+- every byte handed out is verified first: `Artifact.read_bytes` (and `read_json`, `open`) reads the
+  whole file once and compares its size and sha256 with the manifest before returning it. Parquet goes
+  through `llm_trm_core.arrow.read_parquet`, which parses those verified bytes, so the footer, page
+  headers and pages are all covered; the pages' own CRC32 checksums are verified as well while decoding.
+- any mismatch raises ArtifactCorruptError with one line: the file, what differs, and "delete <folder>
+  and re-run; it will be recomputed". `open(verify="sha256")` hashes every file up front.
+Not covered: training checkpoints under `checkpoints/` (resume state, never listed in a manifest).
 """
 
 from __future__ import annotations
@@ -38,10 +53,9 @@ from llm_trm_core.provenance import git_sha, package_version
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_MANIFEST.json"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: manifest_sha256
 TMP_MARKER = ".tmp-"
 CHECKPOINTS_DIR = "checkpoints"
-CHEAP_SHA_BYTES = 1 << 20  # files up to 1 MiB get their sha256 checked on every open
 _OBJECT_STORE_PROTOCOLS = {"gs", "gcs", "s3", "s3a", "az", "abfs", "abfss"}
 
 
@@ -54,6 +68,18 @@ def stage_key(stage: str, code_version: str, config: Mapping[str, Any], upstream
         "upstream": dict(sorted(upstream.items())),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def recompute_hint(folder_uri: str) -> str:
+    """The fix for any corrupt artifact (the same words in every integrity error)."""
+    return f"delete {folder_uri} and re-run; it will be recomputed"
+
+
+def manifest_digest(fields: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a manifest's fields, without `uri` and `manifest_sha256`."""
+    content = {k: v for k, v in fields.items() if k not in ("uri", "manifest_sha256")}
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -75,7 +101,7 @@ class Manifest(BaseModel):
     schema_version: int = MANIFEST_SCHEMA_VERSION
     stage: str
     key: str
-    uri: str
+    uri: str  # where the artifact is now (the file keeps where it was committed; not part of the digest)
     code_version: str
     config: dict[str, Any]
     upstream: dict[str, str]
@@ -85,6 +111,7 @@ class Manifest(BaseModel):
     git_sha: str | None
     created_at: str
     completed_at: str
+    manifest_sha256: str  # manifest_digest() of the fields above
 
 
 class ArtifactStore:
@@ -134,20 +161,44 @@ class ArtifactStore:
 
     # -- reading -----------------------------------------------------------------------------
     def read_manifest(self, stage: str, key: str) -> Manifest | None:
-        """The manifest if the artifact is committed, else None."""
+        """The manifest if the artifact is committed, else None; its digest, stage and key are checked."""
         path = self.path(stage, key, MANIFEST_NAME)
         try:
             with self.reachable(), self.fs.open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
+        where, fix = self.uri(stage, key, MANIFEST_NAME), recompute_hint(self.uri(stage, key))
         try:
-            return Manifest.model_validate_json(raw)
+            fields = json.loads(raw)
         except ValueError as exc:
+            raise ArtifactCorruptError(f"{where} is not valid JSON ({exc}); {fix}") from exc
+        if not isinstance(fields, dict):
+            raise ArtifactCorruptError(f"{where} is not a manifest (a JSON object); {fix}")
+        version = fields.get("schema_version")
+        if version != MANIFEST_SCHEMA_VERSION:
             raise ArtifactCorruptError(
-                f"{self.uri(stage, key, MANIFEST_NAME)} is not a valid manifest ({exc}); "
-                "delete the folder to recompute the stage"
-            ) from exc
+                f"{where} has manifest schema {version}, this llm-trm reads {MANIFEST_SCHEMA_VERSION} (with a "
+                f"content digest); {fix}"
+            )
+        try:
+            digest = manifest_digest(fields)
+        except ValueError as exc:  # NaN/Infinity: never written by commit()
+            raise ArtifactCorruptError(f"{where} holds a non-finite number ({exc}); {fix}") from exc
+        if fields.get("manifest_sha256") != digest:
+            raise ArtifactCorruptError(
+                f"{where} does not match its manifest_sha256 (edited or corrupted after commit); {fix}"
+            )
+        try:
+            manifest = Manifest.model_validate(fields)
+        except ValueError as exc:
+            first = str(exc).splitlines()[0]
+            raise ArtifactCorruptError(f"{where} is not a valid manifest ({first}); {fix}") from exc
+        if (manifest.stage, manifest.key) != (stage, key):
+            raise ArtifactCorruptError(
+                f"{where} belongs to {manifest.stage}/{manifest.key}, not to the folder it is in; {fix}"
+            )
+        return manifest.model_copy(update={"uri": self.uri(stage, key)})
 
     def is_committed(self, stage: str, key: str) -> bool:
         with self.reachable():
@@ -156,7 +207,8 @@ class ArtifactStore:
     def open(self, stage: str, key: str, verify: Literal["size", "sha256"] = "size") -> Artifact:
         """A committed artifact, checked against its manifest.
 
-        verify="size" checks every file's size and the sha256 of small files; "sha256" hashes all.
+        verify="size" checks that every file exists with its size (file contents are verified as they are
+        read); "sha256" also hashes every file now.
         """
         manifest = self.read_manifest(stage, key)
         if manifest is None:
@@ -241,11 +293,13 @@ class Artifact:
         return self.store.uri(self.stage, self.key, relpath)
 
     def open(self, relpath: str) -> IO[bytes]:
-        return self.store.fs.open(self.path(relpath), "rb")
+        """The file's verified contents as an in-memory binary file (see `read_bytes`)."""
+        return io.BytesIO(self.read_bytes(relpath))
 
     def read_bytes(self, relpath: str) -> bytes:
-        with self.open(relpath) as f:
-            return f.read()
+        """The whole file, read once and checked against the manifest's size and sha256 before it is returned."""
+        self._require(relpath)
+        return _read_verified(self.store, self.stage, self.key, relpath, self.manifest.files[relpath])
 
     def read_json(self, relpath: str) -> Any:
         return json.loads(self.read_bytes(relpath))
@@ -254,35 +308,31 @@ class Artifact:
         return sorted(p for p in self.manifest.files if p.startswith(prefix))
 
     def verify(self, deep: bool = False) -> None:
-        """Raise ArtifactCorruptError if a file is missing or differs from the manifest."""
+        """Raise ArtifactCorruptError if a file is missing or has another size (deep: or sha256) than listed."""
         fs = self.store.fs
         folder = self.store.path(self.stage, self.key)
-        try:
-            found = fs.find(folder, detail=True)
-        except FileNotFoundError:
-            found = {}
+        with self.store.reachable():
+            try:
+                found = fs.find(folder, detail=True)
+            except FileNotFoundError:
+                found = {}
         sizes = {}
         for path, info in found.items():
             rel = str(path)[len(folder) :].lstrip("/") if str(path).startswith(folder) else str(path)
             sizes[rel] = int(info.get("size") or 0)
+        fix = recompute_hint(self.uri)
         for rel, entry in self.manifest.files.items():
             if rel not in sizes:
-                raise ArtifactCorruptError(
-                    f"{self.file_uri(rel)} is listed in the manifest but missing; delete "
-                    f"{self.uri} to recompute the stage"
-                )
+                raise ArtifactCorruptError(f"{self.file_uri(rel)} is listed in the manifest but missing; {fix}")
             if sizes[rel] != entry.size:
                 raise ArtifactCorruptError(
-                    f"{self.file_uri(rel)} has {sizes[rel]} bytes, the manifest says {entry.size}; delete "
-                    f"{self.uri} to recompute the stage"
+                    f"{self.file_uri(rel)} has {sizes[rel]} bytes, the manifest says {entry.size}; {fix}"
                 )
-            if deep or entry.size <= CHEAP_SHA_BYTES:
-                digest = _sha256_of(fs, self.store.path(self.stage, self.key, rel))
+            if deep:
+                with self.store.reachable():
+                    digest = _sha256_of(fs, self.store.path(self.stage, self.key, rel))
                 if digest != entry.sha256:
-                    raise ArtifactCorruptError(
-                        f"{self.file_uri(rel)} does not match its sha256 in the manifest; delete "
-                        f"{self.uri} to recompute the stage"
-                    )
+                    raise ArtifactCorruptError(f"{self.file_uri(rel)} does not match its sha256 in the manifest; {fix}")
 
     def _require(self, relpath: str) -> None:
         if relpath not in self.manifest.files:
@@ -360,6 +410,16 @@ class ArtifactWriter:
         _check_relpath(relpath)
         return self.store.path(self.stage, self.key, relpath)
 
+    def file_uri(self, relpath: str) -> str:
+        return self.store.fs.unstrip_protocol(self.final_path(relpath))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """A file this writer wrote or adopted, checked against the size and sha256 it recorded."""
+        entry = self.files.get(relpath)
+        if entry is None:
+            raise ArtifactError(f"{self.file_uri(relpath)} was not written by this writer; it cannot be read back")
+        return _read_verified(self.store, self.stage, self.key, relpath, entry)
+
     @contextmanager
     def open(self, relpath: str) -> Iterator[IO[bytes]]:
         """Binary file to write `relpath`; published under its final name when the block exits cleanly."""
@@ -398,7 +458,7 @@ class ArtifactWriter:
 
     def commit(self, metrics: Mapping[str, Any] | None = None) -> Manifest:
         """Write `_MANIFEST.json` last: from now on the artifact exists for every reader."""
-        manifest = Manifest(
+        draft = Manifest(
             stage=self.stage,
             key=self.key,
             uri=self.uri,
@@ -411,10 +471,15 @@ class ArtifactWriter:
             git_sha=git_sha(),
             created_at=self.created_at,
             completed_at=_now(),
+            manifest_sha256="",
         )
-        body = manifest.model_dump_json(indent=2).encode("utf-8")
+        fields = json.loads(draft.model_dump_json())  # exactly what readers will parse (NaN -> null)
+        fields["manifest_sha256"] = manifest_digest(fields)
+        manifest = Manifest.model_validate(fields)
+        body = json.dumps(fields, indent=2).encode("utf-8")
         final = self.store.path(self.stage, self.key, MANIFEST_NAME)
         tmp = f"{final}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+        self.store.fs.makedirs(self.store.path(self.stage, self.key), exist_ok=True)  # an artifact may have no files
         with self.store.fs.open(tmp, "wb") as f:
             f.write(body)
         self.store.publish(tmp, final)
@@ -440,6 +505,21 @@ def _check_relpath(relpath: str) -> None:
         raise ArtifactError(f"invalid artifact file name {relpath!r}: use a relative path like 'shards/0.parquet'")
     if parts[-1] == MANIFEST_NAME or TMP_MARKER in relpath:
         raise ArtifactError(f"artifact file name {relpath!r} is reserved")
+
+
+def _read_verified(store: ArtifactStore, stage: str, key: str, relpath: str, entry: FileEntry) -> bytes:
+    """Read a whole file once; refuse it unless its size and sha256 are the recorded ones."""
+    where, fix = store.uri(stage, key, relpath), recompute_hint(store.uri(stage, key))
+    try:
+        with store.reachable(), store.fs.open(store.path(stage, key, relpath), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ArtifactCorruptError(f"{where} is listed in the manifest but missing; {fix}") from None
+    if len(data) != entry.size:
+        raise ArtifactCorruptError(f"{where} has {len(data)} bytes, the manifest says {entry.size}; {fix}")
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ArtifactCorruptError(f"{where} does not match its sha256 in the manifest (corrupted); {fix}")
+    return data
 
 
 def _sha256_of(fs: AbstractFileSystem, path: str) -> str:

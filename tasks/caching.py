@@ -4,9 +4,13 @@ Every stage task runs as `cached(task, cfg)(...)`:
 - cache key = sha256 of the task name, the stage's code version, the stage's config view (the same
   sections that make up its artifact key, llm_trm_core.stages.keys) and its upstream artifact keys: the
   ingredients of the store key, so a config change re-runs exactly the stages whose artifacts change;
-- Prefect's cache records (`_prefect/cache-keys`) and results (`_prefect/results`, JSON manifests) live
-  under the store root, so every worker reads them and a fresh Prefect database still hits the cache;
-- a record whose artifact was deleted from the store is dropped before lookup (the stage recomputes);
+- Prefect's cache records (`_prefect/cache-keys`) and results (`_prefect/results`) live under the store
+  root, so every worker reads them and a fresh Prefect database still hits the cache;
+- a result holds only the artifact's stage and key (`ManifestRefSerializer`): a cache hit is answered by
+  reading the manifest from the store the task run uses (digest-checked), so after a store is copied or
+  moved the returned manifest carries the current root's URIs and the store's values, never a stale copy;
+- a record whose artifact was deleted from the store is dropped before lookup (the stage recomputes), and
+  so is one holding a copy of a manifest (written by an older llm-trm);
 - SERIALIZABLE isolation with leased store locks (`_prefect/locks`): two runs of one config compute
   each stage once, the second waits and then reads the cached result;
 - without a record (new root, records deleted) the task still finds the committed manifest and
@@ -28,10 +32,12 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.locking.protocol import LockManager
 from prefect.results import ResultStore
-from prefect.serializers import JSONSerializer
+from prefect.serializers import JSONSerializer, Serializer
 from prefect.transactions import IsolationLevel
+from pydantic import Field
 
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.errors import ArtifactError, ArtifactNotCommittedError
 from llm_trm_core.locks import StoreLocks
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, stage_config
 from llm_trm_core.store import ArtifactStore
@@ -39,6 +45,7 @@ from llm_trm_core.store import ArtifactStore
 logger = logging.getLogger(__name__)
 
 PREFECT_DIR = "_prefect"
+MANIFEST_REF = "llm-trm-manifest-ref"  # the serializer type recorded in every result's metadata
 T = TypeVar("T", bound=Task[Any, Any])
 
 # task name -> the stage whose config view and code version key it
@@ -99,29 +106,73 @@ class StoreKeyPolicy(CachePolicy):
         return key
 
     def _drop_stale_record(self, key: str) -> None:
-        """A record pointing at an artifact that is no longer committed must not be served."""
+        """Drop a record the store cannot answer now, before Prefect looks it up.
+
+        Its artifact is gone (the stage recomputes), its manifest is unreadable or corrupt (the task then
+        reads the store itself and raises the error naming it), or it holds a copy of a manifest (older
+        llm-trm). Checked here, before the transaction takes its lock, because an error raised while
+        Prefect reads a cache hit leaves that lock held.
+        """
         store = ArtifactStore(self.root)
         record_path = f"{store.base}/{PREFECT_DIR}/cache-keys/{key}"
         if not store.fs.exists(record_path):
             return
         try:
-            results = ResultStore(
-                result_storage=_block(result_storage_for(self.root)),
-                metadata_storage=_block(key_storage_for(self.root)),
-                serializer=JSONSerializer(),
+            record = _result_store(self.root).read(key)  # resolves the reference through the store
+        except ArtifactNotCommittedError as exc:
+            logger.warning("%s: dropping its cache record", exc)
+        except Exception as exc:
+            logger.warning("dropping Prefect cache record %s, the store cannot answer it: %s", key, exc)
+        else:
+            if record.metadata.serializer.type == MANIFEST_REF:
+                return
+            logger.warning("dropping Prefect cache record %s: it holds a copy of a manifest, not a reference", key)
+        store.fs.rm_file(record_path)
+
+
+class ManifestRefSerializer(Serializer):
+    """A stage task's Prefect result: only its artifact's stage and key, resolved through the store on read.
+
+    `loads` runs on a cache hit, inside the task run: it reads `_MANIFEST.json` (digest-checked) from the
+    store of the task's cache policy, i.e. the `cfg.store.root` of this run, so the returned manifest is
+    the store's own, with the current root's URIs, even when the record was written under another root.
+    """
+
+    type: str = Field(default=MANIFEST_REF, frozen=True)
+
+    def dumps(self, obj: dict[str, Any]) -> bytes:
+        if not _is_manifest(obj):
+            raise TypeError(f"a cached stage task must return a manifest, not {type(obj).__name__}")
+        return json.dumps({"stage": obj["stage"], "key": obj["key"]}).encode()
+
+    def loads(self, blob: bytes) -> dict[str, Any]:
+        ref = json.loads(blob)
+        store = ArtifactStore(_current_root())
+        manifest = store.read_manifest(ref["stage"], ref["key"])
+        if manifest is None:
+            raise ArtifactNotCommittedError(
+                f"Prefect's cache record points at {store.uri(ref['stage'], ref['key'])}, which is not committed"
             )
-            manifest = results.read(key).result
-        except Exception as exc:  # unreadable record: drop it too
-            logger.warning("dropping unreadable Prefect cache record %s: %s", key, exc)
-            store.fs.rm_file(record_path)
-            return
-        if _is_manifest(manifest) and not store.is_committed(manifest["stage"], manifest["key"]):
-            logger.warning(
-                "artifact %s/%s is no longer in the store: dropping its cache record",
-                manifest["stage"],
-                manifest["key"],
-            )
-            store.fs.rm_file(record_path)
+        return manifest.model_dump(mode="json")
+
+
+def _current_root() -> str:
+    """The store root of the running cached task (its StoreKeyPolicy's)."""
+    ctx = TaskRunContext.get()
+    policy = ctx.task.cache_policy if ctx is not None else None
+    if not isinstance(policy, StoreKeyPolicy):
+        raise ArtifactError(
+            "a stage result reference can only be resolved inside a task run made by tasks.caching.cached()"
+        )
+    return policy.root
+
+
+def _result_store(root: str) -> ResultStore:
+    return ResultStore(
+        result_storage=result_storage_for(root),
+        metadata_storage=_block(key_storage_for(root)),
+        serializer=JSONSerializer(),
+    )
 
 
 class StoreLockManager(LockManager):
@@ -176,12 +227,18 @@ def key_storage_for(root: str) -> Any:
 
 @functools.cache
 def result_storage_for(root: str) -> Any:
-    """A local folder, or a saved RemoteFileSystem block (Prefect requires result storage blocks be saved)."""
-    local = _local_path(root)
-    if local is not None:
-        return local / PREFECT_DIR / "results"
+    """`{root}/_prefect/results` as a saved storage block (local or remote).
+
+    Saved, not a bare path: Prefect then records result keys relative to the block, so the records stay
+    valid when the store is copied or moved (and Prefect requires saved blocks for remote result storage).
+    """
     store = ArtifactStore(root)
-    block = RemoteFileSystem(basepath=f"{store.root}/{PREFECT_DIR}/results")
+    local = _local_path(root)
+    block: LocalFileSystem | RemoteFileSystem
+    if local is not None:
+        block = LocalFileSystem(basepath=str(local / PREFECT_DIR / "results"))
+    else:
+        block = RemoteFileSystem(basepath=f"{store.root}/{PREFECT_DIR}/results")
     name = "llm-trm-results-" + hashlib.sha256(store.root.encode()).hexdigest()[:12]
     block.save(name, overwrite=True)
     return block
@@ -197,11 +254,11 @@ def _policy(root: str) -> CachePolicy:
 
 
 def cached(task: T, cfg: PipelineConfig) -> T:
-    """The task with the store-keyed cache policy, JSON results and locks under `cfg.store.root`."""
-    root = cfg.store.root
+    """The task with the store-keyed cache policy, manifest-reference results and locks under `cfg.store.root`."""
+    root = ArtifactStore(cfg.store.root).root  # absolute: a relative root means the current directory's store
     return task.with_options(  # type: ignore[return-value]
         cache_policy=_policy(root),
         result_storage=result_storage_for(root),
-        result_serializer="json",
+        result_serializer=ManifestRefSerializer(),
         persist_result=True,
     )

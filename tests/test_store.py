@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_trm_core.errors import ArtifactCorruptError, ArtifactError, ArtifactNotCommittedError
-from llm_trm_core.store import MANIFEST_NAME, TMP_MARKER, ArtifactStore, stage_key
+from llm_trm_core.store import MANIFEST_NAME, TMP_MARKER, ArtifactStore, manifest_digest, stage_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +48,7 @@ def test_roundtrip_and_manifest(store_root: str) -> None:
     # the manifest is plain JSON with the documented fields
     raw = json.loads(store.fs.cat(store.path("demo", key, MANIFEST_NAME)))
     assert {"config", "upstream", "files", "metrics", "git_sha", "created_at", "completed_at"} <= set(raw)
+    assert raw["manifest_sha256"] == m.manifest_sha256 == manifest_digest(raw) and m.uri == art.uri
 
 
 def test_uncommitted_artifact_is_refused(store_root: str) -> None:
@@ -71,8 +72,12 @@ def test_size_mismatch_and_missing_file_are_refused(store_root: str) -> None:
 
     _write_demo(store, "k2")
     store.fs.pipe(store.path("demo", "k2", "meta.json"), original.replace(b"3", b"4"))  # same size, other bytes
+    art = store.open("demo", "k2")  # opening checks sizes; the bytes are checked when they are read
+    with pytest.raises(ArtifactCorruptError, match="meta.json does not match its sha256") as info:
+        art.read_json("meta.json")
+    assert str(info.value).endswith(f"delete {art.uri} and re-run; it will be recomputed")
     with pytest.raises(ArtifactCorruptError, match="sha256"):
-        store.open("demo", "k2")
+        store.open("demo", "k2", verify="sha256")
 
     _write_demo(store, "k3")
     store.fs.rm(store.path("demo", "k3", "shards/part-0.parquet"))

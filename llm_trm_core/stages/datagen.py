@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, TABLE_WRITE_OPTIONS, read_parquet
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.datagen.generate import PairStates, ThinkingGenerator
@@ -43,7 +43,7 @@ from llm_trm_core.lm import LoadedLM, load_language_model
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.problems import read_problems
-from llm_trm_core.store import ArtifactStore, ArtifactWriter, Manifest
+from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +137,10 @@ def run_datagen_shard(
             table = pairs_to_table(pairs, lm.info.hidden_size, cfg.compressor.cache_dtype, state_meta)
             pq.write_table(table, f, **STATE_WRITE_OPTIONS)
         with writer.open(f"rows/{name}") as f:  # written last: a part exists once its rows exist
-            pq.write_table(rows_table(rows), f, compression="zstd")
+            pq.write_table(rows_table(rows), f, **TABLE_WRITE_OPTIONS)
         logger.info("shard %d: problems %d-%d done (%d pairs)", shard.index, first, last, len(pairs))
         kill_if_requested("datagen-part", parts_written)
-    rows = list(iter_shard_rows(store, writer.files.keys(), SHARD_STAGE, key, check=False))
+    rows = list(iter_shard_rows(writer, writer.files))
     return writer.commit(
         {
             "shard": shard.index,
@@ -152,15 +152,10 @@ def run_datagen_shard(
     )
 
 
-def iter_shard_rows(
-    store: ArtifactStore, files: Any, stage: str, key: str, check: bool = True
-) -> Iterator[dict[str, Any]]:
-    names = sorted(f for f in files if f.startswith("rows/"))
-    artifact = store.open(stage, key) if check else None  # verified once, not once per file
-    for name in names:
-        path = artifact.path(name) if artifact is not None else store.path(stage, key, name)
-        with store.fs.open(path, "rb") as f:
-            yield from pq.read_table(f).to_pylist()
+def iter_shard_rows(source: Artifact | ArtifactWriter, files: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Generation rows of a shard: committed (an Artifact) or being written (its writer), each part verified."""
+    for name in sorted(f for f in files if f.startswith("rows/")):
+        yield from read_parquet(source, name).to_pylist()
 
 
 def shard_manifests(store: ArtifactStore, datagen: Manifest) -> list[Manifest]:
@@ -177,7 +172,7 @@ def shard_manifests(store: ArtifactStore, datagen: Manifest) -> list[Manifest]:
 def iter_rows(store: ArtifactStore, datagen: Manifest) -> Iterator[dict[str, Any]]:
     """Every generation row, in problem-index order (streams part by part)."""
     for shard in shard_manifests(store, datagen):
-        yield from iter_shard_rows(store, shard.files, SHARD_STAGE, shard.key)
+        yield from iter_shard_rows(store.open(SHARD_STAGE, shard.key), shard.files)
 
 
 def iter_pair_states(store: ArtifactStore, datagen: Manifest) -> Iterator[PairStates]:
@@ -185,8 +180,7 @@ def iter_pair_states(store: ArtifactStore, datagen: Manifest) -> Iterator[PairSt
     for shard in shard_manifests(store, datagen):
         artifact = store.open(SHARD_STAGE, shard.key)
         for name in artifact.files("states/"):
-            with artifact.open(name) as f:
-                yield from table_to_pairs(pq.read_table(f))
+            yield from table_to_pairs(read_parquet(artifact, name))
 
 
 def _histogram(lengths: list[int], budget: int) -> bytes:
@@ -236,7 +230,7 @@ def run_datagen_report(
     rows = [
         row
         for m in sorted(shards, key=lambda m: m.metrics["shard"])
-        for row in iter_shard_rows(store, m.files, SHARD_STAGE, m.key)
+        for row in iter_shard_rows(store.open(SHARD_STAGE, m.key), m.files)
     ]
     summary = summarize(rows)
     errors = Counter(r["failure"] for r in rows if r["failure"] and r["failure"].startswith("error"))

@@ -14,15 +14,15 @@ from llm_trm_core.config import PipelineConfig, keyed_dump
 from llm_trm_core.store import stage_key
 
 STAGE_CODE_VERSIONS: dict[str, str] = {
-    "problems": "1",
-    "hiddens": "1",
+    "problems": "2",
+    "hiddens": "2",
     "basis": "1",
     "compressor": "1",
     "sweep": "1",
-    "datagen-shard": "2",
+    "datagen-shard": "3",
     "datagen": "2",
-    "trace-hiddens": "1",
-    "pairs": "1",
+    "trace-hiddens": "2",
+    "pairs": "2",
     "trm": "2",
     "latent": "1",
     "evaluate": "1",

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, pair_schema
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, pair_schema, read_parquet
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import pairs_to_table, table_to_pairs
@@ -166,8 +166,7 @@ class PairsReader:
 
     def iter_pairs(self, split: str) -> Iterator[PairStates]:
         for name in self.meta["files"].get(split, []):
-            with self.artifact.open(name) as f:
-                yield from table_to_pairs(pq.read_table(f))
+            yield from table_to_pairs(read_parquet(self.artifact, name))
 
 
 def run_trace_hiddens(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest) -> Manifest:

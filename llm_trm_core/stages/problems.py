@@ -6,6 +6,7 @@ import logging
 
 import pyarrow.parquet as pq
 
+from llm_trm_core.arrow import TABLE_WRITE_OPTIONS, read_parquet
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import ProblemSet, load_problems
 from llm_trm_core.errors import UserError
@@ -30,7 +31,7 @@ def run_problems(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
         )
     with store.writer(STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE]) as w:
         with w.open(FILE) as f:
-            pq.write_table(problem_set.to_table(), f, compression="zstd")
+            pq.write_table(problem_set.to_table(), f, **TABLE_WRITE_OPTIONS)
         counts = problem_set.counts()
         return w.commit(
             {
@@ -43,6 +44,4 @@ def run_problems(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
 
 
 def read_problems(store: ArtifactStore, manifest: Manifest) -> ProblemSet:
-    artifact = store.open(STAGE, manifest.key)
-    with artifact.open(FILE) as f:
-        return ProblemSet.from_table(pq.read_table(f))
+    return ProblemSet.from_table(read_parquet(store.open(STAGE, manifest.key), FILE))

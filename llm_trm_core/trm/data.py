@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 import torch
 
+from llm_trm_core.arrow import read_parquet
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import table_to_pairs
 from llm_trm_core.errors import UserError
@@ -61,8 +61,7 @@ class PairData:
             )
 
     def _file_pairs(self, name: str) -> list[PairStates]:
-        with self.artifact.open(name) as f:
-            table = pq.read_table(f)
+        table = read_parquet(self.artifact, name)
         size = table.schema.field("post").type.list_size
         if size != self.d_prime:
             raise UserError(
