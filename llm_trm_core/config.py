@@ -15,7 +15,9 @@ from importlib import resources
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from llm_trm_core.errors import ConfigError
 
@@ -35,6 +37,15 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """A partial form: no defaults, each field describing its preset values (`config_form`)."""
+        from llm_trm_core.config_form import partial_form_schema
+
+        schema = handler(core_schema)
+        partial_form_schema(cls, handler.resolve_ref_schema(schema))
+        return schema
+
 
 class TinyModelConfig(Section):
     """Shape of the random SmolLM3 used by the `tiny` preset and the tests."""
@@ -45,7 +56,7 @@ class TinyModelConfig(Section):
     num_kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA).")
     intermediate_size: int = Field(128, ge=8, description="MLP width.")
     vocab_size: int = Field(384, ge=300, description="BPE vocabulary trained on the spot (bytes + merges).")
-    max_position_embeddings: int = Field(2048, ge=64)
+    max_position_embeddings: int = Field(2048, ge=64, description="Longest sequence the tiny model accepts.")
     seed: int = Field(0, description="Seed of the random weights.")
 
     @model_validator(mode="after")
@@ -94,10 +105,17 @@ class ModelConfig(Section):
 class ProblemsConfig(Section):
     """GSM8K-format problems with a deterministic split by problem id."""
 
-    source: Literal["gsm8k", "gsm_symbolic", "arithmetic"] = Field(
+    source: Literal["gsm8k", "gsm_symbolic", "arithmetic", "file"] = Field(
         "gsm_symbolic",
         description="gsm8k: openai/gsm8k from the hub (cloud); gsm_symbolic: GSM8K-style problems generated offline "
-        "by reasoning-gym; arithmetic: reasoning-gym basic_arithmetic (an easier curriculum, e.g. for GRPO).",
+        "by reasoning-gym; arithmetic: reasoning-gym basic_arithmetic (an easier curriculum, e.g. for GRPO); "
+        "file: your own Parquet / JSON Lines file(s) at problems.path.",
+    )
+    path: str = Field(
+        "",
+        description="source=file: a file, folder or glob (local or fsspec URL, e.g. gs://bucket/gsm.parquet) of "
+        "Parquet or JSON Lines with columns question, answer (last line '#### N', or a number) and optionally "
+        "split (train/val/test; without val rows, val_fraction of train is held out).",
     )
     hub_id: str = Field("openai/gsm8k", description="Dataset id for source=gsm8k.")
     hub_config: str = Field("main", description="Dataset config for source=gsm8k.")
@@ -105,41 +123,66 @@ class ProblemsConfig(Section):
     seed: int = Field(0, description="Generator seed for the offline sources.")
     arithmetic_terms: int = Field(2, ge=2, le=6, description="Terms per expression for source=arithmetic.")
     arithmetic_digits: int = Field(1, ge=1, le=6, description="Digits per term for source=arithmetic.")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of non-test problems held out for validation.")
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share held out for validation (gsm8k, and files with a split column but no val rows: of "
+        "the train rows).",
+    )
     test_fraction: float = Field(
         0.2,
         ge=0.0,
         lt=1.0,
-        description="Share held out for test (gsm_symbolic; gsm8k uses its official test split).",
+        description="Share held out for test (generated sources, files without a split column; gsm8k uses its "
+        "official test split).",
     )
 
     @model_validator(mode="after")
     def _fractions(self) -> ProblemsConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("problems.val_fraction + problems.test_fraction must be < 1 (no training data left)")
+        if self.source == "file" and not self.path:
+            raise ValueError("problems.source=file needs problems.path (a Parquet or JSON Lines file, folder or glob)")
         return self
 
 
 class CorpusConfig(Section):
     """Plain text for compressor stage 1a."""
 
-    source: Literal["fineweb-edu", "python-docs"] = Field(
+    source: Literal["fineweb-edu", "python-docs", "file"] = Field(
         "python-docs",
         description="fineweb-edu: streamed from the hub (cloud); python-docs: the English documentation "
-        "topics that ship with Python (offline).",
+        "topics that ship with Python (offline); file: your own text files at corpus.path.",
     )
-    hub_id: str = Field("HuggingFaceFW/fineweb-edu")
-    hub_config: str = Field("sample-10BT")
+    path: str = Field(
+        "",
+        description="source=file: a file, folder or glob (local or fsspec URL, e.g. gs://bucket/texts/*.txt) of "
+        ".txt files (cut at blank lines into ~1000-character documents) or Parquet / JSON Lines with a text "
+        "column (one document per row).",
+    )
+    hub_id: str = Field("HuggingFaceFW/fineweb-edu", description="Dataset id for source=fineweb-edu.")
+    hub_config: str = Field("sample-10BT", description="Dataset config for source=fineweb-edu.")
     num_documents: int = Field(400, ge=1, description="Documents taken (train + held out).")
     max_tokens: int = Field(256, ge=8, description="Tokens per document (longer ones are cut into chunks).")
     heldout_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of documents held out: half validation, half test."
     )
 
+    @model_validator(mode="after")
+    def _needs_path(self) -> CorpusConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("corpus.source=file needs corpus.path (.txt, Parquet or JSON Lines files, folder or glob)")
+        return self
+
 
 class RuntimeConfig(Section):
+    """Seeds, devices, processes and retry bounds: how a run executes, not what it computes (mostly)."""
+
     seed: int = Field(0, description="Global seed.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=NOT_KEYED)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where models run; auto = CUDA when available, else CPU.", json_schema_extra=NOT_KEYED
+    )
     cache_dir: str | None = Field(
         None,
         description="Local cache for converted models (default $LLM_TRM_CACHE_DIR or ~/.cache/llm-trm).",
@@ -160,15 +203,19 @@ class RuntimeConfig(Section):
 
 
 class StoreConfig(Section):
+    """Where artifacts are committed and looked up (every worker of a run must reach the same root)."""
+
     root: str = Field(
         "file://./artifacts", description="Artifact store root: file://, gs://bucket/prefix or memory://."
     )
 
 
 class TrackingConfig(Section):
+    """Experiment tracking (metrics also go to the store's manifests and Prefect artifacts either way)."""
+
     wandb: Literal["disabled", "offline", "online"] = Field("disabled", description="Weights & Biases mode.")
-    project: str = Field("llm-trm")
-    entity: str | None = None
+    project: str = Field("llm-trm", description="Weights & Biases project the runs are logged to.")
+    entity: str | None = Field(None, description="Weights & Biases team or user (unset: your default entity).")
 
 
 class CompressorConfig(Section):
@@ -190,17 +237,17 @@ class CompressorConfig(Section):
     # SGD
     batch_tokens: int = Field(2048, ge=1, description="Tokens per micro-batch (global, split across processes).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate of SGD training.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    epochs: int = Field(10, ge=1, description="Passes over the cached hidden states (SGD solvers).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: epochs).")
     schedule: Literal["cosine", "wsd", "constant"] = Field(
         "cosine", description="LR after warmup: cosine decay, warmup-stable-decay, or constant."
     )
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the schedule.")
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of steps spent decaying.")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final LR as a share of the peak.")
-    grad_clip: float = Field(1.0, gt=0.0)
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping threshold.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
     compile: bool = Field(False, description="torch.compile the compressor.", json_schema_extra=NOT_KEYED)
     eval_every: int | None = Field(
@@ -223,13 +270,18 @@ class DatagenConfig(Section):
     pairs always match the compressor that will compress them.
     """
 
-    num_problems: int = Field(48, ge=1, description="Problems to generate for, taken in order across splits.")
+    num_problems: int = Field(
+        48,
+        ge=1,
+        description="Problems to generate for, drawn from train / val / test in proportion to the problem set's "
+        "split sizes (each split in order; a larger count extends a smaller one). Pairs of every split are needed.",
+    )
     shard_size: int = Field(16, ge=1, description="Problems per shard (one task each, resumable).")
     batch_size: int = Field(8, ge=1, description="Problems per generate call (also the commit granularity).")
     max_new_tokens: int = Field(256, ge=1, description="Token budget of the thinking span.")
     max_answer_tokens: int = Field(64, ge=1, description="Token budget of the answer after the span.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: smallest token set with this mass.")
     answer_markers: list[str] = Field(
         default_factory=list,
         description="For models without a thinking mode: if one of these strings (e.g. '####') is generated "
@@ -272,7 +324,7 @@ class TRMConfig(Section):
     )
     positions: Literal["none", "rope"] = Field("none", description="none (original: order-blind) or rope.")
     output_norm: bool = Field(True, description="The original's shared RMSNorm after every y/z update.")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the attention and MLP blocks.")
     n_latent: int = Field(6, ge=1, description="n: latent updates per recursion.")
     t_recursions: int = Field(3, ge=1, description="T: recursions per supervision step (T-1 without grad).")
     n_supervision: int = Field(8, ge=1, description="N_sup: deep-supervision steps (one optimizer update each).")
@@ -285,17 +337,19 @@ class TRMConfig(Section):
         description="Halting target: 1 when the step's relative error is below a running quantile (this one) of "
         "the last-step relative errors: 'already as good as a typical finished prediction'.",
     )  # fmt: skip
-    batch_size: int = Field(8, ge=1)
-    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1, description="Pairs per batch.")
+    epochs: int = Field(20, ge=1, description="Passes over the training pairs.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.1, ge=0.0)
-    beta2: float = Field(0.95, gt=0.0, lt=1.0)
-    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine")
-    warmup_steps: int = Field(20, ge=0)
-    decay_fraction: float = Field(0.2, gt=0.0, le=1.0)
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    grad_clip: float = Field(1.0, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay.")
+    beta2: float = Field(0.95, gt=0.0, lt=1.0, description="AdamW beta2.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="LR after warmup: cosine decay, warmup-stable-decay, or constant."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the schedule.")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="WSD: share of steps spent decaying.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final LR as a share of the peak.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping threshold.")
     ema_decay: float | None = Field(0.999, description="EMA of the weights, used for evaluation and export; None: off.")
     mixed_precision: Literal["no", "bf16"] = Field("bf16", description="bf16 autocast (applies on GPU only).")
     checkpoint_every: int = Field(20, ge=1, description="Checkpoint every N batches.", json_schema_extra=NOT_KEYED)
@@ -309,21 +363,26 @@ class LatentConfig(Section):
     """Latent reasoning: k TRM-derived vectors injected as input embeddings before the answer (no-think mode)."""
 
     num_latents: int = Field(4, ge=1, description="k latent vectors injected before the answer.")
-    num_problems: int = Field(200, ge=1, description="Training-split problems used to train the projection.")
+    num_problems: int = Field(
+        200,
+        ge=1,
+        description="Train-split problems used to train the projection (the first ones); validation uses the "
+        "first max(batch_size, num_problems // 4) val-split problems.",
+    )
     train_trm: bool = Field(
         False, description="Also fine-tune the TRM through the frozen LM (else only the projection)."
     )
     lora_rank: int = Field(
         0, ge=0, description="LoRA rank on the LM (peft) so it can learn to read the latents; 0 = off."
     )
-    lora_alpha: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / rank).")
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="LoRA target modules.")
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
+    epochs: int = Field(3, ge=1, description="Passes over the training problems.")
+    batch_size: int = Field(8, ge=1, description="Problems per optimizer step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps, then cosine decay.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping threshold.")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N batches.", json_schema_extra=NOT_KEYED)
 
 
@@ -341,10 +400,10 @@ class GRPOConfig(Section):
     group_size: int = Field(8, ge=2, description="G samples per question.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (log-probs use the same).")
     max_completion_tokens: int = Field(32, ge=1, description="Answer budget of a sample.")
-    lr: float = Field(1e-4, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping threshold.")
     beta: float = Field(0.0, ge=0.0, description="k3 KL coefficient to the reference policy (0 = off, as TRL).")
     epsilon_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip of the ratio (1 - epsilon_low).")
     epsilon_high: float | None = Field(
@@ -371,10 +430,13 @@ class GRPOConfig(Section):
     lora_rank: int = Field(
         0, ge=0, description="Train a fresh LoRA adapter on the LM too (the latent stage must have none); 0 = off."
     )
-    lora_alpha: int = Field(16, ge=1)
-    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / rank).")
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="LoRA target modules.")
     eval_problems: int = Field(
-        64, ge=1, description="Held-out test problems of the GRPO problem set checked greedily before and after."
+        64,
+        ge=1,
+        description="Test-split problems of the GRPO problem set (the first ones) checked greedily before and "
+        "after; training samples from its whole train split.",
     )
     micro_batch: int = Field(
         16, ge=1, description="Sequences per forward/backward chunk (memory only).", json_schema_extra=NOT_KEYED
@@ -391,28 +453,40 @@ class GRPOConfig(Section):
 class EvaluateConfig(Section):
     """End-task evaluation on held-out test problems."""
 
-    num_problems: int = Field(100, ge=1, description="Held-out test problems evaluated.")
+    num_problems: int = Field(
+        100, ge=1, description="Test-split problems evaluated (the first ones; all of them when there are fewer)."
+    )
     max_answer_tokens: int = Field(48, ge=1, description="Answer budget of every arm.")
     think_tokens: int | None = Field(
         None, ge=1, description="Thinking budget of the think arm (default datagen.max_new_tokens)."
     )
-    batch_size: int = Field(8, ge=1, json_schema_extra=NOT_KEYED)
+    batch_size: int = Field(8, ge=1, description="Problems decoded together.", json_schema_extra=NOT_KEYED)
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
 
 
 class SweepConfig(Section):
-    d_primes: list[int] = Field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    """The D' sweep of the compressor (closed form and SGD per D')."""
+
+    d_primes: list[int] = Field(
+        default_factory=lambda: [64, 128, 256, 512, 1024],
+        description="Compressed dimensions D' compared by the sweep (values not below the model's D are skipped).",
+    )
 
 
 class PipelineConfig(Section):
-    """Everything a run needs. Build it with `load_config(preset, overrides)`.
+    """The run's configuration: a preset, and the fields you change.
 
-    Validation starts from the named preset and merges the given values on top, so a partial
-    mapping (`{"preset": "local", "compressor": {"d_prime": 128}}`, as a deployment or an API call
-    may pass) means "the local preset with D'=128", and a full dump validates back to itself.
+    Every field left empty takes the preset's value (each description lists them); every field you
+    fill in replaces it. The command line means the same: `llm-trm pipeline --preset local
+    compressor.d_prime=128`. (In code: `load_config(preset, overrides)`; a partial mapping validates
+    onto its preset, and a full dump validates back to itself.)
     """
 
-    preset: PresetName = Field("tiny", description="Preset this config started from.")
+    preset: PresetName = Field(
+        "tiny",
+        description="The preset whose values fill every field left empty: tiny (tests), local (CPU), "
+        "smollm3-3b (GPU workers).",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     problems: ProblemsConfig = Field(default_factory=ProblemsConfig)
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)

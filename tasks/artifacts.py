@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from llm_trm_core.config import PipelineConfig
 from llm_trm_core.reporting import comparison_rows, flatten, fmt, png_markdown
 from llm_trm_core.store import ArtifactStore, Manifest
 
@@ -52,3 +54,13 @@ def report_with_plot(store: ArtifactStore, manifest: Manifest, png: str, alt: st
     """The artifact's report.md followed by one of its PNG plots inline (renders in the Prefect UI)."""
     artifact = store.open(manifest.stage, manifest.key)
     return artifact.read_bytes("report.md").decode() + "\n\n" + png_markdown(artifact.read_bytes(png), alt)
+
+
+def publish_config(cfg: PipelineConfig) -> None:
+    """The run's resolved config (preset + what was set), so the UI shows exactly what ran."""
+    dumped = json.dumps(cfg.model_dump(mode="json"), indent=2)
+    create_markdown_artifact(
+        key="resolved-config",
+        markdown=f"### Resolved config (preset `{cfg.preset}`)\n\n```json\n{dumped}\n```",
+        description="The configuration this run used: its preset with the fields the run set",
+    )

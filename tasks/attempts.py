@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
 from llm_trm_core.preflight import preflight
+from tasks.artifacts import publish_config
 from tasks.logs import core_logs_to_prefect
 
 
@@ -37,4 +38,5 @@ def flow_guard(cfg: PipelineConfig) -> Iterator[None]:
     check_attempts(cfg.runtime.max_flow_attempts)
     with core_logs_to_prefect():
         preflight(cfg)
+        publish_config(cfg)
         yield

@@ -1,0 +1,79 @@
+"""Deploy every deployment in prefect.yaml whose work pool exists; create the local process pool if missing.
+
+    ./run python -m deployments.deploy            # the local pool is created, GPU deployments wait for their pools
+    ./run python -m deployments.deploy --list     # what would be deployed and what is skipped, and why
+
+`prefect deploy --all` stops at the first deployment whose pool does not exist (on a CPU-only setup,
+the GPU ones); this deploys the others and names, for each skipped one, the pool to create (README,
+"GPU pools"). Exit 0 when every deployable deployment was deployed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_POOL = "llm-trm-local"
+POOL_HINTS = {
+    LOCAL_POOL: "python -m deployments.deploy (without --list) creates it as a process pool",
+    "llm-trm-gpu": "prefect work-pool create llm-trm-gpu --type docker (needs prefect-docker; README 'GPU pools')",
+    "llm-trm-gpu-k8s": "prefect work-pool create llm-trm-gpu-k8s --type kubernetes --base-job-template "
+    "deployments/k8s-gpu-job-template.json (needs prefect-kubernetes; README 'GPU pools')",
+}
+logger = logging.getLogger("deploy")
+
+
+def deployments_by_pool(prefect_yaml: Path) -> dict[str, str]:
+    """Deployment name -> its work pool name, as prefect.yaml declares them."""
+    data: dict[str, Any] = yaml.safe_load(prefect_yaml.read_text())
+    return {d["name"]: d["work_pool"]["name"] for d in data.get("deployments", [])}
+
+
+async def existing_pools(create_local: bool) -> set[str]:
+    async with get_client() as client:
+        names = {pool.name for pool in await client.read_work_pools()}
+        if create_local and LOCAL_POOL not in names:
+            await client.create_work_pool(WorkPoolCreate(name=LOCAL_POOL, type="process"))
+            logger.info("created work pool %s (process)", LOCAL_POOL)
+            names.add(LOCAL_POOL)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the plan and deploy nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    wanted = deployments_by_pool(REPO / "prefect.yaml")
+    pools = asyncio.run(existing_pools(create_local=not args.list))
+    ready = [name for name, pool in wanted.items() if pool in pools]
+    for name, pool in wanted.items():
+        if pool not in pools:
+            hint = POOL_HINTS.get(pool, f"prefect work-pool create {pool} --type <type>")
+            logger.info("skipped %s: work pool %s does not exist; create it with: %s", name, pool, hint)
+    if args.list or not ready:
+        logger.info("deployable: %s", ", ".join(ready) or "none")
+        return 0
+    command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    for name in ready:
+        command += ["--name", name]
+    done = subprocess.run(command, cwd=REPO, check=False)
+    if done.returncode == 0:
+        logger.info("deployed %d deployments: %s", len(ready), ", ".join(ready))
+    return done.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
