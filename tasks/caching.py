@@ -41,6 +41,7 @@ from llm_trm_core.errors import ArtifactError, ArtifactNotCommittedError
 from llm_trm_core.locks import StoreLocks
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, stage_config
 from llm_trm_core.store import ArtifactStore
+from tasks.liveness import lock_holder_ended, lock_owner
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ class StoreLockManager(LockManager):
 
     def __init__(self, root: str) -> None:
         store = ArtifactStore(root)
-        self.locks = StoreLocks(store.fs, f"{store.base}/{PREFECT_DIR}/locks")
+        self.locks = StoreLocks(
+            store.fs, f"{store.base}/{PREFECT_DIR}/locks", owner=lock_owner, is_dead=lock_holder_ended
+        )
 
     def acquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
