@@ -146,11 +146,11 @@ def _server_start_message(raw: str) -> str:
     )
 
 
-def _checked(preset: str, store: str | None, overrides: list[str] | None) -> PipelineConfig:
+def _checked(preset: str, store: str | None, overrides: list[str] | None, command: str) -> PipelineConfig:
     """The resolved config, after the store and model preflight: a bad store or model fails here, in
     about a second, before Prefect is imported or its server started."""
     cfg: PipelineConfig = _run_guarded(lambda: resolve(preset, store, overrides))
-    _run_guarded(lambda: preflight(cfg))
+    _run_guarded(lambda: preflight(cfg, command))
     return cfg
 
 
@@ -193,7 +193,7 @@ def config(preset: PresetOption = "tiny", store: StoreOption = None, overrides: 
 @app.command()
 def pipeline(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Run every stage that exists, end to end, each cached by its store key."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "pipeline")
     from flows.pipeline import pipeline as pipeline_flow
 
     results = _run_guarded(lambda: pipeline_flow(cfg))
@@ -204,7 +204,7 @@ def pipeline(preset: PresetOption = "local", store: StoreOption = None, override
 @app.command()
 def grpo(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "grpo")
     from flows.grpo import grpo_flow
 
     _print_grpo(_run_guarded(lambda: grpo_flow(cfg)))
@@ -248,7 +248,7 @@ def compressor(
     if phase not in ("1a", "1b"):
         _print_error("error:", f"--phase must be 1a or 1b, got {phase!r}")
         raise typer.Exit(code=2)
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "compressor-1b" if phase == "1b" else "compressor")
     if phase == "1b":
         err_console.print("phase 1b: generating thinking traces first (datagen), then fine-tuning the 1a compressor")
     from flows.compressor import compressor_flow
@@ -260,7 +260,7 @@ def compressor(
 @app.command()
 def datagen(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "datagen")
     from flows.datagen import datagen_flow
 
     _print_manifests(_run_guarded(lambda: datagen_flow(cfg)))
@@ -269,7 +269,7 @@ def datagen(preset: PresetOption = "local", store: StoreOption = None, overrides
 @app.command()
 def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "pairs")
     from flows.datagen import pairs_flow
 
     _print_manifests(_run_guarded(lambda: pairs_flow(cfg)))
@@ -278,7 +278,7 @@ def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: 
 @app.command()
 def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test)."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "trm")
     from flows.trm import trm_flow
 
     results = _run_guarded(lambda: trm_flow(cfg))
@@ -305,7 +305,7 @@ def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: Ov
 @app.command()
 def latent(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "latent")
     from flows.latent import latent_flow
 
     _print_manifests(_run_guarded(lambda: latent_flow(cfg)))
@@ -314,7 +314,7 @@ def latent(preset: PresetOption = "local", store: StoreOption = None, overrides:
 @app.command()
 def evaluate(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "evaluate")
     from flows.latent import evaluate_flow
 
     results = _run_guarded(lambda: evaluate_flow(cfg))
@@ -339,7 +339,7 @@ def _print_evaluation(manifest: dict[str, Any]) -> None:
 @app.command()
 def sweep(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report."""
-    cfg = _checked(preset, store, overrides)
+    cfg = _checked(preset, store, overrides, "sweep")
     from flows.compressor import sweep_flow
 
     results = _run_guarded(lambda: sweep_flow(cfg))

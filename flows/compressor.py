@@ -20,7 +20,7 @@ from tasks.problems import problems_task
 def compressor_flow(cfg: PipelineConfig, phase: Literal["1a", "1b"] = "1a") -> Manifests:
     """1a: corpus hidden states (once) -> closed-form basis (once) -> the configured compressor.
     1b: additionally generates thinking traces (datagen) and fine-tunes the 1a compressor on them."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "compressor-1b" if phase == "1b" else "compressor"):
         out = stage1a(cfg)
         if phase == "1b":
             problems = cached(problems_task, cfg)(cfg)
@@ -32,7 +32,7 @@ def compressor_flow(cfg: PipelineConfig, phase: Literal["1a", "1b"] = "1a") -> M
 @flow(name="sweep")
 def sweep_flow(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """One closed-form and one SGD compressor per D' (below the hidden size), then a comparison report."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "sweep"):
         hiddens = cached(hiddens_task, cfg)(cfg)
         basis = cached(basis_task, cfg)(cfg, hiddens)
         points = [

@@ -14,7 +14,7 @@ from tasks.problems import problems_task
 @flow(name="datagen")
 def datagen_flow(cfg: PipelineConfig) -> Manifests:
     """Generate thinking traces for `datagen.num_problems` problems, shard by shard (resumable)."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "datagen"):
         problems = cached(problems_task, cfg)(cfg)
         return {"problems": problems, "datagen": stage2_data(cfg, problems)}
 
@@ -22,5 +22,5 @@ def datagen_flow(cfg: PipelineConfig) -> Manifests:
 @flow(name="pairs")
 def pairs_flow(cfg: PipelineConfig) -> Manifests:
     """Compressed (pre, post) pairs: everything they depend on runs first (cached)."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "pairs"):
         return through_pairs(cfg)

@@ -30,5 +30,5 @@ def through_grpo(cfg: PipelineConfig) -> Manifests:
 @flow(name="grpo")
 def grpo_flow(cfg: PipelineConfig) -> Manifests:
     """Everything up to the latent policy (cached), evaluation before, GRPO, evaluation after."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "grpo"):
         return through_grpo(cfg)

@@ -28,12 +28,12 @@ def through_evaluate(cfg: PipelineConfig) -> Manifests:
 @flow(name="latent")
 def latent_flow(cfg: PipelineConfig) -> Manifests:
     """Everything up to the TRM (cached), then the projection trained on answer likelihood."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "latent"):
         return through_latent(cfg)
 
 
 @flow(name="evaluate")
 def evaluate_flow(cfg: PipelineConfig) -> Manifests:
     """End-task accuracy of no-think, think, TRM-latent, random-latent and original-style arms."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "evaluate"):
         return through_evaluate(cfg)

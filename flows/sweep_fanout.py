@@ -39,7 +39,7 @@ def sweep_fanout_flow(
     cfg: PipelineConfig, deployment: str = "sweep/sweep-local", poll_seconds: float = 5.0
 ) -> Manifests:
     """Start one `deployment` run per D' in sweep.d_primes, wait for all, then write the sweep report."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "sweep"):
         runs: list[FlowRun] = [
             run_deployment(deployment, parameters=point_parameters(cfg, d), timeout=0, as_subflow=True)  # type: ignore[misc]
             for d in cfg.sweep.d_primes

@@ -14,7 +14,7 @@ from tasks.trm import trm_task
 @flow(name="trm")
 def trm_flow(cfg: PipelineConfig) -> Manifests:
     """Everything the pairs depend on (cached), then the TRM and its baseline report."""
-    with flow_guard(cfg):
+    with flow_guard(cfg, "trm"):
         out = through_pairs(cfg)
         out["trm"] = cached(trm_task, cfg)(cfg, out["pairs"], out["compressor-1b"])
     return out

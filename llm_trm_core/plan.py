@@ -18,11 +18,14 @@ the hub, from its official sizes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
-from llm_trm_core.config import LatentConfig, PipelineConfig, ProblemsConfig
+from llm_trm_core.config import LatentConfig, ModelConfig, PipelineConfig, ProblemsConfig
 from llm_trm_core.data.corpus import corpus_files
 from llm_trm_core.data.problems import SPLITS, split_sizes
 from llm_trm_core.data.splits import allocate, interleave
@@ -156,3 +159,53 @@ def check_plan(cfg: PipelineConfig, stages: Collection[str] | None = None) -> No
         pcfg, prefix = (cfg.grpo.problems, "grpo.problems") if cfg.grpo.problems else (cfg.problems, "problems")
         grpo_sizes = counts["grpo_problems"] or {"train": 1, "val": 0, "test": 1}
         _require(pcfg, prefix, grpo_sizes, ("train", "test"), "grpo" + (" (on grpo.problems)" if own else ""))
+
+
+# Hidden sizes of hub models the presets name, for a check before anything is downloaded.
+KNOWN_HIDDEN_SIZES = {"HuggingFaceTB/SmolLM3-3B": 2048, "HuggingFaceTB/SmolLM2-135M-Instruct": 576}
+SMOLLM2_HIDDEN_SIZE = 576
+
+
+def model_hidden_size(model: ModelConfig) -> int | None:
+    """The model's hidden size D when it is known without loading it (None: unknown until it loads)."""
+    if model.source == "tiny-random":
+        return model.tiny.hidden_size
+    if model.source == "smollm2-gguf":
+        return SMOLLM2_HIDDEN_SIZE
+    config_path: str | None = str(Path(model.name_or_path) / "config.json") if model.source == "folder" else None
+    if model.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        with contextlib.suppress(ValueError):
+            found = try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision)
+            config_path = found if isinstance(found, str) else None
+    if config_path is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size = json.loads(Path(config_path).read_text()).get("hidden_size")
+            if isinstance(size, int):
+                return size
+    return KNOWN_HIDDEN_SIZES.get(model.name_or_path) if model.source == "hub" else None
+
+
+def check_shapes(cfg: PipelineConfig, stages: Collection[str] | None = None) -> None:
+    """Refuse sizes that cannot work together (ConfigError naming the field): D' not below the model's
+    hidden size D, a sweep with no D' below D, TRM heads that do not divide D'."""
+    wanted = set(COMMAND_STAGES["pipeline"] if stages is None else stages)
+    hidden = model_hidden_size(cfg.model)
+    d_prime = cfg.compressor.d_prime
+    where = f"model.source={cfg.model.source}" + (f" {cfg.model.name_or_path}" if cfg.model.name_or_path else "")
+    if hidden is not None and "compressor" in wanted and "sweep" not in wanted and d_prime >= hidden:
+        raise ConfigError(
+            f"compressor.d_prime={d_prime} is not below the model's hidden size D={hidden} ({where}): there is "
+            f"nothing to compress. Fix: set compressor.d_prime below {hidden} (e.g. compressor.d_prime={hidden // 4})"
+        )
+    if hidden is not None and "sweep" in wanted and not [d for d in cfg.sweep.d_primes if d < hidden]:
+        raise ConfigError(
+            f"sweep.d_primes={cfg.sweep.d_primes} has no value below the model's hidden size D={hidden} ({where}). "
+            f"Fix: list D' values below {hidden} (e.g. sweep.d_primes=[{hidden // 8}, {hidden // 4}])"
+        )
+    if "trm" in wanted and d_prime % cfg.trm.n_heads:
+        raise ConfigError(
+            f"trm.n_heads={cfg.trm.n_heads} does not divide compressor.d_prime={d_prime} (the TRM works at width D'). "
+            f"Fix: choose trm.n_heads among {[h for h in range(1, min(d_prime, 32) + 1) if d_prime % h == 0]}"
+        )

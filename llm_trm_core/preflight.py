@@ -32,6 +32,7 @@ import fsspec
 from llm_trm_core.config import ModelConfig, PipelineConfig, RuntimeConfig
 from llm_trm_core.errors import ArtifactError, ConfigError, HubUnavailableError
 from llm_trm_core.hub import hub_reachable, in_local_hub_cache, offline_by_env
+from llm_trm_core.plan import COMMAND_STAGES, check_plan, check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,12 @@ class ModelSourceError(ConfigError):
     """The configured model cannot be loaded from where model.source says it is."""
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Check the store, then the model; raise a one-line UserError on the first problem."""
+def preflight(cfg: PipelineConfig, command: str = "pipeline") -> None:
+    """Check the plan of `command` (split sizes, shapes), the store, then the model; raise a one-line
+    UserError on the first problem."""
+    stages = COMMAND_STAGES[command]
+    check_shapes(cfg, stages)
+    check_plan(cfg, stages)
     check_store(cfg.store.root)
     check_model(cfg.model, cfg.runtime)
 

@@ -31,12 +31,13 @@ def check_attempts(max_attempts: int) -> None:
 
 
 @contextmanager
-def flow_guard(cfg: PipelineConfig) -> Iterator[None]:
-    """Enter every flow through this: the attempt bound, core logs routed to the run's log, then the
-    store and model preflight, so a run submitted from the UI or a deployment fails on an unusable store
-    or a missing model with the same one-line message as the CLI (before any task takes a lock)."""
+def flow_guard(cfg: PipelineConfig, command: str = "pipeline") -> Iterator[None]:
+    """Enter every flow through this: the attempt bound, core logs routed to the run's log, the plan,
+    store and model preflight of `command` (its stages: llm_trm_core.plan.COMMAND_STAGES), so a run
+    submitted from the UI or a deployment is refused with the same one-line message as the CLI before any
+    task takes a lock or loads a model; then the resolved config is published on the run's page."""
     check_attempts(cfg.runtime.max_flow_attempts)
     with core_logs_to_prefect():
-        preflight(cfg)
+        preflight(cfg, command)
         publish_config(cfg)
         yield

@@ -128,7 +128,8 @@ def _build(rows: Iterable[tuple[str, str, Any]], prefix: str, split_of: Any, rej
     return out
 
 
-def load_problems(cfg: ProblemsConfig) -> ProblemSet:
+def load_problems(cfg: ProblemsConfig, quiet: bool = False) -> ProblemSet:
+    """The problem set; rejected rows are counted (and logged as a warning unless `quiet`)."""
     rejected: Counter[str] = Counter()
     if cfg.source in ("gsm_symbolic", "arithmetic"):
         rows = (
@@ -159,7 +160,7 @@ def load_problems(cfg: ProblemsConfig) -> ProblemSet:
             ((r["question"], r["answer"], None) for r in ds["test"]), "gsm8k", lambda _: "test", rejected
         )
     if rejected:
-        logger.warning("rejected problems: %s", dict(rejected))
+        logger.log(logging.DEBUG if quiet else logging.WARNING, "rejected problems: %s", dict(rejected))
     return ProblemSet(problems, dict(rejected))
 
 
@@ -181,7 +182,7 @@ def split_sizes(cfg: ProblemsConfig) -> dict[str, int] | None:
         train, test = rows
         val = round(train * cfg.val_fraction)
         return {"train": train - val, "val": val, "test": test}
-    return load_problems(cfg).counts()
+    return load_problems(cfg, quiet=True).counts()
 
 
 # ---------------------------------------------------------------------------------------------
