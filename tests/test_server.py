@@ -5,82 +5,22 @@ checkpoint, and the final artifacts equal an uninterrupted run's. Its artifacts 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from llm_trm_core.config import load_config
 from llm_trm_core.store import ArtifactStore
-
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+from tests.helpers.prefect_server import create_run, prefect_cli, prefect_server, wait_final, worker
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"), PREFECT_LOGGING_LEVEL="INFO",
-    )  # fmt: skip
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=log
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(
-                "prefect server did not become healthy: " + (tmp_path / "server.log").read_text()[-2000:]
-            )
+    with prefect_server(tmp_path) as (api, env):
         yield api, env
-    finally:
-        _stop(proc)
-        log.close()
-
-
-def _wait_final(api: str, run_id: str, timeout: float, previous: set[str] | None = None) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}").json()
-        if run["state_type"] in FINAL_STATES and run["state_type"] not in (previous or set()):
-            return dict(run)
-        time.sleep(1)
-    raise TimeoutError(f"flow run {run_id} still {run['state_type']} after {timeout} s")
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -88,36 +28,13 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
     api, env = server
     root = f"file://{tmp_path / 'store'}"
 
-    def cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
-        assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
-        return done
-
-    cli("work-pool", "create", "llm-trm-local", "--type", "process")
-    cli("--no-prompt", "deploy", "--name", "pipeline-local")
-    worker_env = {
-        **env, "LLM_TRM_FAULT_KILL": "checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once"),
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-    }  # fmt: skip
-    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "llm-trm-local", "--limit", "1"],
-        cwd=REPO, env=worker_env, stdout=worker_log, stderr=worker_log,
-    )  # fmt: skip
-    try:
-        deployment = httpx.get(f"{api}/deployments/name/pipeline/pipeline-local").json()
+    prefect_cli(env, "work-pool", "create", "llm-trm-local", "--type", "process")
+    prefect_cli(env, "--no-prompt", "deploy", "--name", "pipeline-local")
+    fault = {"LLM_TRM_FAULT_KILL": "checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once")}
+    with worker(env, tmp_path / "worker.log", "--limit", "1", **fault):
         # what the UI's "Run" form posts: a partial config merged onto the preset
-        for _ in range(20):  # SQLite answers 503 while another writer (the worker's poll) holds it
-            created = httpx.post(
-                f"{api}/deployments/{deployment['id']}/create_flow_run",
-                json={"parameters": {"cfg": {"preset": "tiny", "store": {"root": root}}}},
-            )
-            if created.status_code != 503:
-                break
-            time.sleep(1)
-        assert created.status_code == 201, created.text
-        run_id = created.json()["id"]
-        first = _wait_final(api, run_id, 600)
+        run_id = create_run(api, "pipeline/pipeline-local", {"cfg": {"preset": "tiny", "store": {"root": root}}})
+        first = wait_final(api, run_id, 600)
         assert first["state_type"] == "CRASHED", first["state"]  # SIGKILLed at the TRM's checkpoint 2
         assert (tmp_path / "killed-once").exists()
         store = ArtifactStore(root)
@@ -128,8 +45,8 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
         deadline = time.monotonic() + 120
         while "infrastructure exited" not in (tmp_path / "worker.log").read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
-        cli("flow-run", "retry", run_id)  # the UI's Retry button does the same
-        second = _wait_final(api, run_id, 600, previous={"CRASHED"})
+        prefect_cli(env, "flow-run", "retry", run_id)  # the UI's Retry button does the same
+        second = wait_final(api, run_id, 600, previous={"CRASHED"})
         assert second["state_type"] == "COMPLETED", (second["state"], (tmp_path / "worker.log").read_text()[-3000:])
         assert second["run_count"] == 2
 
@@ -140,9 +57,6 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
         assert trm is not None and trm.metrics["training"]["resumed_from"] == 2
         artifacts = httpx.post(f"{api}/artifacts/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
         assert {"trm-report", "grpo-steps", "evaluate-before-after-grpo"} <= {a["key"] for a in artifacts}
-    finally:
-        _stop(worker)
-        worker_log.close()
 
     # the same config, uninterrupted, in another store: identical weights and accuracies
     from flows.pipeline import pipeline
@@ -168,16 +82,9 @@ def test_scheduled_sweep_fans_out_one_run_per_d_prime(server, tmp_path: Path) ->
     the deployment's concurrency limit at once), then writes the report over every D'."""
     api, env = server
     root = f"file://{tmp_path / 'store'}"
-    for args in (("work-pool", "create", "llm-trm-local", "--type", "process"),
-                 ("--no-prompt", "deploy", "--name", "sweep-local", "--name", "sweep-nightly")):  # fmt: skip
-        done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "llm-trm-local", "--limit", "3"], cwd=REPO,
-        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=worker_log, stderr=worker_log,
-    )  # fmt: skip
-    try:
+    prefect_cli(env, "work-pool", "create", "llm-trm-local", "--type", "process")
+    prefect_cli(env, "--no-prompt", "deploy", "--name", "sweep-local", "--name", "sweep-nightly")
+    with worker(env, tmp_path / "worker.log", "--limit", "3"):
         deployment = httpx.get(f"{api}/deployments/name/sweep-fanout/sweep-nightly").json()
         assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         cfg = {"preset": "tiny", "store": {"root": root}}
@@ -186,7 +93,7 @@ def test_scheduled_sweep_fans_out_one_run_per_d_prime(server, tmp_path: Path) ->
             json={"parameters": {"cfg": cfg, "deployment": "sweep/sweep-local", "poll_seconds": 1}},
         )
         assert created.status_code == 201, created.text
-        parent = _wait_final(api, created.json()["id"], 900)
+        parent = wait_final(api, created.json()["id"], 900)
         assert parent["state_type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
         subflows = httpx.post(
             f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [parent["id"]]}}}
@@ -202,6 +109,3 @@ def test_scheduled_sweep_fans_out_one_run_per_d_prime(server, tmp_path: Path) ->
         ]
         assert set(d_primes) in covered  # one report over every D' (beside each point's own)
         assert len(covered) == len(d_primes) + 1
-    finally:
-        _stop(worker)
-        worker_log.close()
