@@ -342,3 +342,26 @@ def test_plan_checks_generated_sources_grpo_problems_and_corpus_files(tmp_path: 
     check_plan(load_config("tiny", ["corpus.source=file", f"corpus.path={tmp_path}/*.txt"]), COMMAND_STAGES["datagen"])
     with pytest.raises(ConfigError, match=r"set problems.val_fraction above 0"):  # GSM8K on the hub, no download
         check_plan(load_config("smollm3-3b", ["problems.val_fraction=0"]))
+
+
+def test_an_edited_file_under_the_same_name_changes_the_artifact_keys(tmp_path: Path) -> None:
+    from llm_trm_core.stages.keys import key_for
+
+    problems = _jsonl(tmp_path / "gsm.jsonl", _gsm_rows(12, "train") + _gsm_rows(4, "test", start=12))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First paragraph of text.\n\nSecond paragraph.\n")
+    cfg = load_config(
+        "tiny",
+        ["problems.source=file", f"problems.path={problems}", "corpus.source=file", f"corpus.path={corpus}"],
+    )
+    before = {stage: key_for(cfg, stage) for stage in ("problems", "hiddens")}
+    assert before == {stage: key_for(cfg, stage) for stage in ("problems", "hiddens")}  # stable
+    _jsonl(problems, _gsm_rows(12, "train", start=100) + _gsm_rows(4, "test", start=12))
+    corpus.write_text("Another text entirely, and longer than the first one.\n")
+    after = {stage: key_for(cfg, stage) for stage in ("problems", "hiddens")}
+    assert before["problems"] != after["problems"] and before["hiddens"] != after["hiddens"]
+
+    # the path does not enter the key of the other sources
+    generated = load_config("tiny")
+    assert key_for(generated, "problems") == key_for(load_config("tiny", ["problems.path=unused.jsonl"]), "problems")
+    assert key_for(generated, "hiddens") == key_for(load_config("tiny", ["corpus.path=unused.txt"]), "hiddens")

@@ -37,6 +37,25 @@ class DataFiles:
         return path if protocol in ("file", "local") else self.fs.unstrip_protocol(path)
 
 
+def fingerprint(files: DataFiles) -> list[list[Any]]:
+    """What identifies the files' content without reading them: name, size and the store's content
+    version (GCS md5 or generation, an ETag, else the modification time). Enters artifact keys, so an
+    edited file under the same name recomputes what was built from it."""
+    out: list[list[Any]] = []
+    for path in files.paths:
+        info = files.fs.info(path)
+        version = next(
+            (
+                info[k]
+                for k in ("md5Hash", "etag", "ETag", "generation", "mtime", "LastModified", "created")
+                if info.get(k)
+            ),
+            None,
+        )
+        out.append([files.name(path), info.get("size"), str(version)])
+    return out
+
+
 def kind_of(path: str) -> str:
     """`parquet`, `jsonl`, `text` or `` (unsupported), from the file name (a compression suffix is skipped)."""
     name = path.lower()

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llm_trm_core.config import PipelineConfig, keyed_dump
+from llm_trm_core.data.files import fingerprint, list_files
 from llm_trm_core.store import stage_key
 
 STAGE_CODE_VERSIONS: dict[str, str] = {
@@ -24,9 +25,9 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
     "trace-hiddens": "2",
     "pairs": "2",
     "trm": "2",
-    "latent": "1",
-    "evaluate": "1",
-    "grpo": "1",
+    "latent": "2",
+    "evaluate": "2",
+    "grpo": "2",
 }
 
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.
@@ -78,16 +79,30 @@ def _datagen_shard_view(dumped: dict[str, Any]) -> dict[str, Any]:
     return dumped
 
 
+def _file_source(section: dict[str, Any], field: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """`path` matters only for source=file, and then so does what the files hold (their fingerprint)."""
+    if section.get("source") != "file":
+        return {k: v for k, v in section.items() if k != "path"}
+    return {**section, "files": fingerprint(list_files(str(section["path"]), field, kinds))}
+
+
 def _problems_view(dumped: dict[str, Any]) -> dict[str, Any]:
     """Difficulty fields of the arithmetic source do not affect the other sources' problems."""
     section = dumped["problems"]
     if section.get("source") != "arithmetic":
-        dumped["problems"] = {k: v for k, v in section.items() if not k.startswith("arithmetic_")}
+        section = {k: v for k, v in section.items() if not k.startswith("arithmetic_")}
+    dumped["problems"] = _file_source(section, "problems.path", ("parquet", "jsonl"))
+    return dumped
+
+
+def _hiddens_view(dumped: dict[str, Any]) -> dict[str, Any]:
+    dumped["corpus"] = _file_source(dumped["corpus"], "corpus.path", ("parquet", "jsonl", "text"))
     return dumped
 
 
 STAGE_VIEWS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "problems": _problems_view,
+    "hiddens": _hiddens_view,
     "compressor": _compressor_view,
     "datagen-shard": _datagen_shard_view,
 }
