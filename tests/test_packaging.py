@@ -4,32 +4,127 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from llm_trm_core.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parent.parent
+WHEELS = "/opt/wheels"  # the dev/CI machines' wheel folder, the `cpu` extra's torch index
+PYPI_FILES = "https://files.pythonhosted.org/"
 
 
 def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def test_docker_overrides_match_pyproject() -> None:
-    lines = (REPO / "deployments" / "overrides.txt").read_text().splitlines()
-    docker = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    assert docker == _pyproject()["tool"]["uv"]["override-dependencies"]
+def _uv() -> str:
+    uv = REPO / ".tools" / "bin" / "uv"  # the pinned uv that ./run installs
+    if uv.exists():
+        return str(uv)
+    found = shutil.which("uv")
+    if found is None:
+        pytest.skip("uv is not installed")
+    return found
 
 
-def test_torch_is_pinned_exactly() -> None:
-    deps = _pyproject()["project"]["dependencies"]
-    assert "torch==2.13.0" in deps
+def _uv_run(args: list[str], project: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
+    env |= {"UV_OFFLINE": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"}
+    proc = subprocess.run(
+        [_uv(), *args], cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _elsewhere(tmp_path: Path) -> Path:
+    """The project as a machine without the wheel folder sees it: pyproject.toml and uv.lock with the
+    folder's path pointing at a directory that does not exist (no network, no privileges needed)."""
+    missing = str(tmp_path / "no-such-wheels-folder")
+    for name in ("pyproject.toml", "uv.lock"):
+        (tmp_path / name).write_text((REPO / name).read_text().replace(WHEELS, missing))
+    (tmp_path / "README.md").write_text("readme\n")
+    assert not Path(missing).exists()
+    return tmp_path
+
+
+def _locked_torch(project: Path, *flags: str) -> tuple[dict, set[str]]:
+    """torch's entry in the exact install set `uv sync --frozen --no-dev <flags>` would use, and every
+    package name in it (a PEP 751 lock exported from uv.lock, sources included)."""
+    text = _uv_run(["export", "--frozen", "--no-dev", "--no-emit-project", "--format", "pylock.toml", *flags], project)
+    packages = tomllib.loads(text)["packages"]
+    torch = [p for p in packages if p["name"] == "torch"]
+    assert len(torch) == 1, torch
+    return torch[0], {p["name"] for p in packages}
+
+
+def test_docker_image_syncs_the_lock_with_the_gpu_extra() -> None:
+    lines = (REPO / "deployments" / "Dockerfile").read_text().splitlines()
+    instructions = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    syncs = [line for line in lines if line.startswith("RUN uv sync")]
+    assert len(syncs) == 2 and all("--frozen" in line and "--extra gpu" in line for line in syncs), syncs
+    assert WHEELS not in instructions and "uv pip install" not in instructions
+
+
+def test_torch_is_pinned_exactly_in_two_builds() -> None:
+    pyproject = _pyproject()
+    assert "torch==2.13.0" in pyproject["project"]["dependencies"]
+    extras = pyproject["project"]["optional-dependencies"]
+    assert extras["cpu"] == extras["gpu"] == ["torch==2.13.0"]
+    assert pyproject["tool"]["uv"]["conflicts"] == [[{"extra": "cpu"}, {"extra": "gpu"}]]
+    assert pyproject["tool"]["uv"]["sources"]["torch"] == [{"index": "opt-wheels", "extra": "cpu"}]
+    (index,) = pyproject["tool"]["uv"]["index"]
+    assert index == {"name": "opt-wheels", "url": WHEELS, "format": "flat", "explicit": True}
+    assert "find-links" not in pyproject["tool"]["uv"]  # a folder every resolution would read
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    builds = {p["version"]: p["source"] for p in lock["package"] if p["name"] == "torch"}
+    assert builds == {"2.13.0": {"registry": "https://pypi.org/simple"}, "2.13.0+cpu": {"registry": WHEELS}}
+
+
+def test_cpu_extra_installs_the_wheel_folders_cpu_build() -> None:
+    torch, names = _locked_torch(REPO, "--extra", "cpu")
+    assert torch["version"] == "2.13.0+cpu"
+    (wheel,) = torch["wheels"]
+    assert wheel["url"].startswith(f"file://{WHEELS}/torch-2.13.0+cpu-cp311-") and wheel["hashes"]["sha256"]
+    assert not {n for n in names if n.startswith(("nvidia-", "cuda-", "triton"))}
+
+
+def test_without_the_wheel_folder_the_lock_holds_and_torch_comes_from_the_registry(tmp_path: Path) -> None:
+    project = _elsewhere(tmp_path)
+    _uv_run(["lock", "--check"], project)  # uv.lock matches pyproject.toml there too, offline
+    torch, names = _locked_torch(project)  # what ./run installs on a machine without the folder
+    assert torch["version"] == "2.13.0" and torch["index"] == "https://pypi.org/simple"
+    (wheel,) = [w for w in torch["wheels"] if "cp311-cp311-manylinux" in w["url"] and "x86_64" in w["url"]]
+    assert wheel["url"].startswith(PYPI_FILES) and wheel["hashes"]["sha256"]
+    assert "nvidia-cudnn-cu13" in names  # PyPI's Linux torch is the CUDA 13.0 build; it runs on CPU too
+    assert str(tmp_path) not in _uv_run(["export", "--frozen", "--no-dev", "--no-hashes"], project)
+
+
+def test_worker_image_requirements_are_the_cuda_build_from_the_lock(tmp_path: Path) -> None:
+    project = _elsewhere(tmp_path)
+    torch, names = _locked_torch(project, "--extra", "gpu")
+    assert torch["version"] == "2.13.0" and torch["index"] == "https://pypi.org/simple"
+    assert all(w["url"].startswith(PYPI_FILES) for w in torch["wheels"])
+    assert {"cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "triton"} <= names
+    exported = _uv_run(["export", "--frozen", "--no-dev", "--extra", "gpu", "--format", "pylock.toml"], project)
+    assert "+cpu" not in exported and str(tmp_path) not in exported and WHEELS not in exported
+    cuda = tomllib.loads(exported)["packages"]
+    assert next(p for p in cuda if p["name"] == "cuda-toolkit")["version"].startswith("13.0.")
+
+
+def test_run_picks_the_cpu_extra_only_where_the_locked_wheel_exists() -> None:
+    script = (REPO / "run").read_text()
+    assert "--frozen" in script and '--extra "$torch_extra"' in script
     lock = (REPO / "uv.lock").read_text()
-    assert 'name = "torch"\nversion = "2.13.0+cpu"' in lock
-    assert "nvidia-cublas" not in lock
+    locked = [line for line in lock.splitlines() if f"{WHEELS}/torch-" in line]
+    assert locked and all("+cpu-cp311-cp311-manylinux" in line for line in locked)
 
 
 def test_prefect_yaml_entrypoints_and_parameters_are_valid() -> None:
