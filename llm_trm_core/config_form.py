@@ -33,7 +33,7 @@ def partial_form_schema(cls: type[BaseModel], schema: dict[str, Any]) -> None:
         if prop.get("type") == "boolean":
             del prop["type"]
             prop["enum"] = [True, False]
-        if path is None or _is_section(cls.model_fields[name].annotation):
+        if path is None or (path, name) == ("", "preset") or _is_section(cls.model_fields[name].annotation):
             continue
         values = preset_values(f"{path}.{name}" if path else name)
         if values:
