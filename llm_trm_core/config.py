@@ -165,6 +165,12 @@ class CorpusConfig(Section):
     hub_config: str = Field("sample-10BT", description="Dataset config for source=fineweb-edu.")
     num_documents: int = Field(400, ge=1, description="Documents taken (train + held out).")
     max_tokens: int = Field(256, ge=8, description="Tokens per document (longer ones are cut into chunks).")
+    max_doc_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="Cap on the tokens kept per document (the rest is dropped before chunking); bounds the "
+        "stored hidden states at num_documents x max_doc_tokens x D. None: no cap.",
+    )
     heldout_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of documents held out: half validation, half test."
     )
@@ -297,6 +303,15 @@ class DatagenConfig(Section):
         description="A span still open at max_new_tokens has </think> inserted instead of counting as a "
         "truncated failure (random test models).",
     )
+
+    @model_validator(mode="after")
+    def _whole_batches(self) -> DatagenConfig:
+        if self.shard_size % self.batch_size:
+            raise ValueError(
+                f"datagen.shard_size={self.shard_size} is not a multiple of datagen.batch_size={self.batch_size}: "
+                "every shard would end in a short generate batch; set shard_size to a multiple of batch_size"
+            )
+        return self
 
 
 class PairsConfig(Section):
@@ -450,6 +465,11 @@ class GRPOConfig(Section):
         return self
 
 
+EVAL_ARMS = (
+    "no_think", "think", "trm_latent", "random_latent", "mean_latent", "shuffled_latent", "original_style"
+)  # fmt: skip
+
+
 class EvaluateConfig(Section):
     """End-task evaluation on held-out test problems."""
 
@@ -461,7 +481,25 @@ class EvaluateConfig(Section):
         None, ge=1, description="Thinking budget of the think arm (default datagen.max_new_tokens)."
     )
     batch_size: int = Field(8, ge=1, description="Problems decoded together.", json_schema_extra=NOT_KEYED)
-    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every paired 95% interval.")
+    arms: list[str] = Field(
+        default_factory=lambda: list(EVAL_ARMS),
+        description="Arms evaluated on the same problems: " + ", ".join(EVAL_ARMS) + " (docs/evaluation.md).",
+    )
+    reference: str = Field(
+        "trm_latent", description="The arm every other arm is compared with by a paired bootstrap interval."
+    )
+
+    @model_validator(mode="after")
+    def _known_arms(self) -> EvaluateConfig:
+        unknown = [a for a in self.arms if a not in EVAL_ARMS]
+        if unknown:
+            raise ValueError(f"unknown evaluate.arms {unknown}; choose from {', '.join(EVAL_ARMS)}")
+        if len(set(self.arms)) != len(self.arms) or not self.arms:
+            raise ValueError("evaluate.arms must name at least one arm, each once")
+        if self.reference not in self.arms:
+            raise ValueError(f"evaluate.reference {self.reference!r} is not among evaluate.arms {self.arms}")
+        return self
 
 
 class SweepConfig(Section):

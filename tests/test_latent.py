@@ -86,6 +86,70 @@ def test_original_style_arm_sets_the_first_token_from_the_decompressed_trm_outpu
     assert answers[0][:1] == ([first] if first != reasoner.lm.tokenizer.eos_token_id else [])
 
 
+def test_original_style_arm_reads_the_state_at_think_end(chain) -> None:
+    cfg, store, _, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    question = "What is 2 + 3?"
+    batch = reasoner.encode_prompts([question])
+    end = batch.think_end[0]
+    end_ids = reasoner.lm.chat.delimiters.end_ids
+    assert tuple(batch.ids[0][end - len(end_ids) + 1 : end + 1]) == end_ids  # think_end is </think>'s last token
+    assert end < len(batch.ids[0]) - 1  # the no-think prompt goes on after it ("\n"): not the position used
+    answers = reasoner.generate_original_style([question], max_new_tokens=5)
+    if not answers[0]:
+        return  # the TRM's token was EOS
+    prefix = [*batch.ids[0][: end + 1], answers[0][0]]  # the predicted token follows </think> directly
+    expected = reasoner.lm.model.generate(
+        input_ids=torch.tensor([prefix]), max_new_tokens=4, do_sample=False,
+        pad_token_id=reasoner.lm.tokenizer.pad_token_id, eos_token_id=reasoner.lm.tokenizer.eos_token_id,
+    )[0, len(prefix) :].tolist()  # fmt: skip
+    eos = reasoner.lm.tokenizer.eos_token_id
+    assert answers[0][1:] == (expected[: expected.index(eos)] if eos in expected else expected)
+
+
+def test_capacity_matched_controls(chain) -> None:
+    cfg, store, _, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    questions = ["What is 2 + 3?", "How many legs do 3 spiders have?", "What is 10 - 4?"]
+    batch = reasoner.encode_prompts(questions)
+    with pytest.raises(UserError, match="training-mean output"):
+        reasoner.latents(batch, "mean_latent")
+    mean = reasoner.fit_mean_output(["What is 1 + 1?", "What is 7 * 3?"], batch_size=1)
+    torch.testing.assert_close(mean, reasoner.trm_outputs(["What is 1 + 1?", "What is 7 * 3?"], 2).mean(0))
+    same = reasoner.latents(batch, "mean_latent")
+    assert same.shape == (3, cfg.latent.num_latents, 64)
+    torch.testing.assert_close(same[0], same[2])  # one vector for every question
+    outputs = reasoner.trm_outputs(questions, 2)
+    from llm_trm_core.stats import derangement
+
+    perm = derangement(3, 0)
+    shuffled = reasoner.latents(batch, "shuffled_latent", outputs=outputs[perm])
+    real = reasoner.latents(batch, "trm_latent")
+    for row in range(3):  # question row gets the latents of question perm[row]
+        torch.testing.assert_close(shuffled[row], real[perm[row]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one permuted TRM output per question"):
+        reasoner.latents(batch, "shuffled_latent")
+
+
+def test_think_arm_graded_after_the_end_delimiter() -> None:
+    from llm_trm_core.stages.evaluate import think_answer
+
+    assert think_answer([5, 6, 99, 7, 8], [99]) == ([7, 8], True)
+    assert think_answer([5, 99, 6, 99, 7], [99]) == ([7], True)  # the last </think>
+    assert think_answer([5, 6, 7], [99]) == ([], False)  # cut by the budget: no answer, graded wrong
+    assert think_answer([1, 98, 99, 4], [98, 99]) == ([4], True)
+
+
+def test_evaluate_arm_config_errors() -> None:
+    from llm_trm_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown evaluate.arms"):
+        load_config("tiny", ["evaluate.arms=[no_think,trm_latent,bogus]"])
+    with pytest.raises(ConfigError, match="evaluate.reference 'think' is not among"):
+        load_config("tiny", ["evaluate.arms=[no_think,trm_latent]", "evaluate.reference=think"])
+    assert load_config("tiny", ["evaluate.arms=[no_think,think]", "evaluate.reference=think"]).evaluate.arms
+
+
 def test_bootstrap_and_summary_maths() -> None:
     assert bootstrap_ci([True] * 20, 500) == (1.0, 1.0)
     assert bootstrap_ci([False] * 20, 500) == (0.0, 0.0)
@@ -127,7 +191,9 @@ def test_latent_training_resumes_exactly_and_evaluation_reports_every_arm(chain,
         straight_store, reference, build_reasoner(cfg, straight_store, compressor, trm)
     ).projector.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert set(resumed.metrics["val_answer_nll"]) == {"trm_latent", "random_latent", "no_latent"}
+    assert set(resumed.metrics["val_answer_nll"]) == {
+        "trm_latent", "random_latent", "mean_latent", "shuffled_latent", "no_latent"
+    }  # fmt: skip
 
     report = run_evaluate(cfg, store, problems, compressor, trm, resumed)
     assert [row["arm"] for row in report.metrics["rows"]] == list(ARMS)
@@ -135,6 +201,16 @@ def test_latent_training_resumes_exactly_and_evaluation_reports_every_arm(chain,
         assert row["n"] == cfg.evaluate.num_problems and 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1
     think = report.metrics["arms"]["think"]["tokens_per_answer"]
     assert think > report.metrics["arms"]["no_think"]["tokens_per_answer"]  # the thinking arm spends more tokens
+    # every other arm compared with the reference by a paired interval, the verdict read from it
+    compared = {c["other"]: c for c in report.metrics["comparisons"]}
+    assert set(compared) == set(ARMS) - {"trm_latent"}
+    for c in compared.values():
+        assert c["reference"] == "trm_latent" and c["ci_low"] <= c["difference"] <= c["ci_high"]
+        expected = "better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "indistinguishable"
+        assert c["verdict"] == expected and c["min_detectable"] > 0
+    text = store.open("evaluate", report.key).read_bytes("report.md").decode()
+    assert "Paired comparisons with trm_latent" in text and "Power:" in text and "graded on the text after" in text
+    assert report.metrics["arms"]["think"]["unfinished"] >= 0
 
 
 def test_bad_inputs(chain) -> None:

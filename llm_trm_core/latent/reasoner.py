@@ -27,7 +27,8 @@ from llm_trm_core.lm import LoadedLM
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.models.trm import SequenceTRM
 
-Arm = Literal["trm_latent", "random_latent", "no_latent"]
+Arm = Literal["trm_latent", "random_latent", "mean_latent", "shuffled_latent", "no_latent"]
+LATENT_ARMS: tuple[Arm, ...] = ("trm_latent", "random_latent", "mean_latent", "shuffled_latent")
 
 
 class LatentProjector(nn.Module):
@@ -74,6 +75,7 @@ class LatentReasoner:
     layer_index: int
     n_steps: int
     drop_system_prefix: bool = True
+    mean_output: torch.Tensor | None = None  # (D',) the TRM's mean output over training questions (mean_latent)
 
     @property
     def device(self) -> torch.device:
@@ -144,14 +146,48 @@ class LatentReasoner:
             carry = carry.detach()
         return self.trm.denormalize(prediction)
 
-    def latents(self, batch: PromptBatch, arm: Arm, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    def latents(
+        self,
+        batch: PromptBatch,
+        arm: Arm,
+        generator: torch.Generator | None = None,
+        outputs: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The k latents of an arm. Controls with the TRM latents' capacity (docs/evaluation.md):
+        random_latent: random directions with each real latent's norm; mean_latent: the projector applied to
+        `mean_output` (one vector for every question); shuffled_latent: the projector applied to `outputs`,
+        other questions' TRM outputs (see `trm_outputs` and `stats.derangement`)."""
         if arm == "no_latent":
             return None
-        latents = self.projector(self.trm.standardize_target(self.trm_output(batch)))
+        if arm == "mean_latent":
+            if self.mean_output is None:
+                raise UserError("the mean_latent arm needs the TRM's training-mean output (fit_mean_output)")
+            out = self.mean_output.to(self.device).expand(len(batch.ids), -1)
+        elif arm == "shuffled_latent":
+            if outputs is None or outputs.shape[0] != len(batch.ids):
+                raise ValueError("the shuffled_latent arm needs one permuted TRM output per question")
+            out = outputs.to(self.device)
+        else:
+            out = self.trm_output(batch)
+        latents = self.projector(self.trm.standardize_target(out))
         if arm == "random_latent":  # same k, random directions with the norm of each real latent
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             latents = noise / noise.norm(dim=-1, keepdim=True) * latents.norm(dim=-1, keepdim=True)
         return latents
+
+    @torch.no_grad()
+    def trm_outputs(self, questions: list[str], batch_size: int) -> torch.Tensor:
+        """(N, D') TRM outputs of many questions, batch by batch (raw scale, CPU)."""
+        parts = [
+            self.trm_output(self.encode_prompts(questions[i : i + batch_size])).float().cpu()
+            for i in range(0, len(questions), batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, self.compressor.d_prime)
+
+    def fit_mean_output(self, questions: list[str], batch_size: int) -> torch.Tensor:
+        """Set (and return) `mean_output`: the mean TRM output over these (training) questions."""
+        self.mean_output = self.trm_outputs(questions, batch_size).mean(0)
+        return self.mean_output
 
     def input_embeddings(
         self, ids: list[list[int]], latents: torch.Tensor | None, answers: list[list[int]] | None = None
@@ -179,12 +215,17 @@ class LatentReasoner:
 
     @torch.no_grad()
     def generate(
-        self, questions: list[str], arm: Arm, max_new_tokens: int, generator: torch.Generator | None = None
+        self,
+        questions: list[str],
+        arm: Arm,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Greedy answers (token ids, EOS cut) with the arm's latents injected before the answer."""
         batch = self.encode_prompts(questions)
         self.check_context(batch, max_new_tokens)
-        embeds, mask, _ = self.input_embeddings(batch.ids, self.latents(batch, arm, generator))
+        embeds, mask, _ = self.input_embeddings(batch.ids, self.latents(batch, arm, generator, outputs))
         tok = self.lm.tokenizer
         model: Any = self.lm.model
         out = model.generate(
@@ -195,8 +236,9 @@ class LatentReasoner:
 
     @torch.no_grad()
     def generate_original_style(self, questions: list[str], max_new_tokens: int) -> list[list[int]]:
-        """The original's arm: the decompressed TRM output replaces the state AT `</think>`, so it picks the
-        first answer token (lm_head of that state); the rest is generated normally."""
+        """The original's arm: the decompressed TRM output replaces the state AT `</think>` (`think_end`, the
+        position the pairs' post state was taken at), so the LM head of it picks the token that follows
+        `</think>`; the answer is then generated from the prompt cut after `</think>` plus that token."""
         batch = self.encode_prompts(questions)
         self.check_context(batch, max_new_tokens)
         post = self.compressor.decompress(self.trm_output(batch).cpu())
@@ -204,16 +246,17 @@ class LatentReasoner:
         first = head(post.to(self.device).to(head.weight.dtype)).argmax(-1).tolist()
         tok = self.lm.tokenizer
         answers: list[list[int]] = []
-        for seq, token in zip(batch.ids, first, strict=True):
+        for seq, end, token in zip(batch.ids, batch.think_end, first, strict=True):
             if token == tok.eos_token_id:
                 answers.append([])
                 continue
+            prefix = [*seq[: end + 1], token]
             model: Any = self.lm.model
             out = model.generate(
-                input_ids=torch.tensor([[*seq, token]], device=self.device), max_new_tokens=max_new_tokens - 1,
+                input_ids=torch.tensor([prefix], device=self.device), max_new_tokens=max_new_tokens - 1,
                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )  # fmt: skip
-            answers.append([token, *_cut(out[0, len(seq) + 1 :].tolist(), tok.eos_token_id)])
+            answers.append([token, *_cut(out[0, len(prefix) :].tolist(), tok.eos_token_id)])
         return answers
 
 

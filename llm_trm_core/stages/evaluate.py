@@ -1,17 +1,24 @@
 """Stage `evaluate`: end-task accuracy on held-out test problems, every arm on the same problems.
 
-Arms (greedy decoding, same answer budget):
-- no_think: the no-think prompt, answer directly;
-- think: the think-mode prompt, full chain of thought (thinking budget + answer budget);
+Arms (greedy decoding, same answer budget; `evaluate.arms`, docs/evaluation.md):
+- no_think: the no-think prompt, answer directly (LM only: LoRA adapters off);
+- think: the think-mode prompt, full chain of thought (thinking budget + answer budget), graded on the text
+  after `</think>` only: a trace the budget cut before `</think>` is wrong and counted (LM only, adapters off);
 - trm_latent: no-think prompt + k TRM latents injected before the answer;
 - random_latent: the same with random vectors of the TRM latents' norms (control);
+- mean_latent: the projector applied to the TRM's mean output over training questions, the same for every
+  question (control: what the latents carry that does not depend on the question);
+- shuffled_latent: the TRM outputs of other test questions (seeded derangement) (control: question-specific?);
 - original_style: the decompressed TRM output replaces the state at `</think>` (sets the first answer token).
-Accuracy = exact numeric match (answer module), with a 95% bootstrap interval over problems; also strict
-(`#### N`) accuracy, generated tokens and wall time per answer.
+Accuracy = exact numeric match (answer module) with a 95% Wilson interval per arm; the reference arm
+(`evaluate.reference`, default trm_latent) is compared with every other arm by a paired bootstrap interval
+of the accuracy difference over the same problems, and the verdict (better / worse / indistinguishable) is
+read from that interval only (`llm_trm_core/stats.py`). Each report states the smallest difference its
+sample can detect.
 
 After GRPO, the same stage runs with the GRPO weights and the evaluation made before GRPO: the LM-only
-arms (no_think, think) are taken from it when GRPO left the LM untouched (no LoRA), and the report adds
-a before/after table with paired bootstrap intervals of the change, problem by problem.
+arms (no_think, think) are taken from it (they run without adapters, so GRPO cannot change them), and the
+report adds a before/after table with paired bootstrap intervals of the change, problem by problem.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import matplotlib
@@ -32,24 +40,29 @@ import torch
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.answers import grade
 from llm_trm_core.errors import UserError
-from llm_trm_core.latent.reasoner import LatentReasoner
+from llm_trm_core.latent.reasoner import LatentReasoner, adapters_off
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.latent import build_reasoner, check_lineage, load_latent
 from llm_trm_core.stages.problems import read_problems
+from llm_trm_core.stats import compare, derangement, min_detectable_difference, paired_bootstrap, wilson_interval
 from llm_trm_core.store import ArtifactStore, Manifest
 
 logger = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-ARMS = ("no_think", "think", "trm_latent", "random_latent", "original_style")
+ARMS = ("no_think", "think", "trm_latent", "random_latent", "mean_latent", "shuffled_latent", "original_style")
 COLUMNS = ("arm", "accuracy", "ci_low", "ci_high", "accuracy_strict", "tokens_per_answer", "seconds_per_answer", "n")
+COMPARISON_COLUMNS = (
+    "reference", "other", "ref_acc", "other_acc", "difference", "ci_low", "ci_high", "verdict", "discordant",
+    "min_detectable", "n",
+)  # fmt: skip
 CHANGE_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
 LM_ONLY_ARMS = ("no_think", "think")
 
 
 def bootstrap_ci(correct: Sequence[float], reps: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over problems."""
+    """Percentile bootstrap interval of the mean over problems (kept for callers; arms use Wilson)."""
     values = np.asarray(correct, dtype=np.float64)
     if values.size == 0:
         raise ValueError("no results to bootstrap")
@@ -59,10 +72,11 @@ def bootstrap_ci(correct: Sequence[float], reps: int, seed: int = 0, level: floa
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def summarize_arm(arm: str, graded: list[dict[str, Any]], reps: int, seed: int) -> dict[str, Any]:
-    correct = [g["correct"] for g in graded]
-    low, high = bootstrap_ci(correct, reps, seed)
-    return {
+def summarize_arm(arm: str, graded: list[dict[str, Any]], reps: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Accuracy with its 95% Wilson interval (`reps`, `seed`: unused, kept for the signature)."""
+    correct = [bool(g["correct"]) for g in graded]
+    low, high = wilson_interval(sum(correct), len(correct))
+    row = {
         "arm": arm,
         "accuracy": float(np.mean(correct)),
         "ci_low": low,
@@ -72,6 +86,44 @@ def summarize_arm(arm: str, graded: list[dict[str, Any]], reps: int, seed: int) 
         "seconds_per_answer": float(np.mean([g["seconds"] for g in graded])),
         "n": len(graded),
     }
+    if any("finished" in g for g in graded):
+        row["unfinished"] = sum(1 for g in graded if not g.get("finished", True))
+    return row
+
+
+def comparisons(results: dict[str, list[dict[str, Any]]], reference: str, reps: int, seed: int) -> list[dict[str, Any]]:
+    """The reference arm against every other arm: paired bootstrap of the accuracy difference, verdict."""
+    if reference not in results:
+        raise UserError(f"the reference arm {reference!r} was not run (arms: {', '.join(results)})")
+    ref = [bool(r["correct"]) for r in results[reference]]
+    out = []
+    for arm, rows in results.items():
+        if arm == reference:
+            continue
+        c = compare(reference, ref, arm, [bool(r["correct"]) for r in rows], reps, seed)
+        out.append({**c.row(), "sentence": c.sentence()})
+    return out
+
+
+def power_sentence(n: int, rows: list[dict[str, Any]]) -> str:
+    """The smallest paired difference this sample can detect (80% power, two-sided alpha 0.05)."""
+    worst = min_detectable_difference(n)
+    observed = [r["min_detectable"] for r in rows]
+    return (
+        f"Power: with n={n} problems a paired difference must be about {worst:.3f} (worst case, every problem "
+        f"discordant) to be detected with 80% power at alpha 0.05"
+        + (f"; at the discordance observed here, {min(observed):.3f} to {max(observed):.3f}. " if observed else ". ")
+        + "A smaller true difference will usually read as 'indistinguishable'."
+    )
+
+
+def think_answer(ids: list[int], end_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """The answer tokens after the last `</think>` of a think-arm generation, and whether the span closed."""
+    n = len(end_ids)
+    for start in range(len(ids) - n, -1, -1):
+        if tuple(ids[start : start + n]) == tuple(end_ids):
+            return ids[start + n :], True
+    return [], False
 
 
 def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) -> list[list[int]]:
@@ -99,7 +151,7 @@ def _plot(rows: list[dict[str, Any]]) -> bytes:
     acc = [r["accuracy"] for r in rows]
     err = [[r["accuracy"] - r["ci_low"] for r in rows], [r["ci_high"] - r["accuracy"] for r in rows]]
     ax.bar(names, acc, yerr=err, capsize=4, color="#4477aa")
-    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_ylabel("accuracy (95% Wilson CI)")
     ax.set_ylim(0, max(0.05, max(r["ci_high"] for r in rows) * 1.15))
     ax.set_title(f"held-out test problems (n={rows[0]['n']})")
     png = png_bytes(fig)
@@ -144,58 +196,71 @@ def run_evaluate(
 
         reasoner = load_grpo(store, grpo, reasoner)
     reasoner.trm.eval()
+    arms = [a for a in ARMS if a in ev.arms]
     previous: dict[str, list[dict[str, Any]]] = {}
     if before is not None:
         previous = json.loads(store.open(STAGE, before.key).read_bytes("answers.json"))
-        if [r["id"] for r in previous["no_think"]] != [p.id for p in test]:
+        first = next(iter(previous.values()), [])
+        if [r["id"] for r in first] != [p.id for p in test]:
             raise UserError(
                 f"the 'before' evaluation {before.uri} covers other problems; evaluate.num_problems changed"
             )
-    reused = (
-        set(LM_ONLY_ARMS)
-        if before is not None
-        and (grpo is None or "lora.safetensors" not in store.open("grpo", grpo.key).manifest.files)
-        else set()
-    )
+    # LM-only arms run with adapters off, so GRPO (LoRA or not) cannot change them: reuse them
+    reused = {a for a in LM_ONLY_ARMS if a in arms and a in previous}
     tok = reasoner.lm.tokenizer
+    end_ids = reasoner.lm.chat.delimiters.end_ids
     think_budget = (ev.think_tokens or cfg.datagen.max_new_tokens) + ev.max_answer_tokens
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
-    runners: dict[str, Callable[[list[str]], list[list[int]]]] = {
-        "no_think": lambda qs: reasoner.generate(qs, "no_latent", ev.max_answer_tokens),
-        "think": lambda qs: _think_answers(reasoner, qs, think_budget),
-        "trm_latent": lambda qs: reasoner.generate(qs, "trm_latent", ev.max_answer_tokens),
-        "random_latent": lambda qs: reasoner.generate(qs, "random_latent", ev.max_answer_tokens, generator),
-        "original_style": lambda qs: reasoner.generate_original_style(qs, ev.max_answer_tokens),
+    questions_all = [p.question for p in test]
+    if "mean_latent" in arms:
+        train_questions = [
+            p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)
+        ]
+        if not train_questions:
+            raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
+        reasoner.fit_mean_output(train_questions, ev.batch_size)
+    shuffled = torch.zeros(0)
+    if "shuffled_latent" in arms:
+        outputs = reasoner.trm_outputs(questions_all, ev.batch_size)
+        shuffled = outputs[derangement(len(test), cfg.runtime.seed)]
+    model: Any = reasoner.lm.model
+    runners: dict[str, Callable[[list[str], int], list[list[int]]]] = {
+        "no_think": lambda qs, _: reasoner.generate(qs, "no_latent", ev.max_answer_tokens),
+        "think": lambda qs, _: _think_answers(reasoner, qs, think_budget),
+        "trm_latent": lambda qs, _: reasoner.generate(qs, "trm_latent", ev.max_answer_tokens),
+        "random_latent": lambda qs, _: reasoner.generate(qs, "random_latent", ev.max_answer_tokens, generator),
+        "mean_latent": lambda qs, _: reasoner.generate(qs, "mean_latent", ev.max_answer_tokens),
+        "shuffled_latent": lambda qs, at: reasoner.generate(
+            qs, "shuffled_latent", ev.max_answer_tokens, outputs=shuffled[at : at + len(qs)]
+        ),
+        "original_style": lambda qs, _: reasoner.generate_original_style(qs, ev.max_answer_tokens),
     }
-    results: dict[str, list[dict[str, Any]]] = {arm: list(previous[arm]) if arm in reused else [] for arm in ARMS}
+    results: dict[str, list[dict[str, Any]]] = {arm: list(previous[arm]) if arm in reused else [] for arm in arms}
     for start in range(0, len(test), ev.batch_size):
         batch = test[start : start + ev.batch_size]
         questions = [p.question for p in batch]
-        for arm in (a for a in ARMS if a not in reused):
+        for arm in (a for a in arms if a not in reused):
             began = time.perf_counter()
-            answers = runners[arm](questions)
+            with adapters_off(model) if arm in LM_ONLY_ARMS else nullcontext():
+                answers = runners[arm](questions, start)
             seconds = (time.perf_counter() - began) / len(batch)
             for problem, ids in zip(batch, answers, strict=True):
+                record: dict[str, Any] = {"id": problem.id, "tokens": len(ids), "seconds": seconds}
+                if arm == "think":  # graded on the answer after </think> only
+                    ids, finished = think_answer(ids, end_ids)
+                    record["finished"] = finished
                 text = str(tok.decode(ids, skip_special_tokens=True))
                 graded = grade(text, problem.answer_value)
-                results[arm].append(
-                    {"id": problem.id, "text": text, "tokens": len(ids), "seconds": seconds,
-                     "correct": graded.numeric, "strict": graded.strict, "extracted": graded.extracted.value}
+                record.update(
+                    {"text": text, "correct": graded.numeric, "strict": graded.strict,
+                     "extracted": graded.extracted.value}
                 )  # fmt: skip
+                results[arm].append(record)
         logger.info("evaluated %d/%d problems", min(start + ev.batch_size, len(test)), len(test))
-    rows = [summarize_arm(arm, results[arm], ev.bootstrap, cfg.runtime.seed) for arm in ARMS]
+    rows = [summarize_arm(arm, results[arm]) for arm in arms]
+    compared = comparisons(results, ev.reference, ev.bootstrap, cfg.runtime.seed)
     title = "after GRPO" if grpo is not None else "before GRPO"
-    report = (
-        f"# End-task accuracy on {len(test)} held-out test problems ({title})\n\n"
-        + markdown_table(rows, COLUMNS)
-        + "\n\nAccuracy = exact numeric match of the extracted answer; "
-        "95% percentile bootstrap interval over problems."
-        + (
-            f" Reused from the evaluation before GRPO (LM unchanged): {', '.join(sorted(reused))}.\n"
-            if reused
-            else "\n"
-        )
-    )
+    report = evaluation_report(len(test), title, rows, compared, results, sorted(reused))
     change_rows = change_table(previous, results, ev.bootstrap, cfg.runtime.seed) if previous else []
     if change_rows:
         report += (
@@ -213,29 +278,70 @@ def run_evaluate(
             {
                 "rows": rows,
                 "arms": {r["arm"]: r for r in rows},
+                "comparisons": compared,
+                "reference": ev.reference,
                 "n": len(test),
                 "policy": title,
                 "before_after": change_rows,
                 "reused_arms": sorted(reused),
+                "min_detectable_worst_case": min_detectable_difference(len(test)),
             }
         )
+
+
+def evaluation_report(
+    n: int,
+    title: str,
+    rows: list[dict[str, Any]],
+    compared: list[dict[str, Any]],
+    results: dict[str, list[dict[str, Any]]],
+    reused: list[str],
+) -> str:
+    think = results.get("think")
+    unfinished = sum(1 for r in think if not r.get("finished", True)) if think else 0
+    lines = [
+        f"# End-task accuracy on {n} held-out test problems ({title})\n",
+        markdown_table(rows, COLUMNS),
+        "\nAccuracy = exact numeric match of the extracted answer; ci = 95% Wilson interval of the arm alone "
+        "(for reading one arm, not for comparing two).",
+    ]
+    if think is not None:
+        lines.append(
+            f"The think arm is graded on the text after `</think>` only; {unfinished}/{len(think)} traces hit the "
+            "thinking budget without closing the span and count as wrong."
+        )
+    lines.append("The LM-only arms (no_think, think) run with any LoRA adapters off: they are the plain LM.")
+    if reused:
+        lines.append(f"Reused from the evaluation before GRPO (unchanged by it): {', '.join(reused)}.")
+    if compared:
+        lines += [
+            f"\n## Paired comparisons with {compared[0]['reference']} (same problems)\n",
+            markdown_table(compared, COMPARISON_COLUMNS),
+            "\ndifference = reference accuracy - other accuracy; ci = 95% paired bootstrap interval resampling "
+            "problems; verdict: better if the interval is above 0, worse if below, else indistinguishable.\n",
+            *[f"- {c['sentence']}" for c in compared],
+            "",
+            power_sentence(n, compared),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def change_table(
     before: dict[str, list[dict[str, Any]]], after: dict[str, list[dict[str, Any]]], reps: int, seed: int
 ) -> list[dict[str, Any]]:
-    """Per arm: accuracy before, after, and a paired bootstrap interval of the change over the same problems."""
+    """Per arm run both times: accuracy before, after, and a paired bootstrap interval of the change."""
     return [
         change_row(arm, [r["correct"] for r in before[arm]], [r["correct"] for r in after[arm]], reps, seed)
         for arm in ARMS
+        if arm in before and arm in after
     ]
 
 
 def change_row(arm: str, before: Sequence[bool], after: Sequence[bool], reps: int, seed: int) -> dict[str, Any]:
     """Accuracy before and after on the same problems, with a paired bootstrap interval of the change."""
+    change, low, high = paired_bootstrap(after, before, reps, seed)
     old, new = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    low, high = bootstrap_ci((new - old).tolist(), reps, seed)
     return {
-        "arm": arm, "before": float(old.mean()), "after": float(new.mean()), "change": float(new.mean() - old.mean()),
+        "arm": arm, "before": float(old.mean()), "after": float(new.mean()), "change": change,
         "change_ci_low": low, "change_ci_high": high, "n": len(new),
     }  # fmt: skip

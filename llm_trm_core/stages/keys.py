@@ -96,7 +96,10 @@ def _problems_view(dumped: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hiddens_view(dumped: dict[str, Any]) -> dict[str, Any]:
-    dumped["corpus"] = _file_source(dumped["corpus"], "corpus.path", ("parquet", "jsonl", "text"))
+    corpus = dumped["corpus"]
+    if corpus.get("max_doc_tokens") is None:  # no cap: the same states as before the field existed
+        corpus = {k: v for k, v in corpus.items() if k != "max_doc_tokens"}
+    dumped["corpus"] = _file_source(corpus, "corpus.path", ("parquet", "jsonl", "text"))
     return dumped
 
 

@@ -33,6 +33,7 @@ from llm_trm_core.stages.compressor import load_compressor
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.problems import read_problems
 from llm_trm_core.stages.trm import load_trm
+from llm_trm_core.stats import derangement
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.training.checkpoints import CheckpointManager
 from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
@@ -118,15 +119,22 @@ def _batches(problems: list[Problem], size: int, seed: int | None, epoch: int) -
 
 
 def answer_nll(
-    reasoner: LatentReasoner, problems: list[Problem], arm: Arm, generator: torch.Generator | None = None
+    reasoner: LatentReasoner,
+    problems: list[Problem],
+    arm: Arm,
+    generator: torch.Generator | None = None,
+    outputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy per answer token of `#### N<eos>` after the arm's latents (differentiable)."""
+    """Mean cross-entropy per answer token of `#### N<eos>` after the arm's latents (differentiable);
+    `outputs`: the permuted TRM outputs of the shuffled_latent arm."""
     tok = reasoner.lm.tokenizer
     batch = reasoner.encode_prompts([p.question for p in problems])
     answers = [
         [*tok(answer_text(p.answer_value), add_special_tokens=False).input_ids, tok.eos_token_id] for p in problems
     ]
-    embeds, mask, starts = reasoner.input_embeddings(batch.ids, reasoner.latents(batch, arm, generator), answers)
+    embeds, mask, starts = reasoner.input_embeddings(
+        batch.ids, reasoner.latents(batch, arm, generator, outputs), answers
+    )
     logits = reasoner.lm.model(inputs_embeds=embeds, attention_mask=mask).logits
     losses = []
     for row, answer in enumerate(answers):
@@ -134,6 +142,30 @@ def answer_nll(
         target = torch.tensor(answer, device=logits.device)
         losses.append(F.cross_entropy(logits[row, positions].float(), target, reduction="sum"))
     return torch.stack(losses).sum() / sum(len(a) for a in answers)
+
+
+VAL_ARMS: tuple[Arm, ...] = ("trm_latent", "random_latent", "mean_latent", "shuffled_latent", "no_latent")
+
+
+@torch.no_grad()
+def validation_nll(
+    reasoner: LatentReasoner, train: list[Problem], val: list[Problem], batch_size: int, seed: int
+) -> dict[str, float]:
+    """Answer NLL per token on val for the TRM latents and every control (docs/evaluation.md): random
+    directions of matched norm, the TRM's training-mean output (mean_latent), other questions' TRM outputs
+    (shuffled_latent, seeded derangement), and no latents."""
+    reasoner.fit_mean_output([p.question for p in train], batch_size)
+    outputs = reasoner.trm_outputs([p.question for p in val], batch_size)
+    shuffled = outputs[derangement(len(val), seed)]
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, float] = {}
+    for arm in VAL_ARMS:
+        total = 0.0
+        for start, b in zip(range(0, len(val), batch_size), _batches(val, batch_size, None, 0), strict=True):
+            permuted = shuffled[start : start + len(b)] if arm == "shuffled_latent" else None
+            total += float(answer_nll(reasoner, b, arm, generator, permuted)) * len(b)
+        out[arm] = total / len(val)
+    return out
 
 
 def run_latent(
@@ -214,14 +246,7 @@ def run_latent(
         logger.info("latent epoch %d: last loss %.4f", progress["epoch"], progress["history"][-1]["loss"])
 
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(cfg.runtime.seed)
-        val_nll = {
-            arm: float(
-                sum(answer_nll(reasoner, b, arm, generator) * len(b) for b in _batches(val, lat.batch_size, None, 0))
-                / len(val)
-            )
-            for arm in ("trm_latent", "random_latent", "no_latent")
-        }
+        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed)
     projector_bytes = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in reasoner.projector.state_dict().items()}
     )
