@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ from pydantic import Field
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import ArtifactError, ArtifactNotCommittedError
-from llm_trm_core.locks import StoreLocks
+from llm_trm_core.locks import WAIT_ENV, LockWaitTimeoutError, StoreLocks, describe_holder, wait_seconds
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, stage_config
 from llm_trm_core.store import ArtifactStore
 from tasks.liveness import lock_holder_ended, lock_owner
@@ -177,7 +178,13 @@ def _result_store(root: str) -> ResultStore:
 
 
 class StoreLockManager(LockManager):
-    """Prefect's lock protocol over leased locks in the artifact store (any fsspec backend)."""
+    """Prefect's lock protocol over leased, fenced locks in the artifact store (llm_trm_core.locks).
+
+    Prefect asks without a timeout; a wait is then bounded by `LLM_TRM_LOCK_WAIT_SECONDS` (default 6 h)
+    and ends in a `LockWaitTimeoutError` naming the lock and its holder. `is_lock_holder` asks the store
+    (the version this worker wrote last must still be there), so a holder that lost its lock while stalled
+    cannot write the task's cache record: Prefect refuses to write a record locked by another holder.
+    """
 
     def __init__(self, root: str) -> None:
         store = ArtifactStore(root)
@@ -185,10 +192,22 @@ class StoreLockManager(LockManager):
             store.fs, f"{store.base}/{PREFECT_DIR}/locks", owner=lock_owner, is_dead=lock_holder_ended
         )
 
+    def _timed_out(self, key: str, waited: float) -> LockWaitTimeoutError:
+        return LockWaitTimeoutError(
+            f"gave up after waiting {waited:.0f} s for lock {key} ({self.locks.folder}), held by "
+            f"{describe_holder(self.locks.record(key))}, which keeps renewing it; if that run is stuck, cancel it "
+            f"(or stop its process) and retry, or wait longer with {WAIT_ENV}=<seconds>"
+        )
+
     def acquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        return self.locks.acquire(key, holder, acquire_timeout)
+        if acquire_timeout is not None:
+            return self.locks.acquire(key, holder, acquire_timeout)
+        started = time.monotonic()
+        if self.locks.acquire(key, holder, wait_seconds()):
+            return True
+        raise self._timed_out(key, time.monotonic() - started)
 
     async def aacquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
@@ -202,10 +221,15 @@ class StoreLockManager(LockManager):
         return self.locks.holder(key) is not None
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
-        return self.locks.holder(key) == holder
+        return self.locks.still_held(key, holder)
 
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        return self.locks.wait(key, timeout)
+        if timeout is not None:
+            return self.locks.wait(key, timeout)
+        started = time.monotonic()
+        if self.locks.wait(key, wait_seconds()):
+            return True
+        raise self._timed_out(key, time.monotonic() - started)
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return self.wait_for_lock(key, timeout)

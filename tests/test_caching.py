@@ -3,6 +3,7 @@ concurrent runs of one config computing each stage once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,8 @@ import pytest
 from llm_trm_core.config import load_config
 from llm_trm_core.locks import StoreLocks
 from llm_trm_core.store import ArtifactStore
+from tests.helpers.gcs_preconditions import BUCKET as STRICT_BUCKET
+from tests.helpers.gcs_preconditions import enforcing_gcs_emulator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,27 +42,31 @@ def test_store_locks_exclude_expire_and_renew(store_root: str) -> None:
     assert b.acquire("stage", "B", timeout=1.0) and b.holder("stage") == "B"
     b.release("stage", "B")
 
-    # a dead holder (never renews): its lock expires, exactly one of many waiters breaks it
-    if store_root.startswith("gs://"):
-        pytest.skip(
-            "gcp-storage-emulator ignores ifGenerationMatch=0 (gcsfs sends it for mode='create'; real GCS answers "
-            "412), so atomic creation cannot be exercised against the emulator"
-        )
-    store = ArtifactStore(store_root)
-    store.fs.pipe_file(f"{store.base}/_locks/dead.lock", json.dumps({"holder": "X", "expires_at": 1.0}).encode())
-    winners: list[str] = []
-    contenders = [_locks(store_root, lease=30) for _ in range(6)]
+    # a dead holder (never renews): its lock expires after the lease (judged without the holder's clock) and
+    # exactly one of many waiters breaks it. On gs:// against a GCS double that enforces ifGenerationMatch
+    # (the plain emulator ignores preconditions, so it could not tell one breaker from several).
+    with contextlib.ExitStack() as stack:
+        root = store_root
+        if store_root.startswith("gs://"):
+            stack.enter_context(enforcing_gcs_emulator())
+            root = f"gs://{STRICT_BUCKET}/{store_root.rsplit('/', 1)[1]}"
+        store = ArtifactStore(root)
+        dead = json.dumps({"holder": "X", "expires_at": time.time() + 3600}).encode()
+        store.fs.pipe_file(f"{store.base}/_locks/dead.lock", dead)
+        winners: list[int] = []
+        contenders = [_locks(root, lease=2.0) for _ in range(6)]
 
-    def contend(i: int) -> None:
-        if contenders[i].try_acquire("dead", f"W{i}"):
-            winners.append(f"W{i}")
+        def contend(i: int) -> None:
+            if contenders[i].acquire("dead", f"W{i}", timeout=5.0):
+                winners.append(i)
 
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(winners) == 1 and _locks(store_root, 30).holder("dead") == winners[0]
+        threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(winners) == 1 and _locks(root, 30).holder("dead") == f"W{winners[0]}"
+        contenders[winners[0]].release("dead", f"W{winners[0]}")
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
