@@ -24,8 +24,8 @@ def test_gsm_symbolic_is_deterministic_and_split_by_id() -> None:
     assert counts["train"] > counts["test"] > 0 and counts["val"] > 0
     ids = Counter(p.id for p in a.problems)
     assert max(ids.values()) == 1
-    for p in a.problems:  # the split is a function of the id alone
-        assert p.split == _assign_split(p.id, cfg.test_fraction, cfg.val_fraction)
+    for p in a.problems:  # the split is a function of the template (split unit) alone (tests/test_leak_free_splits.py)
+        assert p.split == _assign_split(f"gsm_symbolic-unit-{p.unit}", cfg.test_fraction, cfg.val_fraction)
         assert p.question and "####" in p.answer_text
     # the same question lands in the same split whatever the pool size
     bigger = {p.id: p.split for p in load_problems(ProblemsConfig(num_generated=240, seed=3)).problems}

@@ -2,17 +2,22 @@
 
 - `gsm8k`: `openai/gsm8k` (main) from the hub: its test split stays test; its train split is cut
   into train / val by problem id.
-- `gsm_symbolic`: GSM8K-style problems generated offline by reasoning-gym, deterministic by seed;
-  cut into train / val / test by problem id.
-- `arithmetic`: reasoning-gym `basic_arithmetic` expressions (terms x digits set the difficulty), the
-  same way: an easier curriculum where a small LM earns rewards often enough for GRPO.
+- `gsm_symbolic`: GSM8K-style problems generated offline by reasoning-gym, deterministic by seed; cut
+  into train / val / test by TEMPLATE (reasoning-gym's generator index, about 100 of them), so problems
+  of one template, which differ only in names and numbers, never sit in two splits.
+- `arithmetic`: reasoning-gym `basic_arithmetic` expressions (terms x digits set the difficulty), cut by
+  OPERAND SET (the sorted magnitudes of the numbers), so `3 + 5` and `5 - 3` share a split: an easier
+  curriculum where a small LM earns rewards often enough for GRPO.
 - `file`: your own Parquet or JSON Lines file(s) at `problems.path` (a file, a folder or a glob, local or
   any fsspec URL such as `gs://`), with columns `question` and `answer` (GSM8K's text ending in a
   `#### N` line, or a number) and optionally `split` (`train` / `val` / `test`; `validation` and `dev`
   mean val). With a split column, its test rows are the test split and, when no row says val, a
   `problems.val_fraction` share of the train rows is held out by id, as for GSM8K; without one, rows are
   cut by id like the generated sources.
-Ids are content hashes of the question, so duplicates collapse and a question never sits in two splits.
+Ids are content hashes of the question, so duplicates collapse and a question never sits in two splits;
+GSM8K train questions that repeat a test question (after lower-casing and collapsing whitespace) are
+dropped (`rejected_duplicate_of_test`). `split_unit(cfg)` names the unit a source is split by
+(docs/evaluation.md).
 Problems with an empty question, no parseable gold answer or an empty split value are rejected and
 counted, never used; a file that cannot be used at all is a `ConfigError` naming the file and the fix.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -52,8 +58,9 @@ PROBLEM_SCHEMA = pa.schema(
         pa.field("question", pa.string(), nullable=False),
         pa.field("answer_text", pa.string(), nullable=False),
         pa.field("answer_value", pa.float64(), nullable=False),
+        pa.field("unit", pa.string(), nullable=False),
     ],
-    metadata={"schema": "llm-trm/problems", "schema_version": "1"},
+    metadata={"schema": "llm-trm/problems", "schema_version": "2"},
 )
 
 
@@ -64,6 +71,7 @@ class Problem:
     question: str
     answer_text: str
     answer_value: float
+    unit: str = ""  # the split unit this problem belongs to (template, operand set) or "" (the problem itself)
 
 
 @dataclass
@@ -106,11 +114,37 @@ def _assign_split(id_: str, test_fraction: float, val_fraction: float) -> Split:
     return "train"
 
 
-def _build(rows: Iterable[tuple[str, str, Any]], prefix: str, split_of: Any, rejected: Counter[str]) -> list[Problem]:
-    """rows: (question, answer_text, answer_value or None); split_of(id) -> split."""
+SPLIT_UNITS = {
+    "gsm_symbolic": "template (reasoning-gym generator index)",
+    "arithmetic": "operand set (sorted magnitudes of the expression's numbers)",
+    "gsm8k": "problem (train deduplicated against test)",
+    "file": "problem",
+}
+
+
+def split_unit(cfg: ProblemsConfig) -> str:
+    """What a source's splits are cut by: no unit has problems in two splits."""
+    return SPLIT_UNITS[cfg.source]
+
+
+def _normalized(question: str) -> str:
+    return " ".join(question.lower().split())
+
+
+def _build(
+    rows: Iterable[tuple[Any, ...]],
+    prefix: str,
+    split_of: Any,
+    rejected: Counter[str],
+    exclude: set[str] | None = None,
+) -> list[Problem]:
+    """rows: (question, answer_text, answer_value or None[, unit]); split_of(id) -> split. With a unit, the
+    split is drawn from the unit's id, so every problem of a unit lands in the same split. `exclude`:
+    normalized questions to drop (counted as duplicate_of_test)."""
     seen: set[str] = set()
     out: list[Problem] = []
-    for question, answer_text, value in rows:
+    for question, answer_text, value, *rest in rows:
+        unit = str(rest[0]) if rest and rest[0] is not None else ""
         question = (question or "").strip()
         if not question:
             rejected["empty_question"] += 1
@@ -119,12 +153,16 @@ def _build(rows: Iterable[tuple[str, str, Any]], prefix: str, split_of: Any, rej
         if gold is None:
             rejected["no_parseable_gold_answer"] += 1
             continue
+        if exclude is not None and _normalized(question) in exclude:
+            rejected["duplicate_of_test"] += 1
+            continue
         id_ = content_id(prefix, question)
         if id_ in seen:
             rejected["duplicate_question"] += 1
             continue
         seen.add(id_)
-        out.append(Problem(id_, split_of(id_), question, answer_text or "", gold))
+        split = split_of(f"{prefix}-unit-{unit}") if unit else split_of(id_)
+        out.append(Problem(id_, split, question, answer_text or "", gold, unit))
     return out
 
 
@@ -150,18 +188,32 @@ def load_problems(cfg: ProblemsConfig, quiet: bool = False) -> ProblemSet:
         from datasets import load_dataset
 
         ds = load_dataset(cfg.hub_id, cfg.hub_config)
-        problems = _build(
-            ((r["question"], r["answer"], None) for r in ds["train"]),
-            "gsm8k",
-            lambda id_: _assign_split(id_, 0.0, cfg.val_fraction),
+        problems = gsm8k_problems(
+            ((r["question"], r["answer"]) for r in ds["train"]),
+            ((r["question"], r["answer"]) for r in ds["test"]),
+            cfg.val_fraction,
             rejected,
-        )
-        problems += _build(
-            ((r["question"], r["answer"], None) for r in ds["test"]), "gsm8k", lambda _: "test", rejected
         )
     if rejected:
         logger.log(logging.DEBUG if quiet else logging.WARNING, "rejected problems: %s", dict(rejected))
     return ProblemSet(problems, dict(rejected))
+
+
+def gsm8k_problems(
+    train: Iterable[tuple[str, str]], test: Iterable[tuple[str, str]], val_fraction: float, rejected: Counter[str]
+) -> list[Problem]:
+    """GSM8K's official test split, then its train split cut into train / val by id, without any train
+    question that repeats a test one (lower-cased, whitespace collapsed)."""
+    test_problems = _build(((q, a, None) for q, a in test), "gsm8k", lambda _: "test", rejected)
+    seen_test = {_normalized(p.question) for p in test_problems}
+    train_problems = _build(
+        ((q, a, None) for q, a in train),
+        "gsm8k",
+        lambda id_: _assign_split(id_, 0.0, val_fraction),
+        rejected,
+        exclude=seen_test,
+    )
+    return train_problems + test_problems
 
 
 # Rows per split of hub datasets whose sizes are known without downloading them: (train, test).
@@ -311,15 +363,24 @@ def _arithmetic_rows(size: int, seed: int, terms: int, digits: int) -> Iterable[
     )
     for item in dataset:
         answer = str(item.get("answer", ""))
-        yield item.get("question", ""), f"#### {answer}", parse_gold(f"#### {answer}")
+        yield item.get("question", ""), f"#### {answer}", parse_gold(f"#### {answer}"), _operand_set(item)
+
+
+def _operand_set(item: dict[str, Any]) -> str:
+    """The split unit of an arithmetic expression: the sorted magnitudes of its numbers."""
+    expression = str(item.get("metadata", {}).get("expression", item.get("question", "")))
+    return ",".join(sorted(re.findall(r"\d+(?:\.\d+)?", expression), key=lambda x: (float(x), x)))
 
 
 def _gsm_symbolic_rows(size: int, seed: int) -> Iterable[tuple[str, str, Any]]:
     dataset = _reasoning_gym("gsm_symbolic", size=size, seed=seed)
-    for item in dataset:
+    templates = getattr(dataset, "task_indices", None)  # the generator (template) of each index
+    for index, item in enumerate(dataset):
         meta = item.get("metadata", {})
+        source_index = int(meta.get("source_index", index))
         yield (
             item.get("question", ""),
             meta.get("answer_cot") or f"#### {item.get('answer', '')}",
             meta.get("answer_value"),
+            f"template-{templates[source_index]}" if templates is not None else None,
         )

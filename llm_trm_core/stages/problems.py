@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from llm_trm_core.arrow import TABLE_WRITE_OPTIONS, read_parquet
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.data.problems import ProblemSet, load_problems
+from llm_trm_core.data.problems import ProblemSet, load_problems, split_unit
 from llm_trm_core.errors import UserError
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.store import ArtifactStore, Manifest
@@ -36,6 +36,8 @@ def run_problems(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
         return w.commit(
             {
                 "source": cfg.problems.source,
+                "split_unit": split_unit(cfg.problems),
+                "split_units": len({p.unit for p in problem_set.problems if p.unit}),
                 "total": len(problem_set.problems),
                 **{f"n_{split}": n for split, n in counts.items()},
                 **{f"rejected_{reason}": n for reason, n in problem_set.rejected.items()},
