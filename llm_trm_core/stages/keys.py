@@ -15,7 +15,7 @@ from llm_trm_core.data.files import fingerprint, list_files
 from llm_trm_core.store import stage_key
 
 STAGE_CODE_VERSIONS: dict[str, str] = {
-    "problems": "2",
+    "problems": "3",
     "hiddens": "2",
     "basis": "1",
     "compressor": "1",
