@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS, read_parquet
 from llm_trm_core.compressor.metrics import LMHead
 from llm_trm_core.errors import UserError
-from llm_trm_core.store import Artifact, ArtifactWriter
+from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,29 @@ def write_lm_head(writer: ArtifactWriter, head: LMHead) -> dict[str, Any]:
     return {"file": HEAD_FILE, "norm_eps": head.norm_eps, "final_norm": head.norm_weight is not None}
 
 
+HEAD_STAGE = "lm-head"
+
+
+def ensure_lm_head(store: ArtifactStore, key: str, head: LMHead, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Store the LM head once, as its own artifact (`lm-head/{key}`, key = model + layer), in the model's dtype
+    (bfloat16 on GPU: exact, half the bytes of float32), unless it is already there; returns the meta entry a
+    hidden-states artifact records instead of a copy (SmolLM3-3B's head is 128256 x 2048: 1 GB in float32)."""
+    if store.read_manifest(HEAD_STAGE, key) is None:
+        tensors = {"weight": head.weight.to(dtype).contiguous()}
+        if head.norm_weight is not None:
+            tensors["norm_weight"] = head.norm_weight.contiguous()
+        with store.writer(HEAD_STAGE, key, config={"dtype": str(dtype)}, code_version="1") as writer:
+            writer.write_bytes(HEAD_FILE, save_safetensors(tensors))
+            writer.commit({"vocab": int(head.weight.shape[0]), "hidden_size": int(head.weight.shape[1])})
+    return {
+        "stage": HEAD_STAGE,
+        "key": key,
+        "file": HEAD_FILE,
+        "norm_eps": head.norm_eps,
+        "final_norm": head.norm_weight is not None,
+    }
+
+
 @dataclass
 class HiddenStates:
     """Reader over a committed hidden-states artifact."""
@@ -188,8 +211,11 @@ class HiddenStates:
         entry = self.meta.get("lm_head")
         if not entry:
             return None
-        tensors = load_safetensors(self.artifact.read_bytes(entry["file"]))
-        return LMHead(tensors["weight"], tensors.get("norm_weight"), float(entry["norm_eps"]))
+        # stored once under lm-head/{key} (hidden-states v3), or inside the artifact (earlier versions)
+        source = self.artifact.store.open(entry["stage"], entry["key"]) if "key" in entry else self.artifact
+        tensors = load_safetensors(source.read_bytes(entry["file"]))
+        norm = tensors.get("norm_weight")
+        return LMHead(tensors["weight"].float(), None if norm is None else norm.float(), float(entry["norm_eps"]))
 
     def read_shard(self, name: str) -> torch.Tensor:
         """All states of one shard as a float32 (rows, D) tensor."""
@@ -250,14 +276,17 @@ class TextChunk:
 
 
 def chunk_documents(
-    docs: Iterable[Any], tokenizer: PreTrainedTokenizerBase, max_tokens: int
+    docs: Iterable[Any], tokenizer: PreTrainedTokenizerBase, max_tokens: int, max_doc_tokens: int | None = None
 ) -> tuple[list[TextChunk], int]:
-    """Tokenize documents and cut them into chunks of at most max_tokens. Returns (chunks, documents)."""
+    """Tokenize documents, keep at most max_doc_tokens of each (None: all), and cut them into chunks of at
+    most max_tokens. Returns (chunks, documents)."""
     chunks: list[TextChunk] = []
     n_docs = 0
     for doc in docs:
         n_docs += 1
         ids = tokenizer(doc.text, add_special_tokens=False).input_ids
+        if max_doc_tokens is not None:
+            ids = ids[:max_doc_tokens]
         for start in range(0, len(ids), max_tokens):
             piece = ids[start : start + max_tokens]
             if len(piece) >= 2:

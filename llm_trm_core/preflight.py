@@ -61,6 +61,20 @@ class ModelSourceError(ConfigError):
     """The configured model cannot be loaded from where model.source says it is."""
 
 
+class DeviceUnavailableError(ConfigError):
+    """runtime.device asks for an accelerator this machine cannot use."""
+
+
+class ThinkingFormatError(ConfigError):
+    """The tokenizer cannot express the thinking span the config asks for."""
+
+
+# Stages that generate text with the thinking delimiters (checked against the tokenizer at start).
+GENERATING_STAGES = frozenset({"datagen", "evaluate", "grpo"})
+# Model families that open <think> themselves in thinking mode (model_type in config.json, or the name).
+NATIVE_THINKERS = ("smollm3", "qwen3", "deepseek-r1", "deepseek_r1")
+
+
 def preflight(cfg: PipelineConfig, command: str = "pipeline") -> None:
     """Check the plan of `command` (split sizes, shapes), the store, then the model; raise a one-line
     UserError on the first problem."""
@@ -69,6 +83,9 @@ def preflight(cfg: PipelineConfig, command: str = "pipeline") -> None:
     check_plan(cfg, stages)
     check_store(cfg.store.root)
     check_model(cfg.model, cfg.runtime)
+    check_runtime(cfg.runtime)
+    if set(stages) & GENERATING_STAGES:
+        check_thinking(cfg.model)
 
 
 # -- store ------------------------------------------------------------------------------------
@@ -402,3 +419,91 @@ def _check_smollm2(cache_dir: str | None) -> None:
             "LLM_TRM_CACHE_DIR (or runtime.cache_dir) to a writable folder."
         ) from None
     logger.info("the SmolLM2 cache %s will be (re)built at load: %s", target, "; ".join(problems))
+
+
+# -- runtime ----------------------------------------------------------------------------------
+
+
+def check_runtime(runtime: RuntimeConfig) -> None:
+    """runtime.device=cuda needs a CUDA build of torch and a usable device with a recent enough driver:
+    otherwise one line now, never a silent CPU run. auto and cpu need nothing."""
+    if runtime.device != "cuda":
+        return
+    import warnings
+
+    import torch  # only here: preflight stays light for CPU runs
+
+    build = torch.version.cuda
+    if build is None:
+        raise DeviceUnavailableError(
+            f"runtime.device=cuda, but this torch ({torch.__version__}) is a CPU-only build. Fix: run on the GPU "
+            "worker image (deployments/Dockerfile installs the CUDA build of torch), or set runtime.device=cpu."
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if available:
+        return
+    said = " ".join(" ".join(str(w.message).split()) for w in caught)[:300]
+    driver = "the NVIDIA driver is too old for it" if "too old" in said.lower() else "no CUDA device is usable"
+    raise DeviceUnavailableError(
+        f"runtime.device=cuda, but {driver} (torch {torch.__version__} built for CUDA {build}"
+        f"{'; ' + said if said else ''}). Fix: run on a GPU worker whose NVIDIA driver supports CUDA {build} "
+        "(see README, GPU pools), or set runtime.device=cpu."
+    )
+
+
+# -- thinking format --------------------------------------------------------------------------
+
+
+def check_thinking(model: ModelConfig) -> None:
+    """model.thinking=native: the model must open <think> itself (a known thinking family) or the template
+    with enable_thinking must open it; </think> must be one token. Loads the tokenizer only (folder and hub
+    sources; the packaged models are known to fit)."""
+    if model.thinking != "native" or model.source not in ("folder", "hub"):
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    local_only = model.source == "folder" or not hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.name_or_path, revision=model.revision, local_files_only=local_only
+        )
+        model_type = str(
+            getattr(
+                AutoConfig.from_pretrained(model.name_or_path, revision=model.revision, local_files_only=local_only),
+                "model_type",
+                "",
+            )
+        )
+    except (OSError, ValueError) as exc:
+        logger.warning("thinking check skipped: cannot load the tokenizer of %s (%s)", model.name_or_path, exc)
+        return
+    thinking_problem(tokenizer, model, model_type)
+
+
+def thinking_problem(tokenizer: Any, model: ModelConfig, model_type: str = "") -> None:
+    """Raise ThinkingFormatError when `tokenizer` cannot carry model.thinking=native (see check_thinking)."""
+    from llm_trm_core.lm.chat import THINK_END, THINK_START, make_chat_format
+
+    where = f"model {model.name_or_path or model.source} (model.thinking=native)"
+    prompted = "set model.thinking=prompted (the prompt opens the span)"
+    end_ids = tokenizer.encode(THINK_END, add_special_tokens=False)
+    if len(end_ids) != 1:
+        raise ThinkingFormatError(
+            f"{where}: {THINK_END} is {len(end_ids)} tokens in its tokenizer, not one, so the span's end cannot be "
+            f"found by token. Fix: use a tokenizer with {THINK_START}/{THINK_END} as special tokens "
+            f"(tokenizer.add_special_tokens), or {prompted}."
+        )
+    template = make_chat_format(  # native: the prompt is the template's own (open_thinking unset)
+        tokenizer, system_prompt=model.system_prompt, thinking="native", template=model.chat_template
+    )
+    opened = template.prompt("1 + 1?", enable_thinking=True).rstrip().endswith(THINK_START)
+    family = f"{model_type} {model.name_or_path}".lower()
+    known = any(name in family for name in NATIVE_THINKERS)
+    if not (opened or known):
+        raise ThinkingFormatError(
+            f"{where}: the chat template with enable_thinking does not open {THINK_START} and "
+            f"{model_type or 'this model'} is not known to open it itself ({', '.join(NATIVE_THINKERS)}), so every "
+            f"datagen row would fail no_start. Fix: {prompted}."
+        )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from llm_trm_core.latent.reasoner import LatentReasoner
 
@@ -24,6 +25,20 @@ class Rollout:
     completions: list[list[int]]  # sampled answer tokens, EOS included when produced
     truncated: list[bool]  # hit the answer budget without EOS
     texts: list[str]  # decoded answers (special tokens skipped)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad: int | None, eos: int | None) -> GenerationConfig:
+    """An explicit generation config for the rollouts: plain temperature sampling and every other logits
+    processor set to its neutral value, so a model's own generation_config.json (repetition penalty, top-k,
+    top-p, min_p, minimum length, n-gram bans, ...) cannot reshape the sampling distribution that
+    `answer_log_probs` reproduces (transformers fills only the fields left unset from the model's defaults)."""
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
+        bad_words_ids=None, suppress_tokens=[], begin_suppress_tokens=[], renormalize_logits=False,
+        remove_invalid_values=False, num_beams=1, guidance_scale=1.0, pad_token_id=pad, eos_token_id=eos,
+    )  # fmt: skip
 
 
 def sample_answers(
@@ -39,13 +54,10 @@ def sample_answers(
     embeds, mask, _ = reasoner.input_embeddings(list(prompt_ids), latents)
     model: Any = reasoner.lm.model
     devices = [reasoner.device] if reasoner.device.type == "cuda" else []
+    config = sampling_config(temperature, max_new_tokens, tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-            temperature=temperature, top_k=0, top_p=1.0,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
     completions, truncated = [], []
     for row in out.cpu().tolist():
         if tok.eos_token_id in row:
@@ -88,8 +100,35 @@ def answer_log_probs(
         targets[row, : len(ids)] = torch.tensor(ids, device=hidden.device)
     index = (start - 1 + offsets).clamp(max=hidden.shape[1] - 1)  # state before token t predicts token t
     picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    logits = model.get_output_embeddings()(picked).float() / temperature
-    log_probs = logits.log_softmax(-1)
-    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(log_probs.exp() * log_probs).sum(-1) * mask
-    return AnswerLogProbs(logp, entropy, mask)
+    logp, entropy = token_log_probs(model.get_output_embeddings(), picked, targets, temperature)
+    return AnswerLogProbs(logp * mask, entropy * mask, mask)
+
+
+LOGIT_CHUNK = 16  # answer positions whose float32 vocabulary logits exist at once (per sequence)
+
+
+def token_log_probs(
+    head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = LOGIT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy at each position of `states` (N, T, D) under softmax(head(states) / T),
+    without the (N, T, V) float32 logits: positions go through the head `chunk` at a time, each chunk under
+    activation checkpointing, so forward and backward hold one chunk's (N, chunk, V) logits (SmolLM3's
+    128256-word head: 32 x 256 positions are 4.2 GB of float32 logits at once, 0.26 GB in chunks of 16).
+    Equal to the full computation (tests/test_flagship.py)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h).float() / temperature
+        log_probs = logits.log_softmax(-1)
+        return log_probs.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(log_probs.exp() * log_probs).sum(-1)
+
+    logps, entropies = [], []
+    for begin in range(0, states.shape[1], chunk):
+        h, t = states[:, begin : begin + chunk], targets[:, begin : begin + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(piece, h, t, use_reentrant=False)
+        else:
+            lp, ent = piece(h, t)
+        logps.append(lp)
+        entropies.append(ent)
+    return torch.cat(logps, 1), torch.cat(entropies, 1)

@@ -9,6 +9,7 @@ or a tiny random SmolLM3 built in process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -128,6 +129,21 @@ def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) 
         time.perf_counter() - start,
     )
     return LoadedLM(model, tokenizer, chat, info)
+
+
+@functools.lru_cache(maxsize=1)
+def shared_language_model(cfg: ModelConfig, runtime: RuntimeConfig) -> LoadedLM:
+    """`load_language_model`, loaded once per worker process and shared by the read-only stages (every
+    datagen shard task, hidden-state extraction, pairs): a process running 40 shard tasks loads a 3B model
+    once, not 40 times. Keyed on the model and runtime config (frozen, hashable); the newest one only, so a
+    process that moves to another model frees the previous one. Callers must not change the model
+    (no adapters, no training): stages that do load their own copy."""
+    return load_language_model(cfg, runtime)
+
+
+def release_shared_language_model() -> None:
+    """Drop the shared model (frees its memory once no caller holds it)."""
+    shared_language_model.cache_clear()
 
 
 def _from_pretrained(

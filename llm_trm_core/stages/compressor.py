@@ -29,16 +29,17 @@ from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.corpus import iter_corpus
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import (
+    HEAD_STAGE,
     HiddenStates,
     ShardedStatesWriter,
     TextChunk,
     chunk_documents,
+    ensure_lm_head,
     extract_states,
     lm_head_of,
     resolve_layer,
-    write_lm_head,
 )
-from llm_trm_core.lm import LoadedLM, load_language_model
+from llm_trm_core.lm import LoadedLM, shared_language_model
 from llm_trm_core.models.compressor import LinearCompressor, check_compatible
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.store import ArtifactStore, Manifest
@@ -87,7 +88,12 @@ def write_states_artifact(
         for chunk, states in extract_states(lm.model, chunks, layer_index, c.extract_batch_size, pad_id):
             positions = np.arange(chunk.keep_from, len(chunk.input_ids))
             shards.add(chunk.split, chunk.doc_id, positions, states[chunk.keep_from :])
-        head = write_lm_head(writer, lm_head_of(lm.model, layer_index, lm.info.num_layers))
+        head = ensure_lm_head(  # once per model and layer, not a copy in every hidden-states artifact
+            store,
+            key_for(cfg, HEAD_STAGE),
+            lm_head_of(lm.model, layer_index, lm.info.num_layers),
+            next(lm.model.parameters()).dtype,
+        )
         meta = shards.close({"layer": c.layer, "layer_index": layer_index, "model": lm.info.as_dict(), "lm_head": head})
         return writer.commit(
             {
@@ -106,8 +112,10 @@ def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
     key = key_for(cfg, stage)
     if (manifest := store.read_manifest(stage, key)) is not None:
         return manifest
-    lm = load_language_model(cfg.model, cfg.runtime)
-    chunks, n_docs = chunk_documents(iter_corpus(cfg.corpus), lm.tokenizer, cfg.corpus.max_tokens)
+    lm = shared_language_model(cfg.model, cfg.runtime)
+    chunks, n_docs = chunk_documents(
+        iter_corpus(cfg.corpus), lm.tokenizer, cfg.corpus.max_tokens, cfg.corpus.max_doc_tokens
+    )
     if not chunks:
         raise UserError(
             f"the corpus ({cfg.corpus.source}, {n_docs} documents) produced no text to run the model on; "

@@ -39,7 +39,7 @@ from llm_trm_core.datagen.records import (
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import kill_if_requested
 from llm_trm_core.hidden_states import resolve_layer
-from llm_trm_core.lm import LoadedLM, load_language_model
+from llm_trm_core.lm import LoadedLM, shared_language_model
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.problems import read_problems
@@ -114,7 +114,7 @@ def run_datagen_shard(
         return manifest
     start_time = time.perf_counter()
     items = datagen_problems(store, problems, cfg)[shard.start : shard.end]
-    lm = lm or load_language_model(cfg.model, cfg.runtime)
+    lm = lm or shared_language_model(cfg.model, cfg.runtime)
     layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
     generator = ThinkingGenerator(lm, cfg.datagen, layer_index)
     config = stage_config(cfg, SHARD_STAGE, {"shard": shard.index, "start": shard.start, "end": shard.end})
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard is not None:
         manifest = run_datagen_shard(cfg, store, problems, specs[args.shard])
     else:
-        lm = load_language_model(cfg.model, cfg.runtime)
+        lm = shared_language_model(cfg.model, cfg.runtime)
         shards = [run_datagen_shard(cfg, store, problems, spec, lm) for spec in specs]
         manifest = run_datagen_report(cfg, store, problems, shards)
     emit_result({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri})

@@ -15,16 +15,17 @@ from llm_trm_core.data.files import fingerprint, list_files
 from llm_trm_core.store import stage_key
 
 STAGE_CODE_VERSIONS: dict[str, str] = {
+    "lm-head": "1",
     "problems": "3",
-    "hiddens": "2",
+    "hiddens": "3",
     "basis": "1",
     "compressor": "1",
     "sweep": "1",
     "datagen-shard": "3",
     "datagen": "2",
-    "trace-hiddens": "2",
+    "trace-hiddens": "3",
     "pairs": "2",
-    "trm": "2",
+    "trm": "3",
     "latent": "2",
     "evaluate": "2",
     "grpo": "2",
@@ -33,6 +34,7 @@ STAGE_CODE_VERSIONS: dict[str, str] = {
 # Sections ("compressor") or single fields ("compressor.layer") each stage reads.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "problems": ("problems",),
+    "lm-head": ("model", "compressor.layer"),
     "hiddens": ("model", "corpus", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
     "basis": ("compressor.centered",),
     "compressor": ("compressor", "runtime.seed"),
@@ -41,7 +43,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "datagen": ("datagen",),
     "trace-hiddens": ("model", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
     "pairs": ("pairs",),
-    "trm": ("trm", "runtime.seed", "runtime.device"),
+    "trm": ("trm", "runtime.seed", "runtime.device", "evaluate.bootstrap"),
     "latent": ("latent", "model", "runtime.seed", "compressor.layer", "pairs.pre_positions", "trm.n_supervision"),
     "grpo": ("grpo", "model", "runtime.seed", "compressor.layer", "pairs.pre_positions", "trm.n_supervision"),
     "evaluate": (

@@ -35,7 +35,7 @@ from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import pairs_to_table, table_to_pairs
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import TextChunk
-from llm_trm_core.lm import load_language_model
+from llm_trm_core.lm import shared_language_model
 from llm_trm_core.stages.compressor import load_compressor, write_states_artifact
 from llm_trm_core.stages.datagen import iter_pair_states, iter_rows, shard_manifests
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
@@ -187,5 +187,5 @@ def run_trace_hiddens(cfg: PipelineConfig, store: ArtifactStore, datagen: Manife
         raise UserError(
             f"the datagen artifact {datagen.uri} has no successful generations: no traces for compressor 1b"
         )
-    lm = load_language_model(cfg.model, cfg.runtime)
+    lm = shared_language_model(cfg.model, cfg.runtime)
     return write_states_artifact(cfg, store, stage, key, lm, chunks, upstream=upstream, metrics={"traces": len(chunks)})
