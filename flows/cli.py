@@ -356,6 +356,62 @@ def sweep(preset: PresetOption = "local", store: StoreOption = None, overrides: 
     console.print(table)
 
 
+@app.command()
+def rehearse(
+    workdir: Annotated[
+        str, typer.Option("--workdir", "-w", help="Folder for the stand-ins (model, problem and corpus files).")
+    ] = "rehearsal",
+    store: StoreOption = None,
+    layers: Annotated[int, typer.Option("--layers", help="Decoder layers of the stand-in SmolLM3 (3B has 36).")] = 2,
+    json_out: Annotated[str | None, typer.Option("--json", help="Also write the per-stage table as JSON here.")] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Rehearse the flagship: the smollm3-3b preset end to end on local stand-ins of the same shapes (random
+    SmolLM3 at hidden 2048 / vocab 128256, GSM8K-shaped file, text corpus), counts shrunk, float32 on CPU;
+    prints wall time, peak RSS and rows per split for every stage."""
+    import json
+    from pathlib import Path
+
+    from llm_trm_core.rehearsal import prepare_assets, rehearsal_config, rehearsal_overrides
+
+    folder = Path(workdir).resolve()
+    err_console.print(f"rehearsal: preparing stand-ins under {folder} (once: a {layers}-layer SmolLM3 at full width)")
+    assets = prepare_assets(folder, layers)
+    root = store or f"file://{folder / 'artifacts'}"
+    cfg: PipelineConfig = _run_guarded(lambda: rehearsal_config(assets, root, list(overrides or [])))
+    console.print("[bold]smollm3-3b preset, changed by the rehearsal[/] (llm_trm_core/rehearsal.py)", highlight=False)
+    console.print(yaml.safe_dump(rehearsal_overrides(assets), sort_keys=False), highlight=False)
+    _run_guarded(lambda: preflight(cfg, "pipeline"))
+    from flows.rehearse import rehearse as rehearse_flow
+
+    results, rows, totals = _run_guarded(lambda: rehearse_flow(cfg))
+    table = Table(title="rehearsal: per stage (this process)", title_justify="left")
+    for column in ("stage", "runs", "state", "wall s", "peak RSS MiB", "train", "val", "test"):
+        table.add_column(column, justify="left" if column in ("stage", "state") else "right")
+    for row in rows:
+        table.add_row(
+            row.stage,
+            str(row.runs),
+            "/".join(row.states),
+            f"{row.seconds:.1f}",
+            f"{row.peak_rss / 2**20:.0f}",
+            *(fmt(row.rows[s]) if row.rows[s] is not None else "-" for s in ("train", "val", "test")),
+        )
+    console.print(table)
+    console.print(
+        f"total {totals['seconds']:.0f} s, process peak RSS {totals['peak_rss'] / 2**20:.0f} MiB; store {root}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if json_out:
+        payload = {
+            "rows": [r.as_dict() for r in rows],
+            "totals": totals,
+            "keys": {k: v["key"] for k, v in results.items()},
+        }
+        Path(json_out).write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def main() -> None:
     app(prog_name="llm-trm")
 

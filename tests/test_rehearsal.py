@@ -1,0 +1,98 @@
+"""The flagship rehearsal (llm_trm_core/rehearsal.py, `llm-trm rehearse`): what it changes in the smollm3-3b
+preset, and (slow) the whole run through the real CLI and the pipeline flow on the full-width stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_trm_core.config import load_config
+from llm_trm_core.rehearsal import (
+    REHEARSAL_OVERRIDES,
+    RehearsalAssets,
+    RssSampler,
+    rehearsal_config,
+    rows_per_split,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = RehearsalAssets(Path("/r/model"), Path("/r/gsm.parquet"), Path("/r/corpus.txt"))
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_rehearsal_is_the_preset_except_its_listed_overrides() -> None:
+    preset = _leaves(load_config("smollm3-3b").model_dump(mode="json"))
+    rehearsal = _leaves(rehearsal_config(ASSETS, "memory://r").model_dump(mode="json"))
+    changed = {k for k in preset if preset[k] != rehearsal[k]}
+    listed = set(_leaves(REHEARSAL_OVERRIDES)) | {"model.name_or_path", "problems.path", "corpus.path", "store.root"}
+    assert changed <= listed, changed - listed
+    assert rehearsal["model.dtype"] == "float32" and rehearsal["runtime.device"] == "cpu"
+    assert rehearsal["preset"] == "smollm3-3b" and rehearsal["model.source"] == "folder"
+    # the throughput settings under test stay the preset's
+    for field in ("compressor.cache_dtype", "compressor.d_prime", "datagen.temperature", "grpo.lr"):
+        assert rehearsal[field] == preset[field]
+
+
+def test_rows_per_split_reads_nested_and_flat_reports() -> None:
+    assert rows_per_split("pairs", {"pairs_train": 5, "pairs_val": 1, "pairs_test": 2}) == {
+        "train": 5, "val": 1, "test": 2,
+    }  # fmt: skip
+    assert rows_per_split("trm", {"pairs": {"train": 7, "val": 2, "test": 3}, "d": 1}) == {
+        "train": 7, "val": 2, "test": 3,
+    }  # fmt: skip
+    assert rows_per_split("x", {"n": 3}) == {"train": None, "val": None, "test": None}
+
+
+def test_rss_sampler_sees_an_allocation() -> None:
+    import time
+
+    with RssSampler(interval=0.005) as sampler:
+        time.sleep(0.05)
+        start = time.time()
+        block = bytearray(200 << 20)
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(0.05)
+        end = time.time()
+        del block
+    assert sampler.peak_between(start, end) - sampler.samples[0][1] > 150 << 20
+
+
+@pytest.mark.slow
+def test_rehearsal_end_to_end(tmp_path: Path) -> None:
+    """`llm-trm rehearse`: every stage commits, and the reports carry the splits they should."""
+    workdir = Path(os.environ.get("LLM_TRM_REHEARSAL_DIR", tmp_path / "rehearsal"))
+    out = tmp_path / "table.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "rehearse", "--workdir", str(workdir),
+         "--store", f"file://{tmp_path / 'store'}", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "peak RSS" in result.stdout
+    table = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
+    expected = ["problems", "hiddens", "basis", "compressor", "datagen-shard", "datagen-report", "trace-hiddens",
+                "pairs", "trm", "latent", "evaluate-before-grpo", "grpo", "evaluate-after-grpo"]  # fmt: skip
+    assert list(table) == expected
+    for row in table.values():
+        assert row["states"] == ["Completed"], row
+        assert row["peak_rss_mib"] > 0 and row["seconds"] > 0
+    assert table["datagen-shard"]["runs"] == 3
+    for stage in ("problems", "hiddens", "datagen-report", "trace-hiddens", "pairs", "trm"):
+        assert all(table[stage][f"rows_{s}"] for s in ("train", "val", "test")), table[stage]
+    # the LM at full width is in memory during the LM stages
+    assert table["hiddens"]["peak_rss_mib"] > 1500
