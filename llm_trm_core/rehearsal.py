@@ -81,7 +81,7 @@ REHEARSAL_OVERRIDES: dict[str, Any] = {
         # a random model never writes </think>: close the span at the budget (recorded as end_source)
         "close_on_budget": True,
     },
-    "trm": {"epochs": 2, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 4},
+    "trm": {"epochs": 1, "max_steps": 4, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2},
     "latent": {"num_problems": 8, "epochs": 1, "batch_size": 4, "warmup_steps": 1},
     "grpo": {
         "steps": 2,
