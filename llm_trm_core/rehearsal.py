@@ -67,7 +67,7 @@ REHEARSAL_OVERRIDES: dict[str, Any] = {
         "thinking": "prompted",
     },
     "problems": {"source": "file"},
-    "corpus": {"source": "file", "num_documents": 12, "max_tokens": 64, "max_doc_tokens": 128},
+    "corpus": {"source": "file", "num_documents": 24, "max_tokens": 64, "max_doc_tokens": 96},
     # (c) this machine
     "runtime": {"device": "cpu"},
     # (b) counts shrunk
