@@ -70,15 +70,22 @@ def test_store_locks_exclude_expire_and_renew(store_root: str) -> None:
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
+    """Final state name of each task run; task-run states reach the API through its event pipeline, so
+    under load a run may still have no final state just after the flow returned: poll until all do."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     states: dict[str, str] = {}
     for run in runs:
         name = re.sub(r"-[0-9a-f]{3}$", "", run.name)
-        states[name if name not in states else f"{name}#2"] = run.state.name
+        states[name if name not in states else f"{name}#2"] = run.state.name if run.state else "None"
     return states
 
 
