@@ -119,7 +119,7 @@ def compare(
     """Paired comparison of two arms graded on the same items in the same order."""
     a = np.asarray(ref_correct, dtype=np.float64)
     b = np.asarray(other_correct, dtype=np.float64)
-    diff, low, high = paired_bootstrap(a, b, reps, seed)
+    diff, low, high = paired_bootstrap(a.tolist(), b.tolist(), reps, seed)
     discordant = int((a != b).sum())
     return Comparison(
         reference, other, float(a.mean()), float(b.mean()), diff, low, high, verdict(low, high), discordant,

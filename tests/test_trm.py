@@ -139,11 +139,20 @@ def test_trm_trains_beside_baselines_with_a_non_vacuous_halting_target() -> None
     assert set(m["baselines"]) == {"mean", "last_pre", "mean_pool", "ridge", "knn"}
     assert [row["step"] for row in m["per_step"]] == [1, 2, 3]
     assert m["test"]["r2"] > m["baselines"]["mean"]["r2"] + 0.2  # it learned something a constant cannot
+    assert m["baselines"]["mean"]["r2"] == pytest.approx(0.0, abs=1e-9)  # R² is against the TRAINING mean
+    assert "r2_heldout_mean" in m["test"]
+    v = m["verdict"]  # decided by a paired bootstrap of per-pair standardized errors over the test pairs
+    assert v["metric"] == "std_mse" and v["n"] == 75 and v["ci_low"] <= v["difference"] <= v["ci_high"]
+    expected = "better" if v["ci_low"] > 0 else "worse" if v["ci_high"] < 0 else "indistinguishable"
+    assert v["verdict"] == expected and m["beats_best_baseline"] == (expected == "better")
+    ablation = m["recursion_ablation"]
+    assert ablation["metrics"]["std_mse"] > 0 and ablation["verdict"] in ("better", "worse", "indistinguishable")
     rates = m["halt"]["train_positive_rate_by_step"]
     assert all(0.0 < r < 1.0 for r in rates), rates  # the halting target is neither all 0 nor all 1
     assert m["training"]["nan_resets"] == 0
     report = store.open("trm", manifest.key).read_bytes("report.md").decode()
     assert "baseline: ridge" in report and "TRM step 3" in report
+    assert "Verdict (deciding metric: per-pair MSE" in report and "ablation: T=1, n=1, N_sup=1" in report
     model = load_trm(store, manifest)
     reader = PairData(PairsReader(store, pairs))
     batch = next(reader.iter_batches("test", 4))
@@ -210,3 +219,31 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
     assert manifest.metrics["per_step"] == reference.metrics["per_step"]
+
+
+def test_linear_readout_starts_as_the_identity_and_trains() -> None:
+    model = SequenceTRM(d=16, n_heads=4, readout="linear")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model.readout(x), x)
+    pre, mask = torch.randn(2, 5, 16), torch.ones(2, 5)
+    prepared = model.prepare(pre, mask)
+    _, prediction, _ = model.supervision_step(prepared, model.initial_carry(prepared))
+    prediction.pow(2).sum().backward()
+    assert model.readout.weight.grad is not None and model.readout.weight.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="unknown trm.readout"):
+        SequenceTRM(d=16, n_heads=4, readout="mlp")
+
+
+def test_r2_against_the_training_mean_by_hand() -> None:
+    from llm_trm_core.compressor.metrics import ReconstructionMetrics
+
+    mu = torch.tensor([1.0, 2.0])
+    x = torch.tensor([[2.0, 2.0], [0.0, 4.0]])
+    tracker = ReconstructionMetrics(mu, r2_against_train_mean=True)
+    tracker.update(x, mu.expand_as(x))
+    assert tracker.compute()["r2_train_mean"] == pytest.approx(0.0)  # the training mean scores exactly 0
+    tracker = ReconstructionMetrics(mu, r2_against_train_mean=True)
+    tracker.update(x, torch.tensor([[2.0, 2.0], [0.0, 3.0]]))  # SSE 1; around mu: 1 + 0 + 1 + 4 = 6
+    m = tracker.compute()
+    assert m["r2_train_mean"] == pytest.approx(1 - 1 / 6)
+    assert m["r2"] == pytest.approx(1 - 1 / 4)  # around the held-out mean (1, 3): 1 + 1 + 1 + 1

@@ -39,8 +39,15 @@ class LMHead:
 
 
 class ReconstructionMetrics:
-    def __init__(self, train_mean: torch.Tensor, lm_head: LMHead | None = None, lm_head_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        train_mean: torch.Tensor,
+        lm_head: LMHead | None = None,
+        lm_head_tokens: int = 2048,
+        r2_against_train_mean: bool = False,
+    ) -> None:
         d = train_mean.shape[0]
+        self.r2_against_train_mean = r2_against_train_mean
         self.mu = train_mean.to(torch.float64)
         self.lm_head = lm_head
         self.lm_head_tokens = lm_head_tokens
@@ -103,6 +110,9 @@ class ReconstructionMetrics:
             "r2": 1.0 - fvu,
             "tokens": float(n),
         }
+        if self.r2_against_train_mean:  # 1 - Σ‖x̂−x‖² / Σ‖x−μ_train‖²: the training-mean predictor scores exactly 0
+            around_mu = self.sq_norm - 2 * float(self.mu @ self.sum_x) + n * float(self.mu @ self.mu)
+            out["r2_train_mean"] = 1.0 - self.sq_err / max(around_mu, EPS)
         if self.lm_n:
             out["lm_kl"] = self.kl_sum / self.lm_n
             out["lm_top1"] = self.top1_sum / self.lm_n

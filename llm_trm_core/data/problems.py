@@ -357,7 +357,7 @@ def _reasoning_gym(name: str, **kwargs: Any) -> Any:
     return reasoning_gym.create_dataset(name, **kwargs)
 
 
-def _arithmetic_rows(size: int, seed: int, terms: int, digits: int) -> Iterable[tuple[str, str, Any]]:
+def _arithmetic_rows(size: int, seed: int, terms: int, digits: int) -> Iterable[tuple[Any, ...]]:
     dataset = _reasoning_gym(
         "basic_arithmetic", size=size, seed=seed, min_terms=terms, max_terms=terms, min_digits=1, max_digits=digits
     )
@@ -372,7 +372,7 @@ def _operand_set(item: dict[str, Any]) -> str:
     return ",".join(sorted(re.findall(r"\d+(?:\.\d+)?", expression), key=lambda x: (float(x), x)))
 
 
-def _gsm_symbolic_rows(size: int, seed: int) -> Iterable[tuple[str, str, Any]]:
+def _gsm_symbolic_rows(size: int, seed: int) -> Iterable[tuple[Any, ...]]:
     dataset = _reasoning_gym("gsm_symbolic", size=size, seed=seed)
     templates = getattr(dataset, "task_indices", None)  # the generator (template) of each index
     for index, item in enumerate(dataset):

@@ -134,6 +134,7 @@ class SequenceTRM(nn.Module, PyTorchModelHubMixin):
         n_latent: int = 6,
         t_recursions: int = 3,
         halt_bias_init: float | None = -5.0,
+        readout: str = "none",
     ) -> None:
         super().__init__()
         if d % n_heads:
@@ -145,6 +146,14 @@ class SequenceTRM(nn.Module, PyTorchModelHubMixin):
             Block(d, n_heads, mlp, expansion, norm, positions == "rope", dropout) for _ in range(n_layers)
         )
         self.out_norm = nn.RMSNorm(d) if output_norm else nn.Identity()
+        self.readout: nn.Module = nn.Identity()
+        if readout == "linear":  # a learned map after the output norm, starting as the identity
+            linear = nn.Linear(d, d)
+            nn.init.eye_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            self.readout = linear
+        elif readout != "none":
+            raise UserError(f"unknown trm.readout {readout!r}; use none or linear")
         self.reasoning_token = nn.Parameter(torch.randn(d) * 0.02)
         self.halt_head = nn.Linear(d, 1)
         if halt_bias_init is not None:
@@ -200,7 +209,7 @@ class SequenceTRM(nn.Module, PyTorchModelHubMixin):
             for _ in range(self.t_recursions - 1):
                 carry = self.latent_recursion(prepared, carry)
         carry = self.latent_recursion(prepared, carry)
-        prediction = carry.y[:, -1]
+        prediction = self.readout(carry.y[:, -1])
         return carry, prediction, self.halt_head(prediction).squeeze(-1)
 
     @torch.no_grad()

@@ -103,7 +103,10 @@ def evaluate_steps(
     """Held-out metrics after each supervision step s = 1..n_steps (all steps run, as the TRM paper evaluates)."""
     was_training = model.training
     model.eval()
-    trackers = [ReconstructionMetrics(target_mean, head, lm_head_tokens=1 << 30) for _ in range(n_steps)]  # type: ignore[arg-type]
+    trackers = [
+        ReconstructionMetrics(target_mean, head, lm_head_tokens=1 << 30, r2_against_train_mean=True)  # type: ignore[arg-type]
+        for _ in range(n_steps)
+    ]
     halt_pos = [0.0] * n_steps
     halt_hit = [0.0] * n_steps
     count = 0
