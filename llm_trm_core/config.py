@@ -339,6 +339,16 @@ class TRMConfig(Section):
     )
     positions: Literal["none", "rope"] = Field("none", description="none (original: order-blind) or rope.")
     output_norm: bool = Field(True, description="The original's shared RMSNorm after every y/z update.")
+    readout: Literal["none", "linear"] = Field(
+        "none",
+        description="none: the prediction is y after the output norm (original); linear: a learned D'->D' map "
+        "after it (identity init), so the prediction is not held at the norm's unit scale.",
+    )
+    recursion_ablation: bool = Field(
+        True,
+        description="Also train the same network with T=1, n=1, N_sup=1 on the same pairs and report it as a row "
+        "(does the recursion help?); about 1/(T*(n+1)*N_sup) of the TRM's training cost.",
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in the attention and MLP blocks.")
     n_latent: int = Field(6, ge=1, description="n: latent updates per recursion.")
     t_recursions: int = Field(3, ge=1, description="T: recursions per supervision step (T-1 without grad).")
