@@ -62,8 +62,8 @@ REHEARSAL_OVERRIDES: dict[str, Any] = {
         "source": "folder",
         # (c) float32: bf16 matmuls are unusably slow on this CPU (the GPU run keeps bfloat16)
         "dtype": "float32",
-        # a random model never opens <think> by itself: the prompt opens it (the native check of the
-        # tokenizer still runs in preflight on the same stand-in, see tests/test_rehearsal.py)
+        # a random model never opens <think> by itself: the prompt opens it (preflight's native check
+        # accepts the stand-in's tokenizer and model type smollm3: tests/test_flagship.py)
         "thinking": "prompted",
     },
     "problems": {"source": "file"},
