@@ -58,9 +58,11 @@ COMMIT = re.compile(r"llm_trm_core\.store: committed (\S+) \(")
 #   git_sha                   the checkout's commit when the stage ran (commits may land between runs)
 #   manifest_sha256           the digest of the fields above (created_at/completed_at are in it)
 RUN_DEPENDENT_MANIFEST_FIELDS = ("created_at", "completed_at", "uri", "git_sha", "manifest_sha256")
-# Timing values, wherever they appear in a manifest's `metrics` (`seconds` of a stage, `sgd.seconds`,
-# `training.seconds`; evaluate's `seconds_per_answer` per arm and per table row) or in a JSON file below.
-TIMING_KEYS = frozenset({"seconds", "seconds_per_answer"})
+# Run-dependent values, wherever they appear in a manifest's `metrics` or in a JSON file below: wall times
+# (`seconds` of a stage, `sgd.seconds`, `training.seconds`; evaluate's `seconds_per_answer` per arm and per
+# table row) and `resumed_from` (the checkpoint a resumed trm/latent/grpo/compressor run started from: None
+# in an uninterrupted run; the weights and every file are still byte-identical).
+TIMING_KEYS = frozenset({"seconds", "seconds_per_answer", "resumed_from"})
 # The only committed files that hold timings: evaluate's answers (each answer's `seconds`) and its report
 # (the `seconds_per_answer` column). They are compared with those values masked (`normalized`), and their
 # manifest entries (size, sha256) are left out of the manifest comparison. Every other file must be
