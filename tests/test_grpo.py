@@ -111,7 +111,49 @@ def test_rewards_use_trl_signature_and_the_shared_answer_module() -> None:
     def not_applicable(completions, **_):  # TRL: None = not applicable
         return [None] * len(completions)
 
-    assert combined_rewards([(not_applicable, 1.0)], completions)[0] == [0.0] * 4
+    assert all(math.isnan(v) for v in combined_rewards([(not_applicable, 1.0)], completions)[0])
+
+    def only_first_two(completions, **_):
+        return [1.0, 1.0, None, None]
+
+    total, parts = combined_rewards([(only_first_two, 1.0), (format_reward, 0.5)], completions)
+    assert total == pytest.approx([1.5, 1.0, 0.0, 0.5])  # None is left out of the sum, not scored 0
+    total, _ = combined_rewards([(only_first_two, 1.0)], completions)
+    assert total[:2] == [1.0, 1.0] and all(math.isnan(v) for v in total[2:])
+
+
+def test_unscored_samples_are_out_of_the_group_statistics() -> None:
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 0.0, nan, 1.0, 1.0, nan, 1.0, 1.0])
+    adv = group_advantages(rewards, 4, "none")
+    torch.testing.assert_close(adv[:4], torch.tensor([1 / 3, -2 / 3, 0.0, 1 / 3]))  # mean of the 3 scored
+    torch.testing.assert_close(adv[4:], torch.zeros(4))
+    scaled = group_advantages(rewards, 4, "group")
+    std = float(torch.tensor([1.0, 0.0, 1.0]).std())
+    torch.testing.assert_close(scaled[:4], torch.tensor([1 / 3, -2 / 3, 0.0, 1 / 3]) / (std + 1e-4))
+    assert zero_variance_groups(rewards, 4).tolist() == [False, True]
+    assert not torch.isnan(group_advantages(rewards, 4, "batch")).any()
+
+
+def test_old_log_probs_are_detached_and_skipped_rows_do_not_change_the_normaliser() -> None:
+    theta = torch.tensor(0.3, requires_grad=True)
+    logp = _two_token_logp(theta, [0, 1])
+    terms = grpo_loss(logp, logp, torch.tensor([1.0, -1.0]), torch.ones(2, 1))  # old = current, not detached
+    (grad,) = torch.autograd.grad(terms.loss, theta)
+    assert float(grad) != 0.0  # the ratio's gradient survives: old_logp was treated as a constant
+    # a zero-advantage row dropped from the computation but still counted: the same loss
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5], [-1.5, -0.1]])
+    old = logp - 0.05
+    adv = torch.tensor([1.0, 0.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        whole = grpo_loss(logp, old, adv, mask, loss_type=loss_type, max_len=4).loss  # type: ignore[arg-type]
+        kept = [0, 2]
+        part = grpo_loss(
+            logp[kept], old[kept], adv[kept], mask[kept], loss_type=loss_type, max_len=4,  # type: ignore[arg-type]
+            num_sequences=3, num_tokens=5.0,
+        ).loss  # fmt: skip
+        assert float(part) == pytest.approx(float(whole), abs=1e-6)
 
 
 # --- the latent policy on the tiny preset -------------------------------------------------------------
@@ -191,6 +233,25 @@ def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
         assert float(scored.mask[row].sum()) == len(completion)
 
 
+def test_model_generation_defaults_cannot_change_the_rollout_distribution(chain) -> None:
+    """A model whose generation_config.json adds processors (repetition penalty, top-k/p, n-gram bans, a
+    minimum length) samples exactly as a clean one: the rollout passes an explicit, neutral config."""
+    policy, _ = _policy(chain)
+    batch = policy.encode_prompts(["What is 2 + 3?", "How many legs do 3 spiders have and why?"])
+    latents = policy.latents(batch, "trm_latent").detach()
+    clean = sample_answers(policy, batch.ids, latents, temperature=0.9, max_new_tokens=6, seed=5)
+    defaults = policy.lm.model.generation_config
+    saved = copy.deepcopy(defaults)
+    try:
+        for name, value in {"repetition_penalty": 3.0, "top_k": 2, "top_p": 0.3, "no_repeat_ngram_size": 1,
+                            "min_new_tokens": 6, "temperature": 0.1}.items():  # fmt: skip
+            setattr(defaults, name, value)
+        polluted = sample_answers(policy, batch.ids, latents, temperature=0.9, max_new_tokens=6, seed=5)
+    finally:
+        policy.lm.model.generation_config = saved
+    assert polluted.completions == clean.completions
+
+
 def test_gradient_reaches_the_trm_and_never_the_lm(chain) -> None:
     cfg, store, problems, *_ = chain
     policy, reference = _policy(chain)
@@ -216,6 +277,34 @@ def test_gradient_reaches_the_trm_and_never_the_lm(chain) -> None:
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy still equals the reference
     for key in ("reward_mean", "reward_std", "accuracy", "clip_fraction", "entropy", "completion_length"):
         assert metrics[key] is not None and math.isfinite(metrics[key]), key
+
+
+def test_skipping_zero_variance_groups_keeps_the_step_size(chain) -> None:
+    """Two questions, the second one's group always rewarded 1 (no signal): the gradient is the same whether
+    that group is computed (advantage 0) or skipped, because the normaliser counts every sequence (TRL)."""
+    cfg, store, problems, *_ = chain
+    questions = [p.question for p in read_problems(store, problems).split("train")[:2]]
+
+    def reward(completions, completion_ids, prompts, **_):
+        return [float(ids[0] % 2) if q == questions[0] else 1.0 for ids, q in zip(completion_ids, prompts, strict=True)]
+
+    grads = {}
+    for skip in (True, False):
+        policy, reference = _policy(chain)
+        params = list(policy.projector.parameters())
+        g = cfg.grpo.model_copy(update={"skip_zero_variance": skip, "beta": 0.0, "max_completion_tokens": 3})
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        learner = GRPOLearner(
+            policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 1, 0)),
+            [(reward, 1.0)], seed=0,
+        )  # fmt: skip
+        captured: dict[str, torch.Tensor] = {}
+        optimizer.register_step_pre_hook(lambda *_: captured.update(w=params[0].grad.clone()))  # noqa: B023
+        metrics = learner.step(0, questions, {})
+        grads[skip] = (captured["w"], metrics)
+    (with_skip, m1), (without, m2) = grads[True], grads[False]
+    assert m1["skipped_groups"] >= 1 and m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+    torch.testing.assert_close(with_skip, without, atol=1e-6, rtol=1e-5)
 
 
 def test_grpo_raises_the_reward_on_a_learnable_toy_task(chain) -> None:
@@ -260,7 +349,11 @@ def test_grpo_stage_caches_and_reports_before_after(chain) -> None:
     for key in ("reward_mean", "reward_std", "accuracy", "kl", "clip_fraction", "entropy", "completion_length",
                 "skipped_groups"):  # fmt: skip
         assert all(key in h for h in history), key
-    assert [r["arm"] for r in manifest.metrics["heldout"]] == ["no_latent", "trm_latent"]
+    heldout_arms = ["no_latent", "trm_latent", "mean_latent", "shuffled_latent"]
+    assert [r["arm"] for r in manifest.metrics["heldout"]] == heldout_arms
+    versus = manifest.metrics["heldout_comparisons_after"]  # paired verdicts of trm_latent after GRPO
+    assert [c["other"] for c in versus] == ["no_latent", "mean_latent", "shuffled_latent"]
+    assert all(c["verdict"] in ("better", "worse", "indistinguishable") for c in versus)
     artifact = store.open("grpo", manifest.key)
     assert {"trm.safetensors", "projector.safetensors", "history.json", "rewards.png", "report.md"} <= set(
         artifact.manifest.files

@@ -70,16 +70,23 @@ class GRPOLearner:
         repeated["completion_ids"] = rollout.completions
         total, parts = combined_rewards(self.rewards, rollout.texts, **repeated)
         rewards = torch.tensor(total, dtype=torch.float32)
-        if not torch.isfinite(rewards).all():
-            raise UserError("a reward function returned a non-finite value; rewards must be finite floats")
+        if torch.isinf(rewards).any() or any(
+            v is not None and v != v
+            for values in parts.values()
+            for v in values  # NaN returned by a function
+        ):
+            raise UserError("a reward function returned a non-finite value; rewards must be finite floats or None")
+        scored = ~torch.isnan(rewards)  # no reward function applied: out of the statistics and the loss
         advantages = group_advantages(rewards, g.group_size, g.scale_rewards)
         flat = zero_variance_groups(rewards, g.group_size)
-        keep = torch.ones(len(rollout.texts), dtype=torch.bool)
-        if g.skip_zero_variance:
-            keep &= ~flat.repeat_interleave(g.group_size)
+        counted = scored.clone()  # the loss normaliser's sequences: every scored one (TRL)
         if g.mask_truncated:
-            keep &= ~torch.tensor(rollout.truncated)
+            counted &= ~torch.tensor(rollout.truncated)
+        keep = counted.clone()
+        if g.skip_zero_variance and not g.beta:  # advantage 0 and no KL term: their loss is exactly 0
+            keep &= ~flat.repeat_interleave(g.group_size)
         rows = [i for i in range(len(rollout.texts)) if keep[i]]
+        n_counted = int(counted.sum())
         device = self.policy.device
 
         # no-grad pass over every sample: old (= current) log-probs, entropy, reference log-probs, KL
@@ -101,6 +108,7 @@ class GRPOLearner:
 
         loss_value = clipped = grad_norm = 0.0
         kept_tokens = float(sum(len(rollout.completions[i]) for i in rows))
+        counted_tokens = float(sum(len(rollout.completions[i]) for i in range(len(rollout.texts)) if counted[i]))
         if rows:
             for _ in range(g.updates_per_rollout):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -117,7 +125,7 @@ class GRPOLearner:
                         cur.mask,
                         torch.stack([ref_logp[i][:width] for i in chunk]).to(device) if g.beta else None,
                         beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-                        max_len=g.max_completion_tokens, num_sequences=len(rows), num_tokens=kept_tokens,
+                        max_len=g.max_completion_tokens, num_sequences=n_counted, num_tokens=counted_tokens,
                     )  # fmt: skip
                     if not torch.isfinite(terms.loss):
                         raise UserError(f"the GRPO loss became {terms.loss.item()}; lower grpo.lr (now {g.lr})")
@@ -137,14 +145,15 @@ class GRPOLearner:
         lengths = [len(c) for c in rollout.completions]
         metrics: dict[str, Any] = {
             "step": step + 1,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "reward_mean": float(rewards[scored].mean()) if bool(scored.any()) else 0.0,
+            "reward_std": float(rewards[scored].std()) if int(scored.sum()) > 1 else 0.0,
+            "unscored": int((~scored).sum()),
             "accuracy": _mean(
                 [float(v or 0.0) for v in correctness_reward(rollout.texts, **repeated)]
                 if "answer_value" in repeated
                 else []
             ),
-            "format": _mean(parts["format_reward"]) if "format_reward" in parts else None,
+            "format": _mean([v for v in parts["format_reward"] if v is not None]) if "format_reward" in parts else None,
             "kl": kl_sum / max(tokens, 1.0),
             "clip_fraction": clipped / max(kept_tokens * g.updates_per_rollout, 1.0),
             "entropy": entropy_sum / max(tokens, 1.0),

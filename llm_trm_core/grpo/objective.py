@@ -17,25 +17,42 @@ LossType = Literal["dapo", "grpo", "dr_grpo"]
 RewardScale = Literal["none", "group", "batch"]
 
 
+def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected std ignoring NaN (0 with fewer than two values)."""
+    valid = ~torch.isnan(x)
+    count = valid.sum(dim, keepdim=True) if dim is not None else valid.sum()
+    mean = torch.nansum(x, dim, keepdim=True) / count.clamp(min=1) if dim is not None else torch.nansum(x) / count
+    squares = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
+    total = squares.sum(dim, keepdim=True) if dim is not None else squares.sum()
+    std = (total / (count - 1).clamp(min=1)).sqrt()
+    return std if keepdim or dim is None else std.squeeze(dim)
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: RewardScale = "none", eps: float = 1e-4
 ) -> torch.Tensor:
-    """A_i = R_i - mean of its group, optionally divided by the group's (or whole batch's) std."""
+    """A_i = R_i - mean of its group, optionally divided by the group's (or whole batch's) std. A NaN reward
+    (no reward function applied) is left out of the statistics and gets advantage 0."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(1, keepdim=True)
+    valid = ~torch.isnan(grouped)
+    mean = torch.nansum(grouped, 1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+    advantages = grouped - mean
     if scale == "group":
-        advantages = advantages / (grouped.std(1, keepdim=True) + eps)
+        advantages = advantages / (_nanstd(grouped, 1, keepdim=True) + eps)
     elif scale == "batch":
-        advantages = advantages / (rewards.std() + eps)
-    return advantages.reshape(-1)
+        advantages = advantages / (_nanstd(rewards) + eps)
+    return torch.where(valid, advantages, torch.zeros_like(advantages)).reshape(-1)
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(groups,) bool: groups whose rewards are all equal carry no learning signal."""
+    """(groups,) bool: groups whose (applicable) rewards are all equal carry no learning signal."""
     grouped = rewards.view(-1, group_size)
-    return (grouped == grouped[:, :1]).all(1)
+    valid = ~torch.isnan(grouped)
+    high = torch.where(valid, grouped, torch.full_like(grouped, -torch.inf)).max(1).values
+    low = torch.where(valid, grouped, torch.full_like(grouped, torch.inf)).min(1).values
+    return (high <= low) | (valid.sum(1) < 2)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -66,9 +83,14 @@ def grpo_loss(
     num_tokens: float | None = None,
 ) -> LossTerms:
     """The clipped surrogate (+ beta k3) aggregated as `loss_type`; `num_sequences` / `num_tokens` are the
-    full batch's counts when this is one micro-batch of it (default: this batch's own)."""
+    full batch's counts when this is one micro-batch of it (default: this batch's own). As in TRL they count
+    every sequence of the rollout batch (and every unmasked token), including groups left out of the
+    computation because their advantages are all 0: skipping such groups saves work and never changes the
+    step size."""
     high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logp.dtype)
+    old_logp = old_logp.detach()  # the behaviour policy is a constant of the update (TRL)
+    ref_logp = ref_logp.detach() if ref_logp is not None else None
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
     unclipped = ratio * adv

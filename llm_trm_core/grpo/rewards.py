@@ -27,18 +27,23 @@ def format_reward(completions: Sequence[str], **_: Any) -> list[float | None]:
 
 def combined_rewards(
     functions: Sequence[tuple[RewardFunction, float]], completions: Sequence[str], **columns: Any
-) -> tuple[list[float], dict[str, list[float]]]:
-    """Weighted sum of several reward functions; `None` (not applicable) counts as 0. Returns the total
-    per completion and each function's raw values (for logging)."""
+) -> tuple[list[float], dict[str, list[float | None]]]:
+    """Weighted sum of several reward functions, as TRL: a `None` (not applicable) is left out of the sum
+    rather than scored 0, and a completion no function applies to gets NaN, which the learner excludes from
+    the group statistics and the loss. Returns the total per completion and each function's raw values."""
     total = [0.0] * len(completions)
-    parts: dict[str, list[float]] = {}
+    applied = [False] * len(completions)
+    parts: dict[str, list[float | None]] = {}
     for function, weight in functions:
-        values = [0.0 if v is None else float(v) for v in function(completions, **columns)]
+        values = [None if v is None else float(v) for v in function(completions, **columns)]
         if len(values) != len(completions):
             raise ValueError(f"reward {reward_name(function)} returned {len(values)} values for {len(completions)}")
         parts[reward_name(function)] = values
-        total = [t + weight * v for t, v in zip(total, values, strict=True)]
-    return total, parts
+        for i, v in enumerate(values):
+            if v is not None:
+                total[i] += weight * v
+                applied[i] = True
+    return [t if ok else float("nan") for t, ok in zip(total, applied, strict=True)], parts
 
 
 def reward_name(function: RewardFunction) -> str:

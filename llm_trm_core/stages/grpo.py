@@ -40,6 +40,7 @@ from llm_trm_core.stages.evaluate import change_row
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
 from llm_trm_core.stages.latent import add_lora, build_reasoner, check_lineage, load_latent
 from llm_trm_core.stages.problems import read_problems
+from llm_trm_core.stats import Comparison, compare, derangement
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.checkpoints import CheckpointManager
@@ -48,7 +49,7 @@ from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
 logger = logging.getLogger(__name__)
 
 STAGE = "grpo"
-CHECK_ARMS: tuple[Arm, ...] = ("no_latent", "trm_latent")
+CHECK_ARMS: tuple[Arm, ...] = ("no_latent", "trm_latent", "mean_latent", "shuffled_latent")
 CHECK_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
 
 
@@ -72,18 +73,45 @@ def step_problems(train: Sequence[Problem], step: int, size: int, seed: int) -> 
 
 
 def greedy_accuracy(
-    reasoner: LatentReasoner, problems: Sequence[Problem], arm: Arm, max_new_tokens: int, batch_size: int
+    reasoner: LatentReasoner,
+    problems: Sequence[Problem],
+    arm: Arm,
+    max_new_tokens: int,
+    batch_size: int,
+    outputs: torch.Tensor | None = None,
 ) -> list[bool]:
+    """Greedy correctness per problem; `outputs`: the permuted TRM outputs of the shuffled_latent arm."""
     tok = reasoner.lm.tokenizer
     correct: list[bool] = []
     for start in range(0, len(problems), batch_size):
         batch = problems[start : start + batch_size]
-        answers = reasoner.generate([p.question for p in batch], arm, max_new_tokens)
+        permuted = outputs[start : start + len(batch)] if outputs is not None else None
+        answers = reasoner.generate([p.question for p in batch], arm, max_new_tokens, outputs=permuted)
         correct += [
             grade(str(tok.decode(ids, skip_special_tokens=True)), p.answer_value).numeric
             for p, ids in zip(batch, answers, strict=True)
         ]
     return correct
+
+
+def heldout_check(
+    reasoner: LatentReasoner,
+    train: Sequence[Problem],
+    test: Sequence[Problem],
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, list[bool]]:
+    """Greedy correctness of every check arm with the reasoner's current weights: the controls are refitted
+    (mean output over the first len(test) train questions, derangement of the test outputs)."""
+    reasoner.fit_mean_output([p.question for p in train[: len(test)]], batch_size)
+    shuffled = reasoner.trm_outputs([p.question for p in test], batch_size)[derangement(len(test), seed)]
+    return {
+        arm: greedy_accuracy(
+            reasoner, test, arm, max_new_tokens, batch_size, shuffled if arm == "shuffled_latent" else None
+        )
+        for arm in CHECK_ARMS
+    }
 
 
 def load_grpo(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner) -> LatentReasoner:
@@ -199,9 +227,7 @@ def run_grpo(
     batch_size = max(1, g.micro_batch // 2)
     if progress["before"] is None:
         with torch.no_grad():
-            before = {
-                arm: greedy_accuracy(policy, test, arm, g.max_completion_tokens, batch_size) for arm in CHECK_ARMS
-            }
+            before = heldout_check(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
         progress["before"] = before
         logger.info("grpo before: %s", {a: float(np.mean(v)) for a, v in before.items()})
     tracker = Tracker(cfg.tracking, "grpo", key, stage_config(cfg, STAGE, extra))
@@ -225,8 +251,18 @@ def run_grpo(
                 },
             )
     with torch.no_grad():
-        after = {arm: greedy_accuracy(policy, test, arm, g.max_completion_tokens, batch_size) for arm in CHECK_ARMS}
-    rows = [change_row(arm, progress["before"][arm], after[arm], 2000, cfg.runtime.seed) for arm in CHECK_ARMS]
+        after = heldout_check(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
+    reps = cfg.evaluate.bootstrap
+    rows = [
+        change_row(arm, progress["before"][arm], after[arm], reps, cfg.runtime.seed)
+        for arm in CHECK_ARMS
+        if arm in progress["before"]
+    ]
+    versus = [
+        compare("trm_latent", after["trm_latent"], arm, after[arm], reps, cfg.runtime.seed)
+        for arm in CHECK_ARMS
+        if arm != "trm_latent"
+    ]
     history = progress["history"]
     head = history[: max(1, len(history) // 4)]
     tail = history[-max(1, len(history) // 4) :]
@@ -237,7 +273,7 @@ def run_grpo(
         "skipped_fraction": float(np.mean([h["skipped_fraction"] for h in history])),
         "steps_updated": sum(1 for h in history if h["updated"]),
     }
-    report = _report(cfg, rows, summary, history, len(train))
+    report = _report(cfg, rows, summary, history, len(train), versus)
     tracker.summary({f"grpo/{k}": v for k, v in summary.items()})
     tracker.finish()
     with store.writer(
@@ -256,6 +292,7 @@ def run_grpo(
         manifest = w.commit(
             {
                 "heldout": rows,
+                "heldout_comparisons_after": [c.row() for c in versus],
                 **summary,
                 "history": history,
                 "train_problems": len(train),
@@ -279,6 +316,7 @@ def _report(
     summary: dict[str, Any],
     history: list[dict[str, Any]],
     n_train: int,
+    versus: Sequence[Comparison] = (),
 ) -> str:
     g = cfg.grpo
     steps = [
@@ -297,7 +335,18 @@ def _report(
         "## Held-out check (greedy, test split of the GRPO problem set)\n\n"
         + markdown_table(rows, CHECK_COLUMNS)
         + "\n\nchange_ci = 95% paired bootstrap interval of (after - before) over the same problems.\n\n"
-        "## Per-step metrics\n\n" + markdown_table(steps) + "\n"
+        + (
+            "After GRPO, trm_latent against each control (paired bootstrap, same problems):\n\n"
+            + markdown_table([c.row() for c in versus])
+            + "\n\n"
+            + "".join(f"- {c.sentence()}\n" for c in versus)
+            + "\n"
+            if versus
+            else ""
+        )
+        + "## Per-step metrics\n\n"
+        + markdown_table(steps)
+        + "\n"
     )
 
 
