@@ -66,6 +66,7 @@ def _run(root: str, tmp_path: Path, ref: Reference, *, seed: int, targets: list[
 DEFAULT_TARGETS = ("basis", "datagen", "trace-hiddens", "pairs")
 
 
+@pytest.mark.slow  # about 4 minutes alone on 2 cores: it keeps the default suite near its 15-minute budget
 @pytest.mark.timeout(1200)
 def test_sigkill_in_the_short_stages_then_rerun_equals_an_uninterrupted_run(
     tmp_path: Path, pairs_reference: Reference
