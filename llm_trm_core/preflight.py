@@ -91,6 +91,14 @@ def preflight(cfg: PipelineConfig, command: str = "pipeline") -> None:
 # -- store ------------------------------------------------------------------------------------
 
 
+def _probe_write(folder: Path) -> None:
+    """Create `folder` if needed, then write and delete a small file in it (OSError when it cannot)."""
+    probe = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
 def check_store(root: str) -> None:
     """The root exists (or can be created), is a folder, and takes a small write and delete."""
     if root.startswith(("gs://", "gcs://")):
@@ -123,11 +131,8 @@ def _check_local(name: str, folder: Path) -> None:
             f"store {name}: the path {where}, not a folder. Fix: choose a folder path for --store "
             f"(or store.root), or move {blocker} away."
         )
-    probe = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        _probe_write(folder)
     except OSError as exc:
         raise StoreUnusableError(_local_failure(name, folder, exc)) from None
 
@@ -407,11 +412,8 @@ def _check_smollm2(cache_dir: str | None) -> None:
         return
     gguf_cache.gguf_path()  # the package with the GGUF is installed (else a UserError naming the fix)
     folder = target.parent
-    probe = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        _probe_write(folder)
     except OSError as exc:
         raise ModelSourceError(
             f"model.source=smollm2-gguf: the converted-model cache {folder} is not writable "
