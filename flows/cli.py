@@ -1,4 +1,4 @@
-"""`llm-trm`: the command line (DESIGN §8).
+"""`llm-trm`: the command line (docs/architecture.md, "CLI").
 
     llm-trm pipeline --preset local
     llm-trm config --preset tiny compressor.d_prime=32

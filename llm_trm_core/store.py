@@ -1,4 +1,4 @@
-"""Content-addressed artifact store over fsspec (DESIGN §3).
+"""Content-addressed artifact store over fsspec (docs/architecture.md, "Store").
 
 Layout: `{root}/{stage}/{key}/` holds the stage's files and, written last, `_MANIFEST.json`: the
 commit marker. A folder without a manifest is never read as an output. Every file is written to a

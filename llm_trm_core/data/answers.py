@@ -1,6 +1,6 @@
 """The one answer module: extraction from model output and numeric comparison.
 
-Three scores, as GSM8K papers report them (docs/grpo-eval.md §4.3):
+Three scores, as GSM8K papers report them (docs/evaluation.md):
 - strict: only `#### N` counts (OpenAI's reference extractor, lm-eval `strict-match`);
 - flexible: the last number-like span (lm-eval `flexible-extract`);
 - numeric (ours): `#### N`, then `\\boxed{N}`, then `answer is N`, then the last number, compared as

@@ -1,7 +1,7 @@
 """Reward functions with TRL's signature: `reward(completions, **kwargs) -> list[float | None]`.
 
 `completions` are the decoded answers; dataset columns arrive as keyword lists aligned with them
-(here `answer_value`, the gold number). Grading is the shared answer module's (DESIGN §5), so rewards,
+(here `answer_value`, the gold number). Grading is the shared answer module's (docs/architecture.md), so rewards,
 datagen accuracy and evaluation agree on what counts as correct.
 """
 

@@ -4,7 +4,7 @@
       -> projection to k vectors in the LM's input-embedding space
       -> inputs_embeds = [prompt embeddings, k latents] -> generate the answer (KV cache)
 
-A last-layer state at one position can only change one next-token distribution (reference §6.3);
+A last-layer state at one position can only change one next-token distribution (docs/original-llm-trm.md);
 input embeddings at k positions are read by every later token through attention, so the answer can
 use them. The original-style arm is kept for comparison: the decompressed TRM output replaces the
 state after the end-of-thinking delimiter, which sets only the first answer token.

@@ -1,6 +1,6 @@
 """SequenceTRM: a Tiny Recursive Model over a sequence of compressed states, predicting one vector.
 
-Faithful to the original (reference §5.2-5.4) by default:
+Faithful to the original (docs/original-llm-trm.md) by default:
 - one shared network of `n_layers` pre-norm blocks (attention + GELU MLP with biases), no positions;
 - a learned reasoning token appended after the context; the prediction is y at that position;
 - latent recursion: n times z ← norm(net(x + y + z)), then y ← norm(net(y + z)) (shared output RMSNorm);
@@ -12,7 +12,7 @@ halt head initialised to zero weights and bias −5 (trained with BCE-with-logit
 
 Fix over the original: inputs and targets are standardized with training statistics (buffers saved
 with the weights). The original's output RMSNorm produces unit-scale vectors while compressed LM
-states have large norms, so its predictions carried a large norm error (reference §5.10).
+states have large norms, so its predictions carried a large norm error (docs/original-llm-trm.md).
 `supervision_step` works in the standardized space; `predict_steps` returns raw-scale vectors.
 """
 

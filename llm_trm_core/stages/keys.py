@@ -1,4 +1,4 @@
-"""Which config parts and code version make up each stage's artifact key (DESIGN §3).
+"""Which config parts and code version make up each stage's artifact key (docs/architecture.md, "Keys").
 
 Bump a stage's code version in the same commit as any change that alters its outputs.
 """

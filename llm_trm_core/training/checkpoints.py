@@ -1,4 +1,4 @@
-"""Training checkpoints under `{root}/{stage}/{key}/checkpoints/step-XXXXXXXX/` (DESIGN §4).
+"""Training checkpoints under `{root}/{stage}/{key}/checkpoints/step-XXXXXXXX/` (docs/architecture.md, "Resume").
 
 A checkpoint is `state.pt` (model, optimizer, scheduler, RNG, data position, step, early-stopping
 state: tensors and plain Python values only, loaded with `torch.load(weights_only=True)`), then a
