@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.prefect_server import free_port, wait_for_port
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="llm-trm-tests-"))
 os.environ.update(
@@ -43,37 +43,18 @@ REPO = Path(__file__).resolve().parent.parent
 GCS_BUCKET = "llm-trm-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the GCS emulator exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the GCS emulator did not listen on port {port} within {timeout} s")
-
-
 @pytest.fixture(scope="session")
 def gcs_emulator() -> Iterator[str]:
     """A real local GCS emulator (gcp-storage-emulator) on 127.0.0.1; yields its endpoint URL."""
     exe = Path(sys.executable).parent / "gcp-storage-emulator"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", GCS_BUCKET],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_port(port, proc)
+        wait_for_port(port, proc, "the GCS emulator")
         endpoint = f"http://127.0.0.1:{port}"
         os.environ["STORAGE_EMULATOR_HOST"] = endpoint
         yield endpoint

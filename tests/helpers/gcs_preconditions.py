@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -121,16 +119,12 @@ def serve(port: int, bucket: str) -> None:
     create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def enforcing_gcs_emulator(bucket: str = BUCKET) -> Iterator[str]:
     """Run the enforcing emulator; STORAGE_EMULATOR_HOST points at it meanwhile. Yields its endpoint."""
-    port = _free_port()
+    from tests.helpers.prefect_server import free_port, wait_for_port  # (this file also runs as a script)
+
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), str(port), bucket],
         stdout=subprocess.DEVNULL,
@@ -138,17 +132,7 @@ def enforcing_gcs_emulator(bucket: str = BUCKET) -> Iterator[str]:
     )
     previous = os.environ.get("STORAGE_EMULATOR_HOST")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the enforcing GCS emulator exited with {proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the enforcing GCS emulator did not start within 30 s") from None
-                time.sleep(0.1)
+        wait_for_port(port, proc, "the enforcing GCS emulator")
         endpoint = f"http://127.0.0.1:{port}"
         os.environ["STORAGE_EMULATOR_HOST"] = endpoint
         yield endpoint
