@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -57,7 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     wanted = deployments_by_pool(REPO / "prefect.yaml")
-    pools = asyncio.run(existing_pools(create_local=not args.list))
+    try:
+        pools = asyncio.run(existing_pools(create_local=not args.list))
+    except (httpx.HTTPError, RuntimeError, OSError) as exc:
+        api = os.environ.get("PREFECT_API_URL") or "an ephemeral server (PREFECT_API_URL is unset)"
+        logger.error(
+            "error: cannot reach the Prefect API at %s (%s). Fix: start `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (prefect config set ...), then deploy again.",
+            api,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return 2
     ready = [name for name, pool in wanted.items() if pool in pools]
     for name, pool in wanted.items():
         if pool not in pools:
