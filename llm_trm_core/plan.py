@@ -162,8 +162,8 @@ def check_plan(cfg: PipelineConfig, stages: Collection[str] | None = None) -> No
 
 
 # Hidden sizes of hub models the presets name, for a check before anything is downloaded.
-KNOWN_HIDDEN_SIZES = {"HuggingFaceTB/SmolLM3-3B": 2048, "HuggingFaceTB/SmolLM2-135M-Instruct": 576}
-SMOLLM2_HIDDEN_SIZE = 576
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what model.source=smollm2-gguf converts
+KNOWN_HIDDEN_SIZES = {"HuggingFaceTB/SmolLM3-3B": 2048, SMOLLM2: 576}
 
 
 def model_hidden_size(model: ModelConfig) -> int | None:
@@ -171,7 +171,7 @@ def model_hidden_size(model: ModelConfig) -> int | None:
     if model.source == "tiny-random":
         return model.tiny.hidden_size
     if model.source == "smollm2-gguf":
-        return SMOLLM2_HIDDEN_SIZE
+        return KNOWN_HIDDEN_SIZES[SMOLLM2]
     config_path: str | None = str(Path(model.name_or_path) / "config.json") if model.source == "folder" else None
     if model.source == "hub":
         from huggingface_hub import try_to_load_from_cache
