@@ -190,7 +190,7 @@ def write_problem_file(path: Path, train: int = TRAIN_PROBLEMS, test: int = TEST
     rows = list(_gsm_symbolic_rows(train + test, seed=18))
     splits = ["train"] * train + ["test"] * test
     table = pa.table(
-        {"question": [q for q, _, _ in rows], "answer": [a for _, a, _ in rows], "split": splits},
+        {"question": [r[0] for r in rows], "answer": [r[1] for r in rows], "split": splits},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)

@@ -96,3 +96,24 @@ def test_rehearsal_end_to_end(tmp_path: Path) -> None:
         assert all(table[stage][f"rows_{s}"] for s in ("train", "val", "test")), table[stage]
     # the LM at full width is in memory during the LM stages
     assert table["hiddens"]["peak_rss_mib"] > 1500
+
+
+def test_stand_in_problem_file_lists_train_first_and_still_yields_every_split(tmp_path: Path) -> None:
+    """The D1 case: a GSM8K-shaped file with every train row before the test rows gives train, val and
+    test problems (val carved from train), each answer parsed from its `#### N` line."""
+    import pyarrow.parquet as pq
+
+    from llm_trm_core.config import ProblemsConfig
+    from llm_trm_core.data.problems import load_problems
+    from llm_trm_core.rehearsal import write_problem_file
+
+    path = tmp_path / "gsm.parquet"
+    write_problem_file(path, train=20, test=6)
+    table = pq.read_table(path).to_pydict()
+    assert table["split"] == ["train"] * 20 + ["test"] * 6
+    assert all("####" in a for a in table["answer"])
+    problems = load_problems(ProblemsConfig(source="file", path=str(path), val_fraction=0.25))
+    by_split = {s: [p for p in problems.problems if p.split == s] for s in ("train", "val", "test")}
+    sizes = {k: len(v) for k, v in by_split.items()}
+    assert sizes["test"] == 6 and sizes["val"] and sizes["train"], sizes
+    assert all(isinstance(p.answer_value, float) for p in problems.problems)
