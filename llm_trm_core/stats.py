@@ -32,7 +32,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # the interval always contains p (rounding can put center - half a hair above p = 0)
+    return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))
 
 
 def paired_bootstrap(

@@ -29,6 +29,15 @@ def test_wilson_known_cases() -> None:
         wilson_interval(1, 0)
 
 
+def test_wilson_interval_contains_the_estimate_at_the_edges() -> None:
+    """0/n and n/n: rounding put the lower bound a hair above 0 (e.g. 0/6), and evaluate's error bars
+    (estimate - low) went negative, which matplotlib refuses; the interval must contain the estimate."""
+    for n in range(1, 400):
+        for k in (0, n):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high, (k, n, low, high)
+
+
 def test_paired_bootstrap_on_constructed_pairs() -> None:
     # identical arms: every resample gives 0
     assert paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], 500) == (0.0, 0.0, 0.0)
