@@ -5,7 +5,7 @@
 
 `prefect deploy --all` stops at the first deployment whose pool does not exist (on a CPU-only setup,
 the GPU ones); this deploys the others and names, for each skipped one, the pool to create (README,
-"GPU pools"). Exit 0 when every deployable deployment was deployed.
+"GPU workers"). Exit 0 when every deployable deployment was deployed.
 """
 
 from __future__ import annotations
@@ -26,11 +26,18 @@ from prefect.client.schemas.actions import WorkPoolCreate
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_POOL = "llm-trm-local"
+# The GPU pools: worker type and base job template (README "GPU workers"; tests/test_job_templates.py).
+GPU_POOLS = {
+    "llm-trm-gpu": ("docker", "deployments/docker-gpu-job-template.json"),
+    "llm-trm-gpu-k8s": ("kubernetes", "deployments/k8s-gpu-job-template.json"),
+}
 POOL_HINTS = {
     LOCAL_POOL: "python -m deployments.deploy (without --list) creates it as a process pool",
-    "llm-trm-gpu": "prefect work-pool create llm-trm-gpu --type docker (needs prefect-docker; README 'GPU pools')",
-    "llm-trm-gpu-k8s": "prefect work-pool create llm-trm-gpu-k8s --type kubernetes --base-job-template "
-    "deployments/k8s-gpu-job-template.json (needs prefect-kubernetes; README 'GPU pools')",
+    **{
+        name: f"prefect work-pool create {name} --type {kind} --base-job-template {template} "
+        f"(its worker needs prefect-{kind}, the `worker` dependency group; README 'GPU workers')"
+        for name, (kind, template) in GPU_POOLS.items()
+    },
 }
 logger = logging.getLogger("deploy")
 

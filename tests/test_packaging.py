@@ -146,7 +146,10 @@ def test_deployments_cover_every_flow_gpu_pools_and_the_scheduled_sweep() -> Non
         assert any(e.startswith(f"flows/{module}.py:") for e in entrypoints), module
     assert all("llm-trm" in d["tags"] for d in spec["deployments"])  # the automations match on this tag
     docker = by_name["pipeline-smollm3-gpu"]["work_pool"]
-    assert docker["job_variables"]["container_create_kwargs"]["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert docker["name"] == "llm-trm-gpu" and docker["job_variables"]["gpus"] == 1  # tests/test_job_templates.py
+    docker_template = json.loads((REPO / "deployments" / "docker-gpu-job-template.json").read_text())
+    (request,) = docker_template["job_configuration"]["container_create_kwargs"]["device_requests"]
+    assert request["Count"] == "{{ gpus }}" and request["Capabilities"] == [["gpu"]]
     template = json.loads((REPO / "deployments" / "k8s-gpu-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
