@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import httpx
 import jsonpatch
 import pytest
 import yaml
@@ -31,6 +32,9 @@ from prefect.utilities.templating import apply_values
 from prefect.workers.base import BaseJobConfiguration
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+from deployments.deploy import GPU_POOLS, POOL_HINTS
+from tests.helpers.prefect_server import deploy, prefect_server
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_TEMPLATE = REPO / "deployments" / "k8s-gpu-job-template.json"
@@ -260,11 +264,43 @@ def test_gpu_deployments_request_one_gpu_in_both_pools() -> None:
 
 
 def test_deploy_hints_create_each_gpu_pool_from_its_template() -> None:
-    from deployments.deploy import GPU_POOLS, POOL_HINTS
-
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     gpu_pools = {d["work_pool"]["name"] for d in spec["deployments"] if "gpus" in d["work_pool"]["job_variables"]}
     assert gpu_pools == set(GPU_POOLS)
     for name, (kind, template) in GPU_POOLS.items():
         assert _template(REPO / template)["variables"]["properties"]["gpus"]["default"] == 1
         assert f"--type {kind} --base-job-template {template}" in POOL_HINTS[name]
+
+
+# -- a real server -------------------------------------------------------------------------------
+
+
+def test_server_takes_the_gpu_pools_deployments_and_runs_job_variables(tmp_path: Path) -> None:
+    """`deployments.deploy --gpu-pools` on a real `prefect server`: the server creates both GPU pools from
+    the templates, accepts the GPU deployments' job variables, refuses a run asking for no GPU, and the
+    job the worker renders from what the server holds asks for the GPUs the run asked for."""
+    with prefect_server(tmp_path) as (api, env):
+        env |= {"LLM_TRM_GPU_IMAGE": IMAGE, "LLM_TRM_STORE": "gs://llm-trm-test/gpu"}
+        done = deploy(env, "--gpu-pools")
+        assert "skipped" not in done.stderr, done.stderr
+        for name, (kind, template) in GPU_POOLS.items():
+            pool = httpx.get(f"{api}/work_pools/{name}").json()
+            assert pool["type"] == kind and pool["base_job_template"] == json.loads((REPO / template).read_text())
+
+        k8s = httpx.get(f"{api}/deployments/name/sweep/sweep-smollm3-k8s").json()
+        docker = httpx.get(f"{api}/deployments/name/pipeline/pipeline-smollm3-gpu").json()
+        assert k8s["job_variables"]["gpus"] == docker["job_variables"]["gpus"] == 1
+        assert k8s["job_variables"]["image"] == docker["job_variables"]["image"] == IMAGE
+
+        def create_run(deployment: dict[str, Any], job_variables: dict[str, Any]) -> httpx.Response:
+            body = {"parameters": {}, "job_variables": job_variables}
+            return httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json=body)
+
+        refused = create_run(k8s, {"gpus": 0})
+        assert refused.status_code == 422 and "gpus" in refused.text, refused.text
+        run = create_run(k8s, {"gpus": 2})
+        assert run.status_code == 201, run.text
+        pool = httpx.get(f"{api}/work_pools/llm-trm-gpu-k8s").json()
+        flow_run = FlowRun.model_validate(run.json())
+        config = _render_k8s(pool["base_job_template"], flow_run, k8s["job_variables"], run.json()["job_variables"])
+        assert _pod_spec(config)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
