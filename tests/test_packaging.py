@@ -113,10 +113,20 @@ def test_worker_image_requirements_are_the_cuda_build_from_the_lock(tmp_path: Pa
     assert torch["version"] == "2.13.0" and torch["index"] == "https://pypi.org/simple"
     assert all(w["url"].startswith(PYPI_FILES) for w in torch["wheels"])
     assert {"cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "triton"} <= names
+    assert not {"prefect-docker", "prefect-kubernetes"} & names  # the `worker` group: worker machines, dev, CI
     exported = _uv_run(["export", "--frozen", "--no-dev", "--extra", "gpu", "--format", "pylock.toml"], project)
     assert "+cpu" not in exported and str(tmp_path) not in exported and WHEELS not in exported
     cuda = tomllib.loads(exported)["packages"]
     assert next(p for p in cuda if p["name"] == "cuda-toolkit")["version"].startswith("13.0.")
+
+
+def test_worker_group_pins_the_gpu_pools_workers_and_dev_includes_it() -> None:
+    groups = _pyproject()["dependency-groups"]
+    assert groups["worker"] == ["prefect-docker==0.7.4", "prefect-kubernetes==0.8.0"]
+    assert {"include-group": "worker"} in groups["dev"]  # ./run and CI render the templates with them
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    locked = {p["name"]: p["version"] for p in lock["package"] if p["name"].startswith("prefect-")}
+    assert locked == {"prefect-docker": "0.7.4", "prefect-kubernetes": "0.8.0"}
 
 
 def test_run_picks_the_cpu_extra_only_where_the_locked_wheel_exists() -> None:
