@@ -2,16 +2,18 @@
 
     ./run python -m deployments.deploy            # the local pool is created, GPU deployments wait for their pools
     ./run python -m deployments.deploy --list     # what would be deployed and what is skipped, and why
+    ./run python -m deployments.deploy --gpu-pools   # also creates the missing GPU pools from their templates
 
 `prefect deploy --all` stops at the first deployment whose pool does not exist (on a CPU-only setup,
 the GPU ones); this deploys the others and names, for each skipped one, the pool to create (README,
-"GPU pools"). Exit 0 when every deployable deployment was deployed.
+"GPU workers"). Exit 0 when every deployable deployment was deployed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -26,11 +28,18 @@ from prefect.client.schemas.actions import WorkPoolCreate
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_POOL = "llm-trm-local"
+# The GPU pools: worker type and base job template (README "GPU workers"; tests/test_job_templates.py).
+GPU_POOLS = {
+    "llm-trm-gpu": ("docker", "deployments/docker-gpu-job-template.json"),
+    "llm-trm-gpu-k8s": ("kubernetes", "deployments/k8s-gpu-job-template.json"),
+}
 POOL_HINTS = {
     LOCAL_POOL: "python -m deployments.deploy (without --list) creates it as a process pool",
-    "llm-trm-gpu": "prefect work-pool create llm-trm-gpu --type docker (needs prefect-docker; README 'GPU pools')",
-    "llm-trm-gpu-k8s": "prefect work-pool create llm-trm-gpu-k8s --type kubernetes --base-job-template "
-    "deployments/k8s-gpu-job-template.json (needs prefect-kubernetes; README 'GPU pools')",
+    **{
+        name: f"prefect work-pool create {name} --type {kind} --base-job-template {template} "
+        f"(its worker needs prefect-{kind}, the `worker` dependency group; README 'GPU workers')"
+        for name, (kind, template) in GPU_POOLS.items()
+    },
 }
 logger = logging.getLogger("deploy")
 
@@ -41,26 +50,42 @@ def deployments_by_pool(prefect_yaml: Path) -> dict[str, str]:
     return {d["name"]: d["work_pool"]["name"] for d in data.get("deployments", [])}
 
 
-async def existing_pools(create_local: bool) -> set[str]:
+def gpu_pool_create(name: str) -> WorkPoolCreate:
+    """The GPU pool `name` as GPU_POOLS defines it: its worker type and its base job template."""
+    kind, template = GPU_POOLS[name]
+    return WorkPoolCreate(name=name, type=kind, base_job_template=json.loads((REPO / template).read_text()))
+
+
+async def existing_pools(create_local: bool, create_gpu: bool = False) -> set[str]:
+    """The work pools that exist, after creating the missing local (and, if asked, GPU) pools. An existing
+    pool is left as it is: its template may carry an operator's changes."""
     async with get_client() as client:
         names = {pool.name for pool in await client.read_work_pools()}
-        if create_local and LOCAL_POOL not in names:
-            await client.create_work_pool(WorkPoolCreate(name=LOCAL_POOL, type="process"))
-            logger.info("created work pool %s (process)", LOCAL_POOL)
-            names.add(LOCAL_POOL)
+        wanted = [WorkPoolCreate(name=LOCAL_POOL, type="process")] if create_local else []
+        wanted += [gpu_pool_create(name) for name in GPU_POOLS] if create_gpu else []
+        for pool in wanted:
+            if pool.name not in names:
+                await client.create_work_pool(pool)
+                logger.info("created work pool %s (%s)", pool.name, pool.type)
+                names.add(pool.name)
     return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="print the plan and deploy nothing")
+    parser.add_argument(
+        "--gpu-pools",
+        action="store_true",
+        help="also create the missing GPU pools (docker, kubernetes) from deployments/*-gpu-job-template.json",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     wanted = deployments_by_pool(REPO / "prefect.yaml")
     try:
-        pools = asyncio.run(existing_pools(create_local=not args.list))
+        pools = asyncio.run(existing_pools(create_local=not args.list, create_gpu=args.gpu_pools and not args.list))
     except (httpx.HTTPError, RuntimeError, OSError) as exc:
         api = os.environ.get("PREFECT_API_URL") or "an ephemeral server (PREFECT_API_URL is unset)"
         logger.error(

@@ -451,7 +451,7 @@ def check_runtime(runtime: RuntimeConfig) -> None:
     raise DeviceUnavailableError(
         f"runtime.device=cuda, but {driver} (torch {torch.__version__} built for CUDA {build}"
         f"{'; ' + said if said else ''}). Fix: run on a GPU worker whose NVIDIA driver supports CUDA {build} "
-        "(see README, GPU pools), or set runtime.device=cpu."
+        "(see README, GPU workers), or set runtime.device=cpu."
     )
 
 

@@ -113,10 +113,20 @@ def test_worker_image_requirements_are_the_cuda_build_from_the_lock(tmp_path: Pa
     assert torch["version"] == "2.13.0" and torch["index"] == "https://pypi.org/simple"
     assert all(w["url"].startswith(PYPI_FILES) for w in torch["wheels"])
     assert {"cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "triton"} <= names
+    assert not {"prefect-docker", "prefect-kubernetes"} & names  # the `worker` group: worker machines, dev, CI
     exported = _uv_run(["export", "--frozen", "--no-dev", "--extra", "gpu", "--format", "pylock.toml"], project)
     assert "+cpu" not in exported and str(tmp_path) not in exported and WHEELS not in exported
     cuda = tomllib.loads(exported)["packages"]
     assert next(p for p in cuda if p["name"] == "cuda-toolkit")["version"].startswith("13.0.")
+
+
+def test_worker_group_pins_the_gpu_pools_workers_and_dev_includes_it() -> None:
+    groups = _pyproject()["dependency-groups"]
+    assert groups["worker"] == ["prefect-docker==0.7.4", "prefect-kubernetes==0.8.0"]
+    assert {"include-group": "worker"} in groups["dev"]  # ./run and CI render the templates with them
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    locked = {p["name"]: p["version"] for p in lock["package"] if p["name"].startswith("prefect-")}
+    assert locked == {"prefect-docker": "0.7.4", "prefect-kubernetes": "0.8.0"}
 
 
 def test_run_picks_the_cpu_extra_only_where_the_locked_wheel_exists() -> None:
@@ -146,7 +156,10 @@ def test_deployments_cover_every_flow_gpu_pools_and_the_scheduled_sweep() -> Non
         assert any(e.startswith(f"flows/{module}.py:") for e in entrypoints), module
     assert all("llm-trm" in d["tags"] for d in spec["deployments"])  # the automations match on this tag
     docker = by_name["pipeline-smollm3-gpu"]["work_pool"]
-    assert docker["job_variables"]["container_create_kwargs"]["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert docker["name"] == "llm-trm-gpu" and docker["job_variables"]["gpus"] == 1  # tests/test_job_templates.py
+    docker_template = json.loads((REPO / "deployments" / "docker-gpu-job-template.json").read_text())
+    (request,) = docker_template["job_configuration"]["container_create_kwargs"]["device_requests"]
+    assert request["Count"] == "{{ gpus }}" and request["Capabilities"] == [["gpu"]]
     template = json.loads((REPO / "deployments" / "k8s-gpu-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"

@@ -144,11 +144,12 @@ def prefect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
     return done
 
 
-def deploy(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The README's deploy command: every deployment whose pool exists (the local pool is created)."""
     done = subprocess.run(
-        [sys.executable, "-m", "deployments.deploy"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-m", "deployments.deploy", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
     return done
 
