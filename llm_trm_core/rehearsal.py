@@ -89,11 +89,11 @@ REHEARSAL_OVERRIDES: dict[str, Any] = {
         "group_size": 2,
         "max_completion_tokens": 8,
         "warmup_steps": 0,
-        "eval_problems": 4,
+        "eval_problems": 2,
         "micro_batch": 4,
         "checkpoint_every": 1,
     },
-    "evaluate": {"num_problems": 6, "max_answer_tokens": 8, "think_tokens": 16, "bootstrap": 200, "batch_size": 6},
+    "evaluate": {"num_problems": 4, "max_answer_tokens": 8, "think_tokens": 16, "bootstrap": 200, "batch_size": 4},
 }
 
 
@@ -264,12 +264,18 @@ SPLITS = ("train", "val", "test")
 def rows_per_split(stage: str, metrics: Mapping[str, Any]) -> dict[str, int | None]:
     """Rows of each split a stage's manifest reports (None: the stage does not report that split)."""
     found: dict[str, int | None] = dict.fromkeys(SPLITS)
-    flat = {  # flat keys such as pairs_train, tokens_val, n_test
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    flat = {  # flat keys such as pairs_train, tokens_val, n_test, or train_problems, val_problems
         split: value
         for split in SPLITS
-        for key, value in metrics.items()
-        if key.endswith(f"_{split}") and isinstance(value, int | float) and not isinstance(value, bool)
+        for key, value in numbers.items()
+        if key.endswith(f"_{split}") or key == f"{split}_problems"
     }
+    if "heldout_problems" in numbers:  # grpo: its held-out problems are test problems
+        flat.setdefault("test", numbers["heldout_problems"])
+    arms = metrics.get("arms")  # evaluate: every arm answers the same test problems
+    if isinstance(arms, Mapping) and arms:
+        flat.setdefault("test", max(int(arm.get("n", 0)) for arm in arms.values() if isinstance(arm, Mapping)))
     for candidate in [flat, *_split_maps(metrics)]:
         for split in SPLITS:
             if found[split] is None and isinstance(candidate.get(split), int | float):

@@ -56,6 +56,12 @@ def test_rows_per_split_reads_nested_and_flat_reports() -> None:
         "train": 7, "val": 2, "test": 3,
     }  # fmt: skip
     assert rows_per_split("x", {"n": 3}) == {"train": None, "val": None, "test": None}
+    assert rows_per_split("latent", {"train_problems": 8, "val_problems": 4}) == {"train": 8, "val": 4, "test": None}
+    assert rows_per_split("grpo", {"train_problems": 43, "heldout_problems": 4}) == {
+        "train": 43, "val": None, "test": 4,
+    }  # fmt: skip
+    assert rows_per_split("evaluate", {"arms": {"think": {"n": 6}, "no_think": {"n": 6}}})["test"] == 6
+    assert rows_per_split("compressor", {"test": {"tokens": 96.0, "fvu": 0.5}})["test"] is None  # not a count
 
 
 def test_rss_sampler_sees_an_allocation() -> None:
@@ -73,6 +79,7 @@ def test_rss_sampler_sees_an_allocation() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3900)
 def test_rehearsal_end_to_end(tmp_path: Path) -> None:
     """`llm-trm rehearse`: every stage commits, and the reports carry the splits they should."""
     workdir = Path(os.environ.get("LLM_TRM_REHEARSAL_DIR", tmp_path / "rehearsal"))
@@ -80,9 +87,10 @@ def test_rehearsal_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "rehearse", "--workdir", str(workdir),
          "--store", f"file://{tmp_path / 'store'}", "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+        capture_output=True, text=True, cwd=ROOT, timeout=3600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(result.stdout[-6000:])  # the per-stage table (pytest -s shows it)
     assert "peak RSS" in result.stdout
     table = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
     expected = ["problems", "hiddens", "basis", "compressor", "datagen-shard", "datagen-report", "trace-hiddens",
@@ -94,6 +102,10 @@ def test_rehearsal_end_to_end(tmp_path: Path) -> None:
     assert table["datagen-shard"]["runs"] == 3
     for stage in ("problems", "hiddens", "datagen-report", "trace-hiddens", "pairs", "trm"):
         assert all(table[stage][f"rows_{s}"] for s in ("train", "val", "test")), table[stage]
+    assert table["latent"]["rows_train"] and table["latent"]["rows_val"], table["latent"]
+    assert table["grpo"]["rows_train"] and table["grpo"]["rows_test"], table["grpo"]
+    for stage in ("evaluate-before-grpo", "evaluate-after-grpo"):
+        assert table[stage]["rows_test"] == REHEARSAL_OVERRIDES["evaluate"]["num_problems"], table[stage]
     # the LM at full width is in memory during the LM stages
     assert table["hiddens"]["peak_rss_mib"] > 1500
 
