@@ -7,8 +7,9 @@
    (60 s in prefect.yaml); the window must be a few heartbeats long (default 300 s).
 2. `llm-trm-resume-crashed-runs`: a Crashed run of a deployment tagged `llm-trm` is set to AwaitingRetry,
    so a worker picks the same flow run up again: finished stages come back cached, the running stage
-   resumes from its checkpoint. The flow itself refuses to run more than runtime.max_flow_attempts
-   times (then it ends Failed, which this automation leaves alone), so a run that always crashes stops.
+   resumes from its checkpoint. The flow itself bounds its attempts (tasks/attempts.py): failures by
+   runtime.max_flow_attempts, infrastructure restarts by runtime.max_infra_restarts (then it ends Failed,
+   which this automation leaves alone), so a run that always crashes stops.
 """
 
 from __future__ import annotations

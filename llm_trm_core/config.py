@@ -197,7 +197,16 @@ class RuntimeConfig(Section):
     max_flow_attempts: int = Field(
         3,
         ge=1,
-        description="Runs allowed per flow run (first run + retries, manual or by the resume-crashed automation).",
+        description="Attempts of a flow run that may end in an error raised by the pipeline (its first run and "
+        "retries, manual or automatic); infrastructure crashes are bounded by max_infra_restarts instead.",
+        json_schema_extra=NOT_KEYED,
+    )
+    max_infra_restarts: int = Field(
+        20,
+        ge=0,
+        description="Restarts of a flow run after infrastructure crashes (spot preemption, lost heartbeat, OOM "
+        "kill): attempts that died without the pipeline raising an error. They resume from the store and do not "
+        "spend max_flow_attempts.",
         json_schema_extra=NOT_KEYED,
     )
     num_processes: int = Field(

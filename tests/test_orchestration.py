@@ -27,8 +27,30 @@ def test_a_flow_run_refuses_to_run_past_its_attempt_bound(tmp_path: Path) -> Non
 
     state = always_crashing(cfg, return_state=True)
     assert state.is_failed() and len(calls) == 2  # attempts 1 and 2 ran; attempt 3 was refused
-    with pytest.raises(TooManyAttemptsError, match="above runtime.max_flow_attempts=2"):
+    with pytest.raises(TooManyAttemptsError, match=r"failed 2 times, the limit of runtime.max_flow_attempts=2"):
         state.result()
+
+
+def test_infrastructure_crashes_have_their_own_budget(tmp_path: Path) -> None:
+    """Attempts that died without a recorded error (preemption, SIGKILL) do not spend max_flow_attempts;
+    max_infra_restarts bounds them, and recorded failures still count against max_flow_attempts."""
+    from llm_trm_core.store import ArtifactStore
+    from tasks.attempts import TooManyAttemptsError, check_attempts, record_failure, recorded_failures
+
+    store = ArtifactStore(f"file://{tmp_path}")
+    cfg = load_config(
+        "tiny", [f"store.root={store.root}", "runtime.max_flow_attempts=1", "runtime.max_infra_restarts=3"]
+    )
+    check_attempts(cfg, store, "run-a", run_count=4)  # three preemptions, no failure: allowed
+    with pytest.raises(
+        TooManyAttemptsError, match=r"after 4 infrastructure crashes, above runtime.max_infra_restarts=3"
+    ):
+        check_attempts(cfg, store, "run-a", run_count=5)
+    record_failure(store, "run-b", ValueError("bad shard"))
+    assert recorded_failures(store, "run-b") == ["ValueError: bad shard"]
+    with pytest.raises(TooManyAttemptsError, match=r"failed 1 times.*last error: ValueError: bad shard"):
+        check_attempts(cfg, store, "run-b", run_count=2)
+    check_attempts(cfg, store, "run-c", run_count=1)  # another run's record is its own
 
 
 @pytest.mark.usefixtures("prefect_server")
