@@ -43,6 +43,7 @@ from llm_trm_core.data.problems import read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LatentReasoner, adapters_off
+from llm_trm_core.lm.tokens import cut_at_eos, left_pad
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.stats import change_row, compare, derangement, min_detectable_difference, wilson_interval
@@ -130,19 +131,15 @@ def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) 
     lm = reasoner.lm
     tok = lm.tokenizer
     ids = [list(tok(lm.chat.prompt(q, enable_thinking=True), add_special_tokens=False).input_ids) for q in questions]
-    width = max(len(x) for x in ids)
-    batch = torch.full((len(ids), width), int(tok.pad_token_id or 0), dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, seq in enumerate(ids):
-        batch[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
+    batch, mask = left_pad(ids, int(tok.pad_token_id or 0))
+    width = batch.shape[1]
     model: Any = lm.model
     out = model.generate(
         input_ids=batch.to(reasoner.device), attention_mask=mask.to(reasoner.device), max_new_tokens=budget,
         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     rows = [row[width:].tolist() for row in out.cpu()]
-    return [r[: r.index(tok.eos_token_id)] if tok.eos_token_id in r else r for r in rows]
+    return [cut_at_eos(r, tok.eos_token_id)[0] for r in rows]
 
 
 def _plot(rows: list[dict[str, Any]]) -> bytes:
