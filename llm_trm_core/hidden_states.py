@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS, read_parquet
-from llm_trm_core.compressor.metrics import LMHead
 from llm_trm_core.errors import UserError
+from llm_trm_core.metrics import LMHead
 from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter
 
 logger = logging.getLogger(__name__)

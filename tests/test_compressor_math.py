@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_trm_core.compressor.metrics import LMHead, ReconstructionMetrics
 from llm_trm_core.compressor.moments import MomentAccumulator, solve
 from llm_trm_core.errors import UserError
+from llm_trm_core.metrics import LMHead, ReconstructionMetrics
 from llm_trm_core.models.compressor import LinearCompressor, check_compatible
 
 

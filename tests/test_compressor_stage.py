@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import llm_trm_core.stages.compressor as stage
+import llm_trm_core.stages.publish as publish
 from llm_trm_core.config import load_config
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import FAULT_ENV
@@ -54,7 +55,7 @@ def test_stage1_artifacts_are_cached_and_keys_track_only_what_matters(monkeypatc
     def boom(*args, **kwargs):
         raise AssertionError("recomputed a cached stage")
 
-    monkeypatch.setattr(stage, "extract_states", boom)
+    monkeypatch.setattr(publish, "extract_states", boom)
     monkeypatch.setattr(stage, "train_sgd", boom)
     monkeypatch.setattr(stage, "solve", boom)
     assert run_corpus_hiddens(cfg, store) == hiddens

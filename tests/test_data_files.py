@@ -17,11 +17,11 @@ import pytest
 
 from llm_trm_core.config import CorpusConfig, ProblemsConfig, load_config
 from llm_trm_core.data.corpus import iter_corpus
-from llm_trm_core.data.problems import _assign_split, load_problems
+from llm_trm_core.data.problems import _assign_split, load_problems, read_problems
 from llm_trm_core.errors import ConfigError
 from llm_trm_core.plan import COMMAND_STAGES, check_plan, plan_counts
 from llm_trm_core.stages.datagen import datagen_problems, plan_shards
-from llm_trm_core.stages.problems import read_problems, run_problems
+from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.store import ArtifactStore
 
 

@@ -17,24 +17,17 @@ import torch
 
 from llm_trm_core.config import load_config
 from llm_trm_core.data.problems import Problem
+from llm_trm_core.datagen.artifacts import SHARD_STAGE, iter_pair_states, iter_rows
 from llm_trm_core.datagen.generate import ThinkingGenerator
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import FAULT_ENV
 from llm_trm_core.lm import load_language_model
 from llm_trm_core.stages.compressor import load_compressor, run_basis, run_compressor, run_corpus_hiddens
-from llm_trm_core.stages.datagen import (
-    SHARD_STAGE,
-    datagen_problems,
-    iter_pair_states,
-    iter_rows,
-    plan_shards,
-    run_datagen_report,
-    run_datagen_shard,
-    shard_key,
-)
-from llm_trm_core.stages.pairs import PairsReader, run_pairs, run_trace_hiddens
+from llm_trm_core.stages.datagen import datagen_problems, plan_shards, run_datagen_report, run_datagen_shard, shard_key
+from llm_trm_core.stages.pairs import run_pairs, run_trace_hiddens
 from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.store import ArtifactStore
+from llm_trm_core.trm.pairs import PairsReader
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLED = ["datagen.temperature=0.9", "datagen.num_problems=10", "datagen.shard_size=6", "datagen.batch_size=2"]

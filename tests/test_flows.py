@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from llm_trm_core.config import load_config
-from llm_trm_core.stages.problems import read_problems
+from llm_trm_core.data.problems import read_problems
 from llm_trm_core.store import ArtifactStore
 
 runner = CliRunner()

@@ -170,14 +170,17 @@ from pathlib import Path  # noqa: E402
 from safetensors.torch import load as load_safetensors  # noqa: E402
 
 from llm_trm_core.config import load_config  # noqa: E402
+from llm_trm_core.data.problems import read_problems  # noqa: E402
 from llm_trm_core.errors import UserError  # noqa: E402
 from llm_trm_core.grpo.learner import GRPOLearner  # noqa: E402
 from llm_trm_core.grpo.rollout import answer_log_probs, sample_answers  # noqa: E402
+from llm_trm_core.grpo.train import step_problems  # noqa: E402
+from llm_trm_core.latent.artifacts import build_reasoner, load_latent  # noqa: E402
 from llm_trm_core.latent.reasoner import LatentReasoner  # noqa: E402
 from llm_trm_core.stages.evaluate import run_evaluate  # noqa: E402
-from llm_trm_core.stages.grpo import grpo_problem_config, run_grpo, step_problems  # noqa: E402
-from llm_trm_core.stages.latent import build_reasoner, load_latent, run_latent  # noqa: E402
-from llm_trm_core.stages.problems import read_problems, run_problems  # noqa: E402
+from llm_trm_core.stages.grpo import grpo_problem_config, run_grpo  # noqa: E402
+from llm_trm_core.stages.latent import run_latent  # noqa: E402
+from llm_trm_core.stages.problems import run_problems  # noqa: E402
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs  # noqa: E402
 from llm_trm_core.store import ArtifactStore  # noqa: E402
 from llm_trm_core.training.schedules import lr_multiplier, make_scheduler  # noqa: E402

@@ -71,7 +71,7 @@ def _write(store: ArtifactStore, rows_per_shard: int, dtype: str = "float32") ->
 
 
 def lm_head_of_dummy():
-    from llm_trm_core.compressor.metrics import LMHead
+    from llm_trm_core.metrics import LMHead
 
     return LMHead(torch.ones(5, 8))
 

@@ -7,12 +7,13 @@ import uuid
 import pytest
 import torch
 
-import llm_trm_core.stages.latent as latent_stage
+import llm_trm_core.latent.train as latent_train
 from llm_trm_core.config import load_config
 from llm_trm_core.errors import UserError
+from llm_trm_core.latent.artifacts import build_reasoner, load_latent
 from llm_trm_core.latent.reasoner import LatentProjector
 from llm_trm_core.stages.evaluate import ARMS, bootstrap_ci, run_evaluate, summarize_arm
-from llm_trm_core.stages.latent import build_reasoner, load_latent, run_latent
+from llm_trm_core.stages.latent import run_latent
 from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
 from llm_trm_core.store import ArtifactStore
@@ -224,7 +225,7 @@ def test_bad_inputs(chain) -> None:
     small = load_config("tiny", ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
     with pytest.raises(UserError, match="belong to another language model"):
         build_reasoner(small, store, compressor, trm)
-    assert latent_stage.answer_text(18.0) == "#### 18" and latent_stage.answer_text(2.5) == "#### 2.5"
+    assert latent_train.answer_text(18.0) == "#### 18" and latent_train.answer_text(2.5) == "#### 2.5"
 
 
 def test_optional_lora_trains_adapters_and_is_restored_on_load(chain) -> None:

@@ -67,7 +67,7 @@ def test_units_are_stored_and_old_tables_still_read() -> None:
     store = ArtifactStore(cfg.store.root)
     manifest = run_problems(cfg, store)
     assert manifest.metrics["split_unit"].startswith("template") and manifest.metrics["split_units"] > 5
-    from llm_trm_core.stages.problems import read_problems
+    from llm_trm_core.data.problems import read_problems
 
     assert all(p.unit.startswith("template-") for p in read_problems(store, manifest).problems)
     old_schema = pa.schema([f for f in PROBLEM_SCHEMA if f.name != "unit"])

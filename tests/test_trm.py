@@ -19,11 +19,13 @@ from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import FAULT_ENV
 from llm_trm_core.models.trm import SequenceTRM
-from llm_trm_core.stages.pairs import META_FILE, STAGE, PairsReader, _table, pairs_schema
-from llm_trm_core.stages.trm import load_trm, run_trm
+from llm_trm_core.stages.pairs import META_FILE, STAGE, _table, pairs_schema
+from llm_trm_core.stages.trm import run_trm
 from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.trm.artifacts import load_trm
 from llm_trm_core.trm.baselines import Features, fit_baselines, fit_knn, fit_ridge
 from llm_trm_core.trm.data import PairData
+from llm_trm_core.trm.pairs import PairsReader
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -235,7 +237,7 @@ def test_linear_readout_starts_as_the_identity_and_trains() -> None:
 
 
 def test_r2_against_the_training_mean_by_hand() -> None:
-    from llm_trm_core.compressor.metrics import ReconstructionMetrics
+    from llm_trm_core.metrics import ReconstructionMetrics
 
     mu = torch.tensor([1.0, 2.0])
     x = torch.tensor([[2.0, 2.0], [0.0, 4.0]])

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,19 +27,16 @@ from llm_trm_core.hidden_states import HiddenStates
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.checkpoints import CheckpointManager
+from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
 from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(UserError):
-    """The loss became NaN or Inf."""
-
-
 @dataclass
 class SGDResult:
     weights: dict[str, torch.Tensor]  # best held-out weights
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     best_step: int = 0
     best_val_mse: float = math.inf
@@ -58,6 +56,14 @@ def heldout_mse(model: LinearCompressor, states: HiddenStates, split: str, batch
     if count == 0:
         raise UserError(f"the hidden-state split {split!r} is empty: nothing to evaluate on")
     return total / count
+
+
+@dataclass
+class SGDProgress(Progress):
+    best_val_mse: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train_sgd(
@@ -89,130 +95,87 @@ def train_sgd(
         prepared = torch.compile(prepared)
     core: LinearCompressor = accelerator.unwrap_model(prepared)
 
-    progress: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best_val_mse": math.inf,
-        "best_step": 0,
-        "bad_evals": 0,
-        "history": [],
-        "stopped": False,
-    }
-    best_weights = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-    resumed_from = None
-    if checkpoints is not None and (latest := checkpoints.load_latest()) is not None:
-        resumed_from, saved = latest
-        checkpoints.restore(core, saved["model"], resumed_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        progress = saved["progress"]
-        best_weights = saved["best_weights"]
+    progress = SGDProgress(best_weights={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
+    loop = TrainLoop(
+        "compressor",
+        TrainState({"model": core}, optimizer, scheduler, progress),
+        lr_name="compressor.lr",
+        checkpoints=checkpoints,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_unit="step",
+        max_steps=total_steps,
+        tracker=tracker,
+        is_main_process=accelerator.is_main_process,
+        barrier=accelerator.wait_for_everyone,
+    )
+    loop.resume()
 
-    def evaluate() -> bool:
-        """Held-out check; returns True when early stopping triggers."""
+    def evaluate() -> None:
+        """Held-out check; sets `stopped` when early stopping triggers."""
         prepared.eval()
         val = heldout_mse(core, states, "val")
         prepared.train()
-        improved = val < progress["best_val_mse"] * (1 - cfg.min_delta)
+        improved = val < progress.best_val_mse * (1 - cfg.min_delta)
         if improved:
-            progress["best_val_mse"], progress["best_step"], progress["bad_evals"] = val, progress["step"], 0
-            best_weights.update({k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
+            progress.best_val_mse, progress.best_step, progress.bad_evals = val, progress.step, 0
+            progress.best_weights.update({k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
         else:
-            progress["bad_evals"] += 1
-        point = {"step": progress["step"], "val_mse": val, "lr": scheduler.get_last_lr()[0]}
-        progress["history"].append(point)
-        if tracker:
-            tracker.log({"compressor/val_mse": val}, step=progress["step"])
-        logger.info("step %d: val mse %.6g%s", progress["step"], val, " (best)" if improved else "")
-        return progress["bad_evals"] >= cfg.patience
-
-    def save() -> None:
-        if checkpoints is None:
-            return
-        if accelerator.is_main_process:
-            checkpoints.save(
-                progress["step"],
-                {
-                    "model": {k: v.detach().cpu() for k, v in core.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "progress": progress,
-                    "best_weights": best_weights,
-                },
-            )
-        accelerator.wait_for_everyone()
+            progress.bad_evals += 1
+        progress.history.append({"step": progress.step, "val_mse": val, "lr": scheduler.get_last_lr()[0]})
+        loop.log({"val_mse": val})
+        logger.info("step %d: val mse %.6g%s", progress.step, val, " (best)" if improved else "")
+        if progress.bad_evals >= cfg.patience:
+            progress.stopped = True
 
     device = accelerator.device
 
-    def run_epoch() -> bool:
-        """Train through the rest of the current epoch; True when training is over."""
-        batches = states.iter_batches(
+    def batches(epoch: int) -> Iterator[torch.Tensor]:
+        return states.iter_batches(
             "train",
             cfg.batch_tokens,
             seed=seed,
-            epoch=progress["epoch"],
+            epoch=epoch,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        for index, batch in enumerate(batches):
-            if index < progress["batch"]:
-                continue  # consumed before the checkpoint this run resumed from
-            group_start = index - index % cfg.grad_accum
-            group_size = min(cfg.grad_accum, n_batches - group_start)
-            last_micro = index - group_start == group_size - 1
-            x = batch.to(device)
-            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(prepared)
-            with sync, accelerator.autocast():
-                loss = F.mse_loss(prepared(x).float(), x)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"compressor training diverged at step {progress['step']} (loss {loss.item()}); lower "
-                        f"compressor.lr (now {cfg.lr}) or check the hidden states. The last checkpoint is kept."
-                    )
-                accelerator.backward(loss / group_size)
-            progress["batch"] = index + 1
-            if not last_micro:
-                continue
-            accelerator.clip_grad_norm_(prepared.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            progress["step"] += 1
-            if tracker:
-                tracker.log(
-                    {"compressor/loss": loss.item(), "compressor/lr": scheduler.get_last_lr()[0]}, progress["step"]
-                )
-            if cfg.eval_every and progress["step"] % cfg.eval_every == 0 and evaluate():
-                progress["stopped"] = True
-                return True
-            if progress["step"] >= total_steps:
-                return True
-            if progress["step"] % cfg.checkpoint_every == 0:
-                save()
-        progress["epoch"] += 1
-        progress["batch"] = 0
-        if cfg.eval_every is None and evaluate():
-            progress["stopped"] = True
-            return True
-        return False
+
+    def step(batch: torch.Tensor, index: int) -> None:
+        """One micro-batch; the optimizer steps on the last micro-batch of each `grad_accum` group."""
+        group_start = index - index % cfg.grad_accum
+        group_size = min(cfg.grad_accum, n_batches - group_start)
+        last_micro = index - group_start == group_size - 1
+        x = batch.to(device)
+        sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(prepared)
+        with sync, accelerator.autocast():
+            loss = F.mse_loss(prepared(x).float(), x)
+            loop.finite(loss)
+            accelerator.backward(loss / group_size)
+        if not last_micro:
+            return
+        accelerator.clip_grad_norm_(prepared.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loop.updated({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+        if cfg.eval_every and progress.step % cfg.eval_every == 0:
+            evaluate()
+
+    def end_of_epoch() -> None:
+        if cfg.eval_every is None:
+            evaluate()
 
     prepared.train()
-    while progress["epoch"] < cfg.epochs and not progress["stopped"] and progress["step"] < total_steps:
-        if run_epoch():
-            break
-    evaluated_last = progress["history"] and progress["history"][-1]["step"] == progress["step"]
-    if not evaluated_last and evaluate():
-        progress["stopped"] = True
+    loop.run_epochs(cfg.epochs, batches, step, end_of_epoch)
+    evaluated_last = progress.history and progress.history[-1]["step"] == progress.step
+    if not evaluated_last:
+        evaluate()
     return SGDResult(
-        weights=best_weights,
-        history=progress["history"],
-        steps=progress["step"],
-        best_step=progress["best_step"],
-        best_val_mse=progress["best_val_mse"],
-        stopped_early=bool(progress["stopped"]),
-        resumed_from=resumed_from,
+        weights=progress.best_weights,
+        history=progress.history,
+        steps=progress.step,
+        best_step=progress.best_step,
+        best_val_mse=progress.best_val_mse,
+        stopped_early=progress.stopped,
+        resumed_from=loop.resumed_from,
         seconds=time.perf_counter() - start_time,
     )

@@ -39,12 +39,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from llm_trm_core import arrow
 from llm_trm_core.config import ProblemsConfig
 from llm_trm_core.data.answers import parse_gold
 from llm_trm_core.data.files import DataFiles, iter_jsonl, kind_of, list_files, parquet_columns, read_parquet
 from llm_trm_core.data.splits import content_id, interleave, unit_hash
 from llm_trm_core.errors import ConfigError
 from llm_trm_core.hub import require_hub
+from llm_trm_core.store import ArtifactStore, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -384,3 +386,12 @@ def _gsm_symbolic_rows(size: int, seed: int) -> Iterable[tuple[Any, ...]]:
             meta.get("answer_value"),
             f"template-{templates[source_index]}" if templates is not None else None,
         )
+
+
+PROBLEMS_STAGE = "problems"
+PROBLEMS_FILE = "problems.parquet"
+
+
+def read_problems(store: ArtifactStore, manifest: Manifest) -> ProblemSet:
+    """The problem set of a committed `problems` artifact."""
+    return ProblemSet.from_table(arrow.read_parquet(store.open(PROBLEMS_STAGE, manifest.key), PROBLEMS_FILE))

@@ -31,6 +31,7 @@ from llm_trm_core.data.problems import Problem
 from llm_trm_core.datagen.spans import close_span
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
+from llm_trm_core.lm.tokens import common_prefix_length, cut_at_eos, left_pad, shared_prompt_prefix, token_at
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +50,6 @@ def batch_seed(seed: int, first_index: int) -> int:
     return int.from_bytes(digest[:8], "big") % (2**63)
 
 
-def _token_at(offsets: list[tuple[int, int]], char: int) -> int:
-    """Index of the token covering character `char` (or the first token starting after it)."""
-    for i, (start, end) in enumerate(offsets):
-        if start <= char < end or start >= char:
-            return i
-    return len(offsets)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class ThinkingGenerator:
     def __init__(self, lm: LoadedLM, cfg: DatagenConfig, layer_index: int) -> None:
         self.lm = lm
@@ -78,10 +62,7 @@ class ThinkingGenerator:
         self.context = int(getattr(lm.model.config, "max_position_embeddings", 1 << 30))
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        # The shared system-prompt prefix: common token prefix of two prompts that differ only in the question.
-        ref_a = self._ids(lm.chat.prompt("0"))
-        ref_b = self._ids(lm.chat.prompt("1"))
-        self.shared_prefix = ref_a[: _common_prefix(ref_a, ref_b)]
+        self.shared_prefix = shared_prompt_prefix(self.tokenizer, lm.chat, enable_thinking=True)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -97,12 +78,8 @@ class ThinkingGenerator:
     ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
         """Left-padded batched generate: each row's new token ids and, with `capture`, the chosen layer's
         states of each row's input tokens (from the prefill forward)."""
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = left_pad(sequences, self.pad_id)
+        width = ids.shape[1]
         kwargs: dict[str, Any] = {}
         if stop:
             kwargs = {"stop_strings": stop, "tokenizer": self.tokenizer}
@@ -127,11 +104,6 @@ class ThinkingGenerator:
         states = [prefill[row, width - len(seq) :].float().cpu() for row, seq in enumerate(sequences)]
         return new_ids, states
 
-    def _cut_at_eos(self, ids: list[int]) -> tuple[list[int], bool]:
-        if self.eos_id in ids:
-            return ids[: ids.index(self.eos_id)], True
-        return ids, False
-
     def run_batch(self, items: list[tuple[int, Problem]], seed: int) -> tuple[list[dict[str, Any]], list[PairStates]]:
         cfg = self.cfg
         rows: list[dict[str, Any]] = []
@@ -142,7 +114,7 @@ class ThinkingGenerator:
             if self.native:
                 think_start = len(prompt_ids)
             else:
-                think_start = _token_at([tuple(o) for o in enc.offset_mapping], prompt.rfind(self.delims.start))
+                think_start = token_at([tuple(o) for o in enc.offset_mapping], prompt.rfind(self.delims.start))
             rows.append(
                 {
                     "problem_index": index,
@@ -154,7 +126,7 @@ class ThinkingGenerator:
                     "prompt": prompt,
                     "prompt_ids": prompt_ids,
                     "prompt_tokens": len(prompt_ids),
-                    "system_prefix_len": _common_prefix(prompt_ids, self.shared_prefix),
+                    "system_prefix_len": common_prefix_length(prompt_ids, self.shared_prefix),
                     "think_start": think_start,
                     "generated_text": "",
                     "trace_ids": [],
@@ -185,7 +157,7 @@ class ThinkingGenerator:
             stop = [self.delims.end, *cfg.answer_markers]
             generated, _ = self._generate([r["prompt_ids"] for r in live], cfg.max_new_tokens, stop)
             for row, new_ids in zip(live, generated, strict=True):
-                body, ended_by_eos = self._cut_at_eos(new_ids)
+                body, ended_by_eos = cut_at_eos(new_ids, self.eos_id)
                 text = str(self.tokenizer.decode(body, skip_special_tokens=False))
                 row["generated_text"] = text
                 span = close_span(
@@ -216,7 +188,7 @@ class ThinkingGenerator:
                 pre, post = row_states[: row["think_start"]], row_states[row["think_end"]]
                 pairs.append(PairStates(row["id"], row["split"], pre, post))
             for row, new_ids in zip(done, answers, strict=True):
-                body, _ = self._cut_at_eos(new_ids)
+                body, _ = cut_at_eos(new_ids, self.eos_id)
                 row["answer_ids"] = body
                 row["answer_text"] = self.tokenizer.decode(body, skip_special_tokens=True)
                 graded = grade(row["answer_text"], row["gold_value"])

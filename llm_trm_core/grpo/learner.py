@@ -26,6 +26,7 @@ from llm_trm_core.grpo.objective import group_advantages, grpo_loss, k3_kl, zero
 from llm_trm_core.grpo.rewards import RewardFunction, combined_rewards, correctness_reward
 from llm_trm_core.grpo.rollout import answer_log_probs, sample_answers
 from llm_trm_core.latent.reasoner import LatentReasoner, PromptBatch, adapters_off
+from llm_trm_core.training.loop import require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,7 @@ class GRPOLearner:
                         beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
                         max_len=g.max_completion_tokens, num_sequences=n_counted, num_tokens=counted_tokens,
                     )  # fmt: skip
-                    if not torch.isfinite(terms.loss):
-                        raise UserError(f"the GRPO loss became {terms.loss.item()}; lower grpo.lr (now {g.lr})")
+                    require_finite(terms.loss, "grpo", step, "grpo.lr", g.lr)  # the loop's policy (training/loop.py)
                     terms.loss.backward()
                     loss_value += float(terms.loss.detach()) / g.updates_per_rollout
                     clipped += float(terms.clipped_tokens)

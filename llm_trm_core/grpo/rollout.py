@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig
 
 from llm_trm_core.latent.reasoner import LatentReasoner
+from llm_trm_core.lm.tokens import cut_at_eos
 
 
 @dataclass
@@ -60,12 +61,9 @@ def sample_answers(
         out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
     completions, truncated = [], []
     for row in out.cpu().tolist():
-        if tok.eos_token_id in row:
-            completions.append(row[: row.index(tok.eos_token_id) + 1])
-            truncated.append(False)
-        else:
-            completions.append(row[:max_new_tokens])
-            truncated.append(len(row) >= max_new_tokens)
+        answer, ended = cut_at_eos(row, tok.eos_token_id, keep_eos=True)
+        completions.append(answer if ended else row[:max_new_tokens])
+        truncated.append(not ended and len(row) >= max_new_tokens)
     texts = [str(tok.decode(ids, skip_special_tokens=True)) for ids in completions]
     return Rollout([list(p) for p in prompt_ids], completions, truncated, texts)
 

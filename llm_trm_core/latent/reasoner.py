@@ -24,6 +24,7 @@ from torch import nn
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
+from llm_trm_core.lm.tokens import cut_at_eos, shared_prompt_prefix, token_at
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.models.trm import SequenceTRM
 
@@ -84,11 +85,7 @@ class LatentReasoner:
     @functools.cached_property
     def shared_prefix(self) -> list[int]:
         """Token prefix common to every no-think prompt (the system block), computed once."""
-        tok = self.lm.tokenizer
-        a = tok(self.lm.chat.prompt("0", enable_thinking=False), add_special_tokens=False).input_ids
-        b = tok(self.lm.chat.prompt("1", enable_thinking=False), add_special_tokens=False).input_ids
-        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        return list(a[:n])
+        return shared_prompt_prefix(self.lm.tokenizer, self.lm.chat, enable_thinking=False)
 
     @torch.no_grad()
     def encode_prompts(self, questions: list[str]) -> PromptBatch:
@@ -101,9 +98,9 @@ class LatentReasoner:
             enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
             offsets = [tuple(o) for o in enc.offset_mapping]
             start_char = prompt.rfind(self.lm.chat.delimiters.start)
-            starts.append(next(i for i, (a, b) in enumerate(offsets) if a <= start_char < b or a >= start_char))
+            starts.append(token_at(offsets, start_char))
             end_char = prompt.rfind(self.lm.chat.delimiters.end) + len(self.lm.chat.delimiters.end) - 1
-            ends.append(next(i for i, (a, b) in enumerate(offsets) if a <= end_char < b))
+            ends.append(token_at(offsets, end_char))
             ids.append(list(enc.input_ids))
         width = max(len(x) for x in ids)
         batch = torch.full((len(ids), width), int(tok.pad_token_id or 0), dtype=torch.long)
@@ -232,7 +229,7 @@ class LatentReasoner:
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )  # fmt: skip
-        return [_cut(row.tolist(), tok.eos_token_id) for row in out.cpu()]
+        return [cut_at_eos(row.tolist(), tok.eos_token_id)[0] for row in out.cpu()]
 
     @torch.no_grad()
     def generate_original_style(self, questions: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -256,7 +253,7 @@ class LatentReasoner:
                 input_ids=torch.tensor([prefix], device=self.device), max_new_tokens=max_new_tokens - 1,
                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )  # fmt: skip
-            answers.append([token, *_cut(out[0, len(prefix) :].tolist(), tok.eos_token_id)])
+            answers.append([token, *cut_at_eos(out[0, len(prefix) :].tolist(), tok.eos_token_id)[0]])
         return answers
 
 
@@ -271,7 +268,3 @@ def adapters_off(model: Any) -> Iterator[None]:
         yield
     finally:
         model.enable_adapters()
-
-
-def _cut(ids: list[int], eos: int | None) -> list[int]:
-    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids

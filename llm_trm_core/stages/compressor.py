@@ -16,32 +16,33 @@ import logging
 import time
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from llm_trm_core.compressor.metrics import ReconstructionMetrics
+from llm_trm_core.compressor.artifacts import (
+    BASIS_FILE,
+    BASIS_META_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_basis,
+    load_compressor,
+    open_hiddens,
+)
 from llm_trm_core.compressor.moments import Basis, MomentAccumulator, solve
 from llm_trm_core.compressor.train import SGDResult, train_sgd
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.corpus import iter_corpus
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import (
-    HEAD_STAGE,
     HiddenStates,
-    ShardedStatesWriter,
-    TextChunk,
     chunk_documents,
-    ensure_lm_head,
-    extract_states,
-    lm_head_of,
-    resolve_layer,
 )
-from llm_trm_core.lm import LoadedLM, shared_language_model
+from llm_trm_core.lm import shared_language_model
+from llm_trm_core.metrics import ReconstructionMetrics
 from llm_trm_core.models.compressor import LinearCompressor, check_compatible
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.stages.keys import key_for, stage_config
+from llm_trm_core.stages.publish import cached, stage_writer, write_states_artifact
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.accel import get_accelerator
@@ -50,67 +51,17 @@ from llm_trm_core.training.checkpoints import CheckpointManager
 logger = logging.getLogger(__name__)
 
 Phase = Literal["1a", "1b"]
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-REQUIRED_SPLITS = ("train", "val", "test")
 
 
 # ---------------------------------------------------------------------------------------------
 # hiddens
 
 
-def write_states_artifact(
-    cfg: PipelineConfig,
-    store: ArtifactStore,
-    stage: str,
-    key: str,
-    lm: LoadedLM,
-    chunks: list[TextChunk],
-    *,
-    upstream: dict[str, str] | None = None,
-    metrics: dict[str, Any] | None = None,
-) -> Manifest:
-    """Run the LM over `chunks` and store the layer states of every kept position (train/val/test)."""
-    start = time.perf_counter()
-    layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
-    present = {c.split for c in chunks}
-    missing = [s for s in REQUIRED_SPLITS if s not in present]
-    if missing:
-        raise UserError(
-            f"{stage}: no {'/'.join(missing)} data among {len(chunks)} sequences; every split needs some (raise "
-            "corpus.num_documents / corpus.heldout_fraction, or datagen.num_problems)"
-        )
-    config = stage_config(cfg, stage)
-    c = cfg.compressor
-    with store.writer(stage, key, config=config, code_version=STAGE_CODE_VERSIONS[stage], upstream=upstream) as writer:
-        shards = ShardedStatesWriter(writer, lm.info.hidden_size, c.cache_dtype, c.rows_per_shard)
-        pad_id = int(lm.tokenizer.pad_token_id or 0)
-        for chunk, states in extract_states(lm.model, chunks, layer_index, c.extract_batch_size, pad_id):
-            positions = np.arange(chunk.keep_from, len(chunk.input_ids))
-            shards.add(chunk.split, chunk.doc_id, positions, states[chunk.keep_from :])
-        head = ensure_lm_head(  # once per model and layer, not a copy in every hidden-states artifact
-            store,
-            key_for(cfg, HEAD_STAGE),
-            lm_head_of(lm.model, layer_index, lm.info.num_layers),
-            next(lm.model.parameters()).dtype,
-        )
-        meta = shards.close({"layer": c.layer, "layer_index": layer_index, "model": lm.info.as_dict(), "lm_head": head})
-        return writer.commit(
-            {
-                **(metrics or {}),
-                "sequences": len(chunks),
-                **{f"tokens_{split}": n for split, n in sorted(meta["tokens"].items())},
-                "hidden_size": lm.info.hidden_size,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
-
-
 def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
     """Run the LM once over the corpus; store every real token's hidden state (padding excluded)."""
     stage = "hiddens"
-    key = key_for(cfg, stage)
-    if (manifest := store.read_manifest(stage, key)) is not None:
+    key, manifest = cached(cfg, store, stage)
+    if manifest is not None:
         return manifest
     lm = shared_language_model(cfg.model, cfg.runtime)
     chunks, n_docs = chunk_documents(
@@ -124,10 +75,6 @@ def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
     return write_states_artifact(cfg, store, stage, key, lm, chunks, metrics={"documents": n_docs})
 
 
-def open_hiddens(store: ArtifactStore, manifest: Manifest) -> HiddenStates:
-    return HiddenStates.open(store.open(manifest.stage, manifest.key))
-
-
 # ---------------------------------------------------------------------------------------------
 # basis (closed form)
 
@@ -135,8 +82,8 @@ def open_hiddens(store: ArtifactStore, manifest: Manifest) -> HiddenStates:
 def run_basis(cfg: PipelineConfig, store: ArtifactStore, hiddens: Manifest) -> Manifest:
     """One streaming pass over the training states: count, Σx, Σxxᵀ (float64), then eigh."""
     stage = "basis"
-    key = key_for(cfg, stage, {"hiddens": hiddens.key})
-    if (manifest := store.read_manifest(stage, key)) is not None:
+    key, manifest = cached(cfg, store, stage, {"hiddens": hiddens.key})
+    if manifest is not None:
         return manifest
     start = time.perf_counter()
     states = open_hiddens(store, hiddens)
@@ -145,12 +92,9 @@ def run_basis(cfg: PipelineConfig, store: ArtifactStore, hiddens: Manifest) -> M
         moments.update(rows)
     basis = solve(moments, cfg.compressor.centered)
     tensors = {"components": basis.components, "eigenvalues": basis.eigenvalues, "mean": basis.mean}
-    config = stage_config(cfg, stage)
-    with store.writer(
-        stage, key, config=config, code_version=STAGE_CODE_VERSIONS[stage], upstream={"hiddens": hiddens.key}
-    ) as writer:
-        writer.write_bytes("basis.safetensors", save_safetensors(tensors))
-        writer.write_json("basis.json", {"count": basis.count, "centered": basis.centered})
+    with stage_writer(cfg, store, stage, key, {"hiddens": hiddens.key}) as writer:
+        writer.write_bytes(BASIS_FILE, save_safetensors(tensors))
+        writer.write_json(BASIS_META_FILE, {"count": basis.count, "centered": basis.centered})
         return writer.commit(
             {
                 "tokens": basis.count,
@@ -160,22 +104,8 @@ def run_basis(cfg: PipelineConfig, store: ArtifactStore, hiddens: Manifest) -> M
         )
 
 
-def load_basis(store: ArtifactStore, manifest: Manifest) -> Basis:
-    artifact = store.open(manifest.stage, manifest.key)
-    tensors = load_safetensors(artifact.read_bytes("basis.safetensors"))
-    meta = artifact.read_json("basis.json")
-    return Basis(
-        tensors["components"], tensors["eigenvalues"], tensors["mean"], int(meta["count"]), bool(meta["centered"])
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # compressor
-
-
-def load_compressor(store: ArtifactStore, manifest: Manifest) -> LinearCompressor:
-    artifact = store.open(manifest.stage, manifest.key)
-    return LinearCompressor.from_bytes(artifact.read_bytes(WEIGHTS_FILE), artifact.read_bytes(CONFIG_FILE))
 
 
 @torch.no_grad()
@@ -306,13 +236,7 @@ def run_compressor(
             "resumed_from": sgd.resumed_from,
             "seconds": round(sgd.seconds, 2),
         }
-    with store.writer(
-        stage,
-        key,
-        config=stage_config(cfg, stage, {"phase": phase}),
-        code_version=STAGE_CODE_VERSIONS[stage],
-        upstream=upstream,
-    ) as writer:
+    with stage_writer(cfg, store, stage, key, upstream, {"phase": phase}) as writer:
         writer.write_bytes(WEIGHTS_FILE, weights)
         writer.write_bytes(CONFIG_FILE, config_json)
         if sgd is not None:

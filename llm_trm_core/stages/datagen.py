@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,29 +24,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, TABLE_WRITE_OPTIONS, read_parquet
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, TABLE_WRITE_OPTIONS
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.data.problems import Problem
-from llm_trm_core.datagen.generate import PairStates, ThinkingGenerator
-from llm_trm_core.datagen.records import (
-    pairs_to_table,
-    parse_part,
-    part_name,
-    rows_table,
-    table_to_pairs,
-)
+from llm_trm_core.data.problems import Problem, read_problems
+from llm_trm_core.datagen.artifacts import SHARD_STAGE, iter_shard_rows
+from llm_trm_core.datagen.generate import ThinkingGenerator
+from llm_trm_core.datagen.records import pairs_to_table, parse_part, part_name, rows_table
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import kill_if_requested
 from llm_trm_core.hidden_states import resolve_layer
 from llm_trm_core.lm import LoadedLM, shared_language_model
 from llm_trm_core.reporting import markdown_table, png_bytes
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
-from llm_trm_core.stages.problems import read_problems
-from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter, Manifest
+from llm_trm_core.stages.keys import key_for
+from llm_trm_core.stages.publish import cached, stage_writer
+from llm_trm_core.store import ArtifactStore, ArtifactWriter, Manifest
 
 logger = logging.getLogger(__name__)
 
-SHARD_STAGE = "datagen-shard"
 STAGE = "datagen"
 FAILURE_REASONS = ("no_start", "no_end", "truncated")
 
@@ -71,9 +64,13 @@ def plan_shards(cfg: PipelineConfig, n_problems: int) -> list[ShardSpec]:
     return [ShardSpec(i, start, min(start + size, n_problems)) for i, start in enumerate(range(0, n_problems, size))]
 
 
+def shard_extra(shard: ShardSpec) -> dict[str, int]:
+    """What a shard's key and config view add to the datagen config: which problems it covers."""
+    return {"shard": shard.index, "start": shard.start, "end": shard.end}
+
+
 def shard_key(cfg: PipelineConfig, problems: Manifest, shard: ShardSpec) -> str:
-    extra = {"shard": shard.index, "start": shard.start, "end": shard.end}
-    return key_for(cfg, SHARD_STAGE, {"problems": problems.key}, extra)
+    return key_for(cfg, SHARD_STAGE, {"problems": problems.key}, shard_extra(shard))
 
 
 def _completed_parts(writer: ArtifactWriter, shard: ShardSpec) -> int:
@@ -109,23 +106,16 @@ def run_datagen_shard(
     shard: ShardSpec,
     lm: LoadedLM | None = None,
 ) -> Manifest:
-    key = shard_key(cfg, problems, shard)
-    if (manifest := store.read_manifest(SHARD_STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, SHARD_STAGE, {"problems": problems.key}, shard_extra(shard))
+    if manifest is not None:
         return manifest
     start_time = time.perf_counter()
     items = datagen_problems(store, problems, cfg)[shard.start : shard.end]
     lm = lm or shared_language_model(cfg.model, cfg.runtime)
     layer_index = resolve_layer(cfg.compressor.layer, lm.info.num_layers)
     generator = ThinkingGenerator(lm, cfg.datagen, layer_index)
-    config = stage_config(cfg, SHARD_STAGE, {"shard": shard.index, "start": shard.start, "end": shard.end})
     state_meta = {"model": lm.info.name, "layer": str(cfg.compressor.layer), "hidden_size": str(lm.info.hidden_size)}
-    writer = store.writer(
-        SHARD_STAGE,
-        key,
-        config=config,
-        code_version=STAGE_CODE_VERSIONS[SHARD_STAGE],
-        upstream={"problems": problems.key},
-    )
+    writer = stage_writer(cfg, store, SHARD_STAGE, key, {"problems": problems.key}, shard_extra(shard))
     position = _completed_parts(writer, shard)
     batch = cfg.datagen.batch_size
     for parts_written, first in enumerate(range(position, shard.end, batch), start=1):
@@ -150,37 +140,6 @@ def run_datagen_shard(
             "seconds": round(time.perf_counter() - start_time, 2),
         }
     )
-
-
-def iter_shard_rows(source: Artifact | ArtifactWriter, files: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Generation rows of a shard: committed (an Artifact) or being written (its writer), each part verified."""
-    for name in sorted(f for f in files if f.startswith("rows/")):
-        yield from read_parquet(source, name).to_pylist()
-
-
-def shard_manifests(store: ArtifactStore, datagen: Manifest) -> list[Manifest]:
-    keys = [datagen.upstream[name] for name in sorted(datagen.upstream) if name.startswith("shard-")]
-    out = []
-    for key in keys:
-        manifest = store.read_manifest(SHARD_STAGE, key)
-        if manifest is None:
-            raise UserError(f"datagen artifact {datagen.uri} refers to shard {key}, which is not committed")
-        out.append(manifest)
-    return out
-
-
-def iter_rows(store: ArtifactStore, datagen: Manifest) -> Iterator[dict[str, Any]]:
-    """Every generation row, in problem-index order (streams part by part)."""
-    for shard in shard_manifests(store, datagen):
-        yield from iter_shard_rows(store.open(SHARD_STAGE, shard.key), shard.files)
-
-
-def iter_pair_states(store: ArtifactStore, datagen: Manifest) -> Iterator[PairStates]:
-    """Uncompressed (pre, post) states of every successful row (streams part by part)."""
-    for shard in shard_manifests(store, datagen):
-        artifact = store.open(SHARD_STAGE, shard.key)
-        for name in artifact.files("states/"):
-            yield from table_to_pairs(read_parquet(artifact, name))
 
 
 def _histogram(lengths: list[int], budget: int) -> bytes:
@@ -224,8 +183,8 @@ def run_datagen_report(
     cfg: PipelineConfig, store: ArtifactStore, problems: Manifest, shards: list[Manifest]
 ) -> Manifest:
     upstream = {"problems": problems.key, **{f"shard-{m.metrics['shard']:04d}": m.key for m in shards}}
-    key = key_for(cfg, STAGE, upstream)
-    if (manifest := store.read_manifest(STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, STAGE, upstream)
+    if manifest is not None:
         return manifest
     rows = [
         row
@@ -241,9 +200,7 @@ def run_datagen_report(
     if errors:
         report += "\nErrors:\n\n" + "\n".join(f"- {count} × {message}" for message, count in errors.items()) + "\n"
     lengths = [int(r["think_tokens"]) for r in rows if r["failure"] is None]
-    with store.writer(
-        STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
-    ) as w:
+    with stage_writer(cfg, store, STAGE, key, upstream) as w:
         w.write_bytes("report.md", report.encode())
         w.write_bytes("think_length.png", _histogram(lengths, cfg.datagen.max_new_tokens))
         w.write_json("summary.json", summary)

@@ -39,13 +39,14 @@ import torch
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.answers import grade
+from llm_trm_core.data.problems import read_problems
 from llm_trm_core.errors import UserError
+from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LatentReasoner, adapters_off
+from llm_trm_core.lm.tokens import cut_at_eos, left_pad
 from llm_trm_core.reporting import markdown_table, png_bytes
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
-from llm_trm_core.stages.latent import build_reasoner, check_lineage, load_latent
-from llm_trm_core.stages.problems import read_problems
-from llm_trm_core.stats import compare, derangement, min_detectable_difference, paired_bootstrap, wilson_interval
+from llm_trm_core.stages.publish import cached, stage_writer
+from llm_trm_core.stats import change_row, compare, derangement, min_detectable_difference, wilson_interval
 from llm_trm_core.store import ArtifactStore, Manifest
 
 logger = logging.getLogger(__name__)
@@ -130,19 +131,15 @@ def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) 
     lm = reasoner.lm
     tok = lm.tokenizer
     ids = [list(tok(lm.chat.prompt(q, enable_thinking=True), add_special_tokens=False).input_ids) for q in questions]
-    width = max(len(x) for x in ids)
-    batch = torch.full((len(ids), width), int(tok.pad_token_id or 0), dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, seq in enumerate(ids):
-        batch[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
+    batch, mask = left_pad(ids, int(tok.pad_token_id or 0))
+    width = batch.shape[1]
     model: Any = lm.model
     out = model.generate(
         input_ids=batch.to(reasoner.device), attention_mask=mask.to(reasoner.device), max_new_tokens=budget,
         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     rows = [row[width:].tolist() for row in out.cpu()]
-    return [r[: r.index(tok.eos_token_id)] if tok.eos_token_id in r else r for r in rows]
+    return [cut_at_eos(r, tok.eos_token_id)[0] for r in rows]
 
 
 def _plot(rows: list[dict[str, Any]]) -> bytes:
@@ -176,8 +173,8 @@ def run_evaluate(
         upstream["grpo"] = grpo.key
     if before is not None:
         upstream["before"] = before.key
-    key = key_for(cfg, STAGE, upstream)
-    if (manifest := store.read_manifest(STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, STAGE, upstream)
+    if manifest is not None:
         return manifest
     check_lineage(trm, compressor, store, latent)
     ev = cfg.evaluate
@@ -192,8 +189,6 @@ def run_evaluate(
         raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
     reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
     if grpo is not None:
-        from llm_trm_core.stages.grpo import load_grpo
-
         reasoner = load_grpo(store, grpo, reasoner)
     reasoner.trm.eval()
     arms = [a for a in ARMS if a in ev.arms]
@@ -268,9 +263,7 @@ def run_evaluate(
             + markdown_table(change_rows, CHANGE_COLUMNS)
             + "\n\nchange_ci = 95% paired bootstrap interval of (after - before), resampling problems.\n"
         )
-    with store.writer(
-        STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
-    ) as w:
+    with stage_writer(cfg, store, STAGE, key, upstream) as w:
         w.write_json("answers.json", results)
         w.write_bytes("report.md", report.encode())
         w.write_bytes("accuracy.png", _plot(rows))
@@ -335,13 +328,3 @@ def change_table(
         for arm in ARMS
         if arm in before and arm in after
     ]
-
-
-def change_row(arm: str, before: Sequence[bool], after: Sequence[bool], reps: int, seed: int) -> dict[str, Any]:
-    """Accuracy before and after on the same problems, with a paired bootstrap interval of the change."""
-    change, low, high = paired_bootstrap(after, before, reps, seed)
-    old, new = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    return {
-        "arm": arm, "before": float(old.mean()), "after": float(new.mean()), "change": change,
-        "change_ci_low": low, "change_ci_high": high, "n": len(new),
-    }  # fmt: skip

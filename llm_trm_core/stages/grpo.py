@@ -13,7 +13,6 @@ per-step metrics (also in the manifest), a reward-curve plot and a before/after 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -25,22 +24,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.answers import grade
-from llm_trm_core.data.problems import Problem
+from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.grpo.learner import GRPOLearner
 from llm_trm_core.grpo.rewards import RewardFunction, correctness_reward, format_reward, reward_name
+from llm_trm_core.grpo.train import train_grpo
+from llm_trm_core.latent.artifacts import add_lora, build_reasoner, check_lineage, load_latent
 from llm_trm_core.latent.reasoner import Arm, LatentReasoner
 from llm_trm_core.reporting import markdown_table, png_bytes
-from llm_trm_core.stages.evaluate import change_row
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
-from llm_trm_core.stages.latent import add_lora, build_reasoner, check_lineage, load_latent
-from llm_trm_core.stages.problems import read_problems
-from llm_trm_core.stats import Comparison, compare, derangement
+from llm_trm_core.stages.keys import stage_config
+from llm_trm_core.stages.publish import cached, stage_writer
+from llm_trm_core.stats import Comparison, change_row, compare, derangement
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.checkpoints import CheckpointManager
@@ -58,18 +56,6 @@ def grpo_problem_config(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.grpo.problems is None:
         return cfg
     return cfg.model_copy(update={"problems": cfg.grpo.problems})
-
-
-def step_problems(train: Sequence[Problem], step: int, size: int, seed: int) -> list[Problem]:
-    """The questions of optimizer step `step`: consecutive slices of per-epoch seeded permutations."""
-    out: list[Problem] = []
-    position = step * size
-    while len(out) < size:
-        epoch, offset = divmod(position, len(train))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(train[int(order[offset])])
-        position += 1
-    return out
 
 
 def greedy_accuracy(
@@ -112,23 +98,6 @@ def heldout_check(
         )
         for arm in CHECK_ARMS
     }
-
-
-def load_grpo(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner) -> LatentReasoner:
-    """Overlay a GRPO artifact's weights on a reasoner already loaded with its latent artifact."""
-    artifact = store.open(manifest.stage, manifest.key)
-    files = artifact.manifest.files
-    if "lora.safetensors" in files:
-        from peft import set_peft_model_state_dict
-
-        lora = json.loads(artifact.read_bytes("lora.json"))
-        add_lora(reasoner, lora["rank"], lora["alpha"], lora["targets"])
-        set_peft_model_state_dict(reasoner.lm.model, load_safetensors(artifact.read_bytes("lora.safetensors")))
-    if "projector.safetensors" in files:
-        reasoner.projector.load_state_dict(load_safetensors(artifact.read_bytes("projector.safetensors")))
-    if "trm.safetensors" in files:
-        reasoner.trm.load_state_dict(load_safetensors(artifact.read_bytes("trm.safetensors")))
-    return reasoner
 
 
 def _plot(history: list[dict[str, Any]]) -> bytes:
@@ -174,8 +143,8 @@ def run_grpo(
     )
     extra = {"rewards": [[reward_name(f), w] for f, w in reward_functions]}
     upstream = {"problems": problems.key, "compressor": compressor.key, "trm": trm.key, "latent": latent.key}
-    key = key_for(cfg, STAGE, upstream, extra)
-    if (manifest := store.read_manifest(STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, STAGE, upstream, extra)
+    if manifest is not None:
         return manifest
     check_lineage(trm, compressor, store, latent)
     started = time.perf_counter()
@@ -205,7 +174,6 @@ def run_grpo(
     params = [p for p in (*policy.trm.parameters(), *policy.projector.parameters()) if p.requires_grad]
     lora_params = add_lora(policy, g.lora_rank, g.lora_alpha, g.lora_targets) if g.lora_rank else []
     params += lora_params
-    lora_names = {id(p): n for n, p in policy.lm.model.named_parameters() if "lora_" in n}
     optimizer = torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
     scheduler = make_scheduler(optimizer, lr_multiplier("constant", g.steps, g.warmup_steps))
     learner = GRPOLearner(
@@ -213,57 +181,32 @@ def run_grpo(
         reference_adapters_off=bool(lora_params),
     )  # fmt: skip
     checkpoints = CheckpointManager(store, STAGE, key)
-    progress: dict[str, Any] = {"step": 0, "history": [], "before": None}
-    resumed_from = None
-    if (latest := checkpoints.load_latest()) is not None:
-        resumed_from, saved = latest
-        checkpoints.restore(policy.trm, saved["trm"], resumed_from)
-        checkpoints.restore(policy.projector, saved["projector"], resumed_from)
-        if lora_params:
-            policy.lm.model.load_state_dict(saved["lora"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        progress = saved["progress"]
     batch_size = max(1, g.micro_batch // 2)
-    if progress["before"] is None:
+
+    def check_before() -> dict[str, list[bool]]:
         with torch.no_grad():
             before = heldout_check(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
-        progress["before"] = before
         logger.info("grpo before: %s", {a: float(np.mean(v)) for a, v in before.items()})
+        return before
+
     tracker = Tracker(cfg.tracking, "grpo", key, stage_config(cfg, STAGE, extra))
-    while progress["step"] < g.steps:
-        step = progress["step"]
-        chosen = step_problems(train, step, g.questions_per_step, cfg.runtime.seed)
-        metrics = learner.step(step, [p.question for p in chosen], {"answer_value": [p.answer_value for p in chosen]})
-        progress["history"].append(metrics)
-        progress["step"] = step + 1
-        tracker.log({f"grpo/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step + 1)
-        if progress["step"] % g.checkpoint_every == 0 and progress["step"] < g.steps:
-            checkpoints.save(
-                progress["step"],
-                {
-                    "trm": policy.trm.state_dict(),
-                    "projector": policy.projector.state_dict(),
-                    "lora": {lora_names[id(p)]: p.detach().cpu() for p in lora_params},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "progress": progress,
-                },
-            )
+    trained = train_grpo(
+        learner, train, before=check_before, lora=bool(lora_params), checkpoints=checkpoints, tracker=tracker
+    )
     with torch.no_grad():
         after = heldout_check(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
     reps = cfg.evaluate.bootstrap
     rows = [
-        change_row(arm, progress["before"][arm], after[arm], reps, cfg.runtime.seed)
+        change_row(arm, trained.before[arm], after[arm], reps, cfg.runtime.seed)
         for arm in CHECK_ARMS
-        if arm in progress["before"]
+        if arm in trained.before
     ]
     versus = [
         compare("trm_latent", after["trm_latent"], arm, after[arm], reps, cfg.runtime.seed)
         for arm in CHECK_ARMS
         if arm != "trm_latent"
     ]
-    history = progress["history"]
+    history = trained.history
     head = history[: max(1, len(history) // 4)]
     tail = history[-max(1, len(history) // 4) :]
     summary = {
@@ -276,9 +219,7 @@ def run_grpo(
     report = _report(cfg, rows, summary, history, len(train), versus)
     tracker.summary({f"grpo/{k}": v for k, v in summary.items()})
     tracker.finish()
-    with store.writer(
-        STAGE, key, config=stage_config(cfg, STAGE, extra), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
-    ) as w:
+    with stage_writer(cfg, store, STAGE, key, upstream, extra) as w:
         w.write_bytes("trm.safetensors", _tensors(policy.trm.state_dict()))
         w.write_bytes("projector.safetensors", _tensors(policy.projector.state_dict()))
         w.write_json("projector.json", policy.projector.config)
@@ -286,7 +227,7 @@ def run_grpo(
             w.write_bytes("lora.safetensors", _tensors(policy.lm.model.get_adapter_state_dict()))
             w.write_json("lora.json", {"rank": g.lora_rank, "alpha": g.lora_alpha, "targets": g.lora_targets})
         w.write_json("history.json", history)
-        w.write_json("heldout_answers.json", {"before": progress["before"], "after": after})
+        w.write_json("heldout_answers.json", {"before": trained.before, "after": after})
         w.write_bytes("rewards.png", _plot(history))
         w.write_bytes("report.md", report.encode())
         manifest = w.commit(
@@ -298,7 +239,7 @@ def run_grpo(
                 "train_problems": len(train),
                 "heldout_problems": len(test),
                 "problem_source": problem_set.problems[0].id.split("-")[0],
-                "resumed_from": resumed_from,
+                "resumed_from": trained.resumed_from,
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )

@@ -16,12 +16,8 @@ prefix is context only), in the hidden-states format compressor 1b trains on.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,28 +25,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, pair_schema, read_parquet
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS
+from llm_trm_core.compressor.artifacts import load_compressor
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.datagen.artifacts import iter_pair_states, iter_rows, shard_manifests
 from llm_trm_core.datagen.generate import PairStates
-from llm_trm_core.datagen.records import pairs_to_table, table_to_pairs
+from llm_trm_core.datagen.records import pairs_to_table
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import TextChunk
 from llm_trm_core.lm import shared_language_model
-from llm_trm_core.stages.compressor import load_compressor, write_states_artifact
-from llm_trm_core.stages.datagen import iter_pair_states, iter_rows, shard_manifests
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
-from llm_trm_core.store import Artifact, ArtifactStore, Manifest
+from llm_trm_core.stages.publish import cached, stage_writer, write_states_artifact
+from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.trm.pairs import META_FILE, PAIRS_STAGE, SCHEMA_NAME, SCHEMA_VERSION, pairs_schema
 
 logger = logging.getLogger(__name__)
 
-STAGE = "pairs"
-SCHEMA_NAME = "llm-trm/pairs"
-SCHEMA_VERSION = "1"
-META_FILE = "pairs.json"
-
-
-def pairs_schema(d_prime: int, dtype: str, metadata: dict[str, str]) -> pa.Schema:
-    return pair_schema(d_prime, dtype, SCHEMA_NAME, SCHEMA_VERSION, metadata)
+STAGE = PAIRS_STAGE
 
 
 def _table(pairs: list[PairStates], schema: pa.Schema) -> pa.Table:
@@ -70,8 +60,8 @@ def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[dict[str,
 
 def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, compressor: Manifest) -> Manifest:
     upstream = {"datagen": datagen.key, "compressor": compressor.key}
-    key = key_for(cfg, STAGE, upstream)
-    if (manifest := store.read_manifest(STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, STAGE, upstream)
+    if manifest is not None:
         return manifest
     start = time.perf_counter()
     model_info, layer, prefix = _datagen_context(store, datagen)
@@ -104,9 +94,7 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
     files: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     pre_lengths: list[int] = []
-    with store.writer(
-        STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
-    ) as w:
+    with stage_writer(cfg, store, STAGE, key, upstream) as w:
 
         def flush(split: str) -> None:
             name = f"shards/{split}/part-{len(files.setdefault(split, [])):05d}.parquet"
@@ -146,35 +134,12 @@ def run_pairs(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest, comp
         )
 
 
-@dataclass
-class PairsReader:
-    """Streams the compressed pairs of a committed `pairs` artifact, one Parquet file at a time."""
-
-    store: ArtifactStore
-    manifest: Manifest
-
-    @functools.cached_property
-    def artifact(self) -> Artifact:
-        return self.store.open(STAGE, self.manifest.key)  # verified once
-
-    @functools.cached_property
-    def meta(self) -> dict[str, Any]:
-        return dict(json.loads(self.artifact.read_bytes(META_FILE)))
-
-    def files(self, split: str) -> list[str]:
-        return [self.artifact.file_uri(n) for n in self.meta["files"].get(split, [])]
-
-    def iter_pairs(self, split: str) -> Iterator[PairStates]:
-        for name in self.meta["files"].get(split, []):
-            yield from table_to_pairs(read_parquet(self.artifact, name))
-
-
 def run_trace_hiddens(cfg: PipelineConfig, store: ArtifactStore, datagen: Manifest) -> Manifest:
     """Token states of prompt + thinking trace of every successful generation (compressor 1b's data)."""
     stage = "trace-hiddens"
     upstream = {"datagen": datagen.key}
-    key = key_for(cfg, stage, upstream)
-    if (manifest := store.read_manifest(stage, key)) is not None:
+    key, manifest = cached(cfg, store, stage, upstream)
+    if manifest is not None:
         return manifest
     chunks = [
         TextChunk(

@@ -6,22 +6,22 @@ import logging
 
 import pyarrow.parquet as pq
 
-from llm_trm_core.arrow import TABLE_WRITE_OPTIONS, read_parquet
+from llm_trm_core.arrow import TABLE_WRITE_OPTIONS
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.data.problems import ProblemSet, load_problems, split_unit
+from llm_trm_core.data.problems import PROBLEMS_FILE, PROBLEMS_STAGE, load_problems, split_unit
 from llm_trm_core.errors import UserError
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.store import ArtifactStore, Manifest
 
 logger = logging.getLogger(__name__)
 
-STAGE = "problems"
-FILE = "problems.parquet"
+STAGE = PROBLEMS_STAGE
+FILE = PROBLEMS_FILE
 
 
 def run_problems(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
-    key = key_for(cfg, STAGE)
-    if (manifest := store.read_manifest(STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, STAGE)
+    if manifest is not None:
         logger.info("problems: cached %s", manifest.uri)
         return manifest
     problem_set = load_problems(cfg.problems)
@@ -29,7 +29,7 @@ def run_problems(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
         raise UserError(
             f"the problem source {cfg.problems.source!r} produced no usable problems: {problem_set.rejected}"
         )
-    with store.writer(STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE]) as w:
+    with stage_writer(cfg, store, STAGE, key) as w:
         with w.open(FILE) as f:
             pq.write_table(problem_set.to_table(), f, **TABLE_WRITE_OPTIONS)
         counts = problem_set.counts()
@@ -43,7 +43,3 @@ def run_problems(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
                 **{f"rejected_{reason}": n for reason, n in problem_set.rejected.items()},
             }
         )
-
-
-def read_problems(store: ArtifactStore, manifest: Manifest) -> ProblemSet:
-    return ProblemSet.from_table(read_parquet(store.open(STAGE, manifest.key), FILE))

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
 from llm_trm_core.reporting import markdown_table, png_bytes
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
+from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.store import ArtifactStore, Manifest
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def _plot(rows: list[dict[str, Any]], baseline_fvu: float | None) -> bytes:
 def run_sweep_report(cfg: PipelineConfig, store: ArtifactStore, points: list[Manifest]) -> Manifest:
     stage = "sweep"
     upstream = {f"{m.metrics['solver']}-d{m.metrics['d_prime']}": m.key for m in points}
-    key = key_for(cfg, stage, upstream)
-    if (manifest := store.read_manifest(stage, key)) is not None:
+    key, manifest = cached(cfg, store, stage, upstream)
+    if manifest is not None:
         return manifest
     rows = sorted((_row(m) for m in points), key=lambda r: (r["d_prime"], r["solver"]))
     random_init = points[0].metrics["baselines"]["random_init"] if points else {}
@@ -92,9 +92,7 @@ def run_sweep_report(cfg: PipelineConfig, store: ArtifactStore, points: list[Man
         + markdown_table(baseline_rows, COLUMNS[:-2])
         + "\n"
     )
-    with store.writer(
-        stage, key, config=stage_config(cfg, stage), code_version=STAGE_CODE_VERSIONS[stage], upstream=upstream
-    ) as writer:
+    with stage_writer(cfg, store, stage, key, upstream) as writer:
         writer.write_json("table.json", rows)
         writer.write_bytes("report.md", report.encode())
         writer.write_bytes("plot.png", _plot(rows, random_init.get("fvu")))

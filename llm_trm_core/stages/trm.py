@@ -11,7 +11,6 @@ decompression to D, the LM head's KL and top-1 agreement with the target.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -20,26 +19,25 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from llm_trm_core.compressor.metrics import ReconstructionMetrics
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
-from llm_trm_core.hidden_states import HiddenStates
 from llm_trm_core.lm.loader import resolve_device
+from llm_trm_core.metrics import ReconstructionMetrics
 from llm_trm_core.models.trm import SequenceTRM
 from llm_trm_core.reporting import markdown_table, png_bytes
-from llm_trm_core.stages.compressor import load_compressor
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, key_for, stage_config
-from llm_trm_core.stages.pairs import PairsReader
+from llm_trm_core.stages.keys import stage_config
+from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.stats import paired_bootstrap, verdict
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.checkpoints import CheckpointManager
+from llm_trm_core.trm.artifacts import lm_head_for
 from llm_trm_core.trm.baselines import Features, fit_baselines
 from llm_trm_core.trm.data import PairData
-from llm_trm_core.trm.train import DecompressedHead, Head, evaluate_steps, relative_errors, train_trm
+from llm_trm_core.trm.pairs import PairsReader
+from llm_trm_core.trm.train import Head, evaluate_steps, relative_errors, train_trm
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +46,6 @@ COLUMNS = (
     "name", "std_mse", "mse", "rel_error", "cosine", "cosine_centered", "r2", "r2_heldout_mean", "lm_kl", "lm_top1"
 )  # fmt: skip
 NEAR_CONSTANT_SHARE = 0.9  # the target's LM-head top-1 is one token this often: the distribution is near-constant
-STATE_STAGES = ("hiddens", "trace-hiddens")
 
 
 def trm_kwargs(cfg: PipelineConfig, d: int) -> dict[str, Any]:
@@ -58,23 +55,6 @@ def trm_kwargs(cfg: PipelineConfig, d: int) -> dict[str, Any]:
         "positions": t.positions, "output_norm": t.output_norm, "dropout": t.dropout, "n_latent": t.n_latent,
         "t_recursions": t.t_recursions, "halt_bias_init": t.halt_bias_init, "readout": t.readout,
     }  # fmt: skip
-
-
-def load_trm(store: ArtifactStore, manifest: Manifest) -> SequenceTRM:
-    artifact = store.open(manifest.stage, manifest.key)
-    model = SequenceTRM(**json.loads(artifact.read_bytes("config.json")))
-    model.load_state_dict(load_safetensors(artifact.read_bytes("model.safetensors")))
-    return model.eval()
-
-
-def lm_head_for(store: ArtifactStore, compressor: Manifest) -> Head | None:
-    """Decompress + the LM head stored with the hidden states the compressor was fitted on."""
-    key = compressor.upstream.get("hiddens")
-    for stage in STATE_STAGES:
-        if key and store.read_manifest(stage, key) is not None:
-            head = HiddenStates.open(store.open(stage, key)).lm_head()
-            return DecompressedHead(load_compressor(store, compressor), head) if head else None
-    return None
 
 
 def input_statistics(data: PairData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +159,8 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
             f"not the requested {compressor.key}; recompute the pairs with the requested compressor"
         )
     upstream = {"pairs": pairs.key}
-    key = key_for(cfg, STAGE, upstream)
-    if (manifest := store.read_manifest(STAGE, key)) is not None:
+    key, manifest = cached(cfg, store, STAGE, upstream)
+    if manifest is not None:
         return manifest
     t = cfg.trm
     data = PairData(PairsReader(store, pairs))
@@ -330,9 +310,7 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
         },
         "pairs": {split: data.count(split) for split in ("train", "val", "test")},
     }
-    with store.writer(
-        STAGE, key, config=stage_config(cfg, STAGE), code_version=STAGE_CODE_VERSIONS[STAGE], upstream=upstream
-    ) as w:
+    with stage_writer(cfg, store, STAGE, key, upstream) as w:
         w.write_bytes("model.safetensors", weights)
         w.write_json("config.json", trm_kwargs(cfg, data.d_prime))
         w.write_bytes("report.md", report.encode())

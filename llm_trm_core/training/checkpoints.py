@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +26,28 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 COMPLETE = "COMPLETE"
+
+
+class Stateful(Protocol):
+    """What a checkpoint can hold weights of: a module, an EMA, a subset of a module's parameters."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+
+
+class ParameterSubset:
+    """Named parameters of a larger module (LoRA adapters inside the LM), checkpointed on their own."""
+
+    def __init__(self, module: torch.nn.Module, names: set[str]) -> None:
+        self.module = module
+        self.names = names
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu() for n, p in self.module.named_parameters() if n in self.names}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+        return self.module.load_state_dict(state_dict, strict=False)
 
 
 class CheckpointManager:
@@ -73,7 +96,7 @@ class CheckpointManager:
         logger.info("resuming from checkpoint step %d", step)
         return step, state
 
-    def restore(self, module: torch.nn.Module, state: dict[str, Any], step: int) -> None:
+    def restore(self, module: Stateful, state: Mapping[str, Any], step: int) -> None:
         """Load a checkpointed state dict, or explain why it does not fit."""
         try:
             module.load_state_dict(state)

@@ -16,7 +16,7 @@ from llm_trm_core.arrow import read_parquet
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import table_to_pairs
 from llm_trm_core.errors import UserError
-from llm_trm_core.stages.pairs import PairsReader
+from llm_trm_core.trm.pairs import PairsReader
 
 
 @dataclass

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from llm_trm_core.compressor.metrics import LMHead, ReconstructionMetrics
 from llm_trm_core.config import TRMConfig
+from llm_trm_core.metrics import LMHead, ReconstructionMetrics
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.models.trm import Carry, SequenceTRM
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.checkpoints import CheckpointManager
+from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
 from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
-from llm_trm_core.trm.data import PairData
+from llm_trm_core.trm.data import PairBatch, PairData
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,13 @@ def evaluate_steps(
     return rows
 
 
+@dataclass
+class TRMProgress(Progress):
+    halt_threshold: float = math.nan  # the running halting-target threshold (module docstring)
+    halt_pos: list[float] = field(default_factory=list)  # halting targets that were 1, per supervision step
+    halt_n: list[float] = field(default_factory=list)  # halting targets seen, per supervision step
+
+
 def train_trm(
     model: SequenceTRM,
     data: PairData,
@@ -154,123 +162,76 @@ def train_trm(
     )
     ema = make_ema(model, cfg.ema_decay)
     autocast_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and device.type == "cuda" else None
-    progress: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "batches": 0, "nan_resets": 0, "history": [],
-                                "halt_pos": [0.0] * n_sup, "halt_n": [0.0] * n_sup,
-                                "halt_threshold": halt_threshold}  # fmt: skip
-    resumed_from = None
-    if checkpoints is not None and (latest := checkpoints.load_latest()) is not None:
-        resumed_from, saved = latest
-        checkpoints.restore(model, saved["model"], resumed_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
-        torch.set_rng_state(saved["rng"])
-        progress = saved["progress"]
-
-    def save() -> None:
-        if checkpoints is not None:
-            checkpoints.save(
-                progress["batches"],
-                {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else {},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "progress": progress,
-                },
-            )
+    progress = TRMProgress(halt_threshold=halt_threshold, halt_pos=[0.0] * n_sup, halt_n=[0.0] * n_sup)
+    loop = TrainLoop(
+        "trm",
+        TrainState({"model": model}, optimizer, scheduler, progress, ema),
+        lr_name="trm.lr",
+        checkpoints=checkpoints,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_unit="batch",
+        max_steps=total_steps,
+        nonfinite="skip",  # the carried state is reset instead (module docstring)
+        tracker=tracker,
+    )
+    loop.resume()
 
     def validate() -> None:
         rows = evaluate_steps(
-            eval_model(model, ema),
-            data,
-            "val",
-            n_sup,
-            target_mean,
-            progress["halt_threshold"],
-            None,
-            cfg.batch_size,
+            eval_model(model, ema), data, "val", n_sup, target_mean, progress.halt_threshold, None, cfg.batch_size,
             device,
-        )
+        )  # fmt: skip
         final = rows[-1]
-        point = {"epoch": progress["epoch"], "step": progress["step"], "val_mse": final["mse"], "val_r2": final["r2"]}
-        progress["history"].append(point)
-        logger.info(
-            "epoch %d step %d: val mse %.5g r2 %.4f", progress["epoch"], progress["step"], final["mse"], final["r2"]
-        )
-        if tracker:
-            tracker.log({"trm/val_mse": final["mse"], "trm/val_r2": final["r2"]}, progress["step"])
+        point = {"epoch": progress.epoch, "step": progress.step, "val_mse": final["mse"], "val_r2": final["r2"]}
+        progress.history.append(point)
+        logger.info("epoch %d step %d: val mse %.5g r2 %.4f", progress.epoch, progress.step, final["mse"], final["r2"])
+        loop.log({"val_mse": final["mse"], "val_r2": final["r2"]})
 
-    done = False
-    while progress["epoch"] < cfg.epochs and not done:
-        for index, batch in enumerate(data.iter_batches("train", cfg.batch_size, seed=seed, epoch=progress["epoch"])):
-            if index < progress["batch"]:
-                continue  # consumed before the checkpoint this run resumed from
-            batch = batch.to(device)
-            prepared = model.prepare(batch.pre, batch.mask)
-            carry: Carry = model.initial_carry(prepared)
-            for s in range(n_sup):
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    carry, prediction, halt = model.supervision_step(prepared, carry)
-                mse = F.mse_loss(prediction.float(), model.standardize_target(batch.post))  # scale-free loss
-                errors = relative_errors(model.denormalize(prediction.detach()), batch.post)
-                halt_target = (errors < progress["halt_threshold"]).float()
-                loss = mse + cfg.halt_weight * F.binary_cross_entropy_with_logits(halt.float(), halt_target)
-                if not torch.isfinite(loss):
-                    progress["nan_resets"] += 1
-                    logger.warning(
-                        "non-finite TRM loss at step %d: carried state reset, update skipped", progress["step"]
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    carry = model.initial_carry(prepared)
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                carry = carry.detach()
-                if s == n_sup - 1:  # follow the typical last-step error
-                    batch_q = float(torch.quantile(errors, halt_quantile))
-                    progress["halt_threshold"] = 0.9 * progress["halt_threshold"] + 0.1 * batch_q
-                progress["step"] += 1
-                progress["halt_pos"][s] += float(halt_target.sum())
-                progress["halt_n"][s] += float(halt_target.numel())
-                if tracker:
-                    tracker.log(
-                        {"trm/loss": loss.item(), "trm/mse": mse.item(), "trm/lr": scheduler.get_last_lr()[0]},
-                        progress["step"],
-                    )
-                if progress["step"] >= total_steps:
-                    done = True
-                    break
-            progress["batch"] = index + 1
-            progress["batches"] += 1
-            if done:
-                break
-            if progress["batches"] % cfg.checkpoint_every == 0:
-                save()
-        if done:
-            break
-        progress["epoch"] += 1
-        progress["batch"] = 0
+    def step(pair_batch: PairBatch, index: int) -> None:
+        """One batch: N_sup supervision steps, each its own optimizer update, the carry detached in between."""
+        batch = pair_batch.to(device)
+        prepared = model.prepare(batch.pre, batch.mask)
+        carry: Carry = model.initial_carry(prepared)
+        for s in range(n_sup):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                carry, prediction, halt = model.supervision_step(prepared, carry)
+            mse = F.mse_loss(prediction.float(), model.standardize_target(batch.post))  # scale-free loss
+            errors = relative_errors(model.denormalize(prediction.detach()), batch.post)
+            halt_target = (errors < progress.halt_threshold).float()
+            loss = mse + cfg.halt_weight * F.binary_cross_entropy_with_logits(halt.float(), halt_target)
+            if not loop.finite(loss):
+                carry = model.initial_carry(prepared)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            carry = carry.detach()
+            if s == n_sup - 1:  # follow the typical last-step error
+                batch_q = float(torch.quantile(errors, halt_quantile))
+                progress.halt_threshold = 0.9 * progress.halt_threshold + 0.1 * batch_q
+            progress.halt_pos[s] += float(halt_target.sum())
+            progress.halt_n[s] += float(halt_target.numel())
+            loop.updated({"loss": loss.item(), "mse": mse.item(), "lr": scheduler.get_last_lr()[0]})
+            if loop.budget_spent:
+                return
+
+    loop.run_epochs(
+        cfg.epochs, lambda epoch: data.iter_batches("train", cfg.batch_size, seed=seed, epoch=epoch), step, validate
+    )
+    if not progress.history or progress.history[-1]["step"] != progress.step:
         validate()
-    if not progress["history"] or progress["history"][-1]["step"] != progress["step"]:
-        validate()
-    rates = [p / n if n else math.nan for p, n in zip(progress["halt_pos"], progress["halt_n"], strict=True)]
+    rates = [p / n if n else math.nan for p, n in zip(progress.halt_pos, progress.halt_n, strict=True)]
     result = TRMResult(
-        history=progress["history"],
-        steps=progress["step"],
-        nan_resets=progress["nan_resets"],
+        history=progress.history,
+        steps=progress.step,
+        nan_resets=progress.skipped,
         halt_positive_rate_train=rates,
-        halt_threshold=float(progress["halt_threshold"]),
-        resumed_from=resumed_from,
+        halt_threshold=float(progress.halt_threshold),
+        resumed_from=loop.resumed_from,
         seconds=time.perf_counter() - start_time,
     )
     return result, ema

@@ -1,4 +1,4 @@
-"""Reconstruction metrics on held-out hidden states, accumulated over batches.
+"""Reconstruction metrics of predicted hidden states (compressor, TRM), accumulated over batches.
 
 For targets x and reconstructions x̂ (N tokens × D), with μ the *training* mean:
 - mse            Σ(x̂−x)² / (N·D)

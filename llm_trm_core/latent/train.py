@@ -1,0 +1,161 @@
+"""Training the injection of TRM output into the LM on answer likelihood (the `latent` stage's loop).
+
+For training problems, the no-think prompt's states go through the compressor and the TRM; the
+projection turns the TRM output into k input embeddings placed after the prompt; the loss is the
+cross-entropy of the gold answer (`#### N` + end of turn) teacher-forced after them, through the
+frozen LM. Trained: the projection (and the TRM with `latent.train_trm`, LoRA adapters with
+`latent.lora_rank`). Runs in the shared training loop (llm_trm_core/training/loop.py): checkpoints
+between batches, exact resume, a non-finite loss raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llm_trm_core.config import LatentConfig
+from llm_trm_core.data.problems import Problem
+from llm_trm_core.latent.artifacts import add_lora, lora_names
+from llm_trm_core.latent.reasoner import Arm, LatentReasoner
+from llm_trm_core.stats import derangement
+from llm_trm_core.training.checkpoints import CheckpointManager, ParameterSubset, Stateful
+from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
+from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+VAL_ARMS: tuple[Arm, ...] = ("trm_latent", "random_latent", "mean_latent", "shuffled_latent", "no_latent")
+
+
+def answer_text(value: float) -> str:
+    return f"#### {int(value) if float(value).is_integer() else value}"
+
+
+def problem_batches(problems: list[Problem], size: int, seed: int | None, epoch: int) -> Iterator[list[Problem]]:
+    """Batches of `size` problems; with a seed, in a permutation seeded by (seed, epoch)."""
+    order = list(range(len(problems)))
+    if seed is not None:
+        order = torch.randperm(
+            len(problems), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        ).tolist()
+    for start in range(0, len(order), size):
+        yield [problems[i] for i in order[start : start + size]]
+
+
+def answer_nll(
+    reasoner: LatentReasoner,
+    problems: list[Problem],
+    arm: Arm,
+    generator: torch.Generator | None = None,
+    outputs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy per answer token of `#### N<eos>` after the arm's latents (differentiable);
+    `outputs`: the permuted TRM outputs of the shuffled_latent arm."""
+    tok = reasoner.lm.tokenizer
+    batch = reasoner.encode_prompts([p.question for p in problems])
+    answers = [
+        [*tok(answer_text(p.answer_value), add_special_tokens=False).input_ids, tok.eos_token_id] for p in problems
+    ]
+    embeds, mask, starts = reasoner.input_embeddings(
+        batch.ids, reasoner.latents(batch, arm, generator, outputs), answers
+    )
+    logits = reasoner.lm.model(inputs_embeds=embeds, attention_mask=mask).logits
+    losses = []
+    for row, answer in enumerate(answers):
+        positions = torch.arange(starts[row] - 1, starts[row] - 1 + len(answer), device=logits.device)
+        target = torch.tensor(answer, device=logits.device)
+        losses.append(F.cross_entropy(logits[row, positions].float(), target, reduction="sum"))
+    return torch.stack(losses).sum() / sum(len(a) for a in answers)
+
+
+@torch.no_grad()
+def validation_nll(
+    reasoner: LatentReasoner, train: list[Problem], val: list[Problem], batch_size: int, seed: int
+) -> dict[str, float]:
+    """Answer NLL per token on val for the TRM latents and every control (docs/evaluation.md): random
+    directions of matched norm, the TRM's training-mean output (mean_latent), other questions' TRM outputs
+    (shuffled_latent, seeded derangement), and no latents."""
+    reasoner.fit_mean_output([p.question for p in train], batch_size)
+    outputs = reasoner.trm_outputs([p.question for p in val], batch_size)
+    shuffled = outputs[derangement(len(val), seed)]
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, float] = {}
+    for arm in VAL_ARMS:
+        total = 0.0
+        for start, b in zip(range(0, len(val), batch_size), problem_batches(val, batch_size, None, 0), strict=True):
+            permuted = shuffled[start : start + len(b)] if arm == "shuffled_latent" else None
+            total += float(answer_nll(reasoner, b, arm, generator, permuted)) * len(b)
+        out[arm] = total / len(val)
+    return out
+
+
+@dataclass
+class LatentResult:
+    history: list[dict[str, Any]] = field(default_factory=list)  # {"batch", "loss"} per batch
+    batches: int = 0
+    lora: bool = False  # LoRA adapters were attached and trained
+    resumed_from: int | None = None
+
+
+def train_latent(
+    reasoner: LatentReasoner,
+    train: list[Problem],
+    lat: LatentConfig,
+    *,
+    seed: int,
+    checkpoints: CheckpointManager | None = None,
+) -> LatentResult:
+    """Train the projection (+ TRM, + LoRA as configured) in place on answer NLL of the training problems."""
+    reasoner.trm.requires_grad_(lat.train_trm)
+    reasoner.trm.train(False)
+    params = list(reasoner.projector.parameters()) + (list(reasoner.trm.parameters()) if lat.train_trm else [])
+    lora_params = add_lora(reasoner, lat.lora_rank, lat.lora_alpha, lat.lora_targets) if lat.lora_rank else []
+    params += lora_params
+    optimizer = torch.optim.AdamW(params, lr=lat.lr, weight_decay=lat.weight_decay)
+    steps_total = lat.epochs * math.ceil(len(train) / lat.batch_size)
+    scheduler = make_scheduler(optimizer, lr_multiplier("cosine", steps_total, lat.warmup_steps))
+    models: dict[str, Stateful] = {"projector": reasoner.projector}
+    if lat.train_trm:
+        models["trm"] = reasoner.trm
+    if lora_params:
+        models["lora"] = ParameterSubset(reasoner.lm.model, lora_names(reasoner))
+    progress = Progress()
+    loop = TrainLoop(
+        "latent",
+        TrainState(models, optimizer, scheduler, progress),
+        lr_name="latent.lr",
+        checkpoints=checkpoints,
+        checkpoint_every=lat.checkpoint_every,
+        checkpoint_unit="batch",
+        total_steps=steps_total,
+    )
+    loop.resume()
+
+    def step(batch: list[Problem], index: int) -> None:
+        loss = answer_nll(reasoner, batch, "trm_latent")
+        loop.finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, lat.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        progress.history.append({"batch": progress.batches + 1, "loss": loss.item()})
+        logger.info("latent batch %d/%d: answer NLL %.4f", progress.batches + 1, steps_total, loss.item())
+        loop.updated({"loss": loss.item()})
+
+    def end_of_epoch() -> None:
+        logger.info("latent epoch %d: last loss %.4f", progress.epoch, progress.history[-1]["loss"])
+
+    loop.run_epochs(lat.epochs, lambda epoch: problem_batches(train, lat.batch_size, seed, epoch), step, end_of_epoch)
+    return LatentResult(
+        history=progress.history,
+        batches=progress.batches,
+        lora=bool(lora_params),
+        resumed_from=loop.resumed_from,
+    )

@@ -1,0 +1,51 @@
+"""The `pairs` artifact's format: its Parquet schema, its metadata file, and the reader that streams it.
+
+Written by the `pairs` stage (llm_trm_core/stages/pairs.py), read by TRM training (llm_trm_core/trm/data.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from llm_trm_core.arrow import pair_schema, read_parquet
+from llm_trm_core.datagen.generate import PairStates
+from llm_trm_core.datagen.records import table_to_pairs
+from llm_trm_core.store import Artifact, ArtifactStore, Manifest
+
+PAIRS_STAGE = "pairs"
+SCHEMA_NAME = "llm-trm/pairs"
+SCHEMA_VERSION = "1"
+META_FILE = "pairs.json"
+
+
+def pairs_schema(d_prime: int, dtype: str, metadata: dict[str, str]) -> pa.Schema:
+    return pair_schema(d_prime, dtype, SCHEMA_NAME, SCHEMA_VERSION, metadata)
+
+
+@dataclass
+class PairsReader:
+    """Streams the compressed pairs of a committed `pairs` artifact, one Parquet file at a time."""
+
+    store: ArtifactStore
+    manifest: Manifest
+
+    @functools.cached_property
+    def artifact(self) -> Artifact:
+        return self.store.open(PAIRS_STAGE, self.manifest.key)  # verified once
+
+    @functools.cached_property
+    def meta(self) -> dict[str, Any]:
+        return dict(json.loads(self.artifact.read_bytes(META_FILE)))
+
+    def files(self, split: str) -> list[str]:
+        return [self.artifact.file_uri(n) for n in self.meta["files"].get(split, [])]
+
+    def iter_pairs(self, split: str) -> Iterator[PairStates]:
+        for name in self.meta["files"].get(split, []):
+            yield from table_to_pairs(read_parquet(self.artifact, name))
