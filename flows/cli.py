@@ -39,7 +39,7 @@ from llm_trm_core.config import DEFAULT_PRESET, PRESETS, PipelineConfig, apply_o
 from llm_trm_core.errors import ConfigError, TransientError, UserError
 from llm_trm_core.preflight import preflight
 from llm_trm_core.reporting import comparison_rows, flatten, fmt
-from llm_trm_core.stages.declaration import stages
+from llm_trm_core.stages.declaration import STAGE_MODULES_ENV, stages
 from llm_trm_core.store import ArtifactStore, Manifest
 
 Manifests = dict[str, dict[str, Any]]
@@ -521,7 +521,10 @@ def rehearse(
 
 
 def main() -> None:
-    add_stage_commands()
+    # Only stage modules named in the environment add commands: loading the built-in declarations imports
+    # every stage module (torch, transformers), seconds before a bad store or config could be refused.
+    if os.environ.get(STAGE_MODULES_ENV):
+        add_stage_commands()
     app(prog_name="llm-trm")
 
 
