@@ -2,11 +2,15 @@
 
     llm-trm pipeline --preset local
     llm-trm config --preset tiny compressor.d_prime=32
-    llm-trm <stage> --preset {tiny,local,smollm3-3b} --store URI [key=value ...]
+    llm-trm <command> --preset {tiny,local,smollm3-3b} --store URI [key=value ...]
+    llm-trm stage <command or stage> --preset tiny --store URI [key=value ...]     (without Prefect)
 
-Every command resolves one `PipelineConfig` (preset + `--store` + dotted overrides), checks the
-store and the model source (`llm_trm_core.preflight`, before Prefect is even imported), runs the
-matching Prefect flow, and prints the artifact keys, URIs and metrics.
+The commands come from the pipeline graph (llm_trm_core/stages/graph.py `COMMANDS`) and the stage
+declarations (a stage with a `command`); `--preset` defaults to `local` (config.DEFAULT_PRESET) in
+every one. Every command resolves one `PipelineConfig` (preset + `--store` + dotted overrides),
+checks the store and the model source (`llm_trm_core.preflight`, before Prefect is even imported),
+runs the matching Prefect flow, and prints the artifact keys, URIs and metrics. `stage` runs the same
+graph in this process without Prefect and prints one JSON line (the torchrun workers' entry).
 
 Exit codes: 0 done; 2 something the user fixes, printed as one `error:` line naming the cause and the
 fix (bad config, unusable store, missing or incomplete model, the temporary Prefect server not
@@ -15,12 +19,15 @@ starting in time); 1 a storage or network failure that outlived the retries, or 
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -28,10 +35,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llm_trm_core.config import PRESETS, PipelineConfig, load_config
-from llm_trm_core.errors import TransientError, UserError
+from llm_trm_core.config import DEFAULT_PRESET, PRESETS, PipelineConfig, apply_overrides, load_config, parse_config
+from llm_trm_core.errors import ConfigError, TransientError, UserError
 from llm_trm_core.preflight import preflight
 from llm_trm_core.reporting import comparison_rows, flatten, fmt
+from llm_trm_core.stages.declaration import STAGE_MODULES_ENV, stages
+from llm_trm_core.store import ArtifactStore, Manifest
+
+Manifests = dict[str, dict[str, Any]]
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -184,33 +195,83 @@ def main_callback(
 
 
 @app.command()
-def config(preset: PresetOption = "tiny", store: StoreOption = None, overrides: OverridesArg = None) -> None:
+def config(preset: PresetOption = DEFAULT_PRESET, store: StoreOption = None, overrides: OverridesArg = None) -> None:
     """Print the resolved configuration (preset + overrides) as YAML."""
     cfg = _run_guarded(lambda: resolve(preset, store, overrides))
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
 
 
-@app.command()
-def pipeline(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Run every stage that exists, end to end, each cached by its store key."""
-    cfg = _checked(preset, store, overrides, "pipeline")
-    from flows.pipeline import pipeline as pipeline_flow
+# ---------------------------------------------------------------------------------------------
+# The flow commands: one per graph command (llm_trm_core/stages/graph.py COMMANDS) and one per declared
+# stage with a `command` (llm_trm_core/stages/declaration.py), each printed by its printer below.
 
-    results = _run_guarded(lambda: pipeline_flow(cfg))
+
+def _flow(command: str) -> Callable[[PipelineConfig], Manifests]:
+    """The Prefect flow of `command` (imported only when it runs: Prefect loads slowly)."""
+    if command in ("compressor", "compressor-1b"):
+        from flows.compressor import compressor_flow
+
+        return lambda cfg: compressor_flow(cfg, phase="1b" if command == "compressor-1b" else "1a")
+    if command in FLOWS:
+        module, name = FLOWS[command].split(":")
+        flow: Callable[[PipelineConfig], Manifests] = getattr(importlib.import_module(module), name)
+        return flow
+    from flows.pipeline import stage_flow
+
+    return lambda cfg: stage_flow(cfg, command)
+
+
+# command -> "module:flow" (what prefect.yaml deploys)
+FLOWS = {
+    "sweep": "flows.compressor:sweep_flow",
+    "datagen": "flows.datagen:datagen_flow",
+    "pairs": "flows.datagen:pairs_flow",
+    "trm": "flows.trm:trm_flow",
+    "latent": "flows.latent:latent_flow",
+    "evaluate": "flows.latent:evaluate_flow",
+    "grpo": "flows.grpo:grpo_flow",
+    "pipeline": "flows.pipeline:pipeline",
+}
+
+
+def _run_command(command: str, preset: str, store: str | None, overrides: list[str] | None) -> Manifests:
+    cfg = _checked(preset, store, overrides, command)
+    flow = _flow(command)
+    results: Manifests = _run_guarded(lambda: flow(cfg))
+    return results
+
+
+def _print_results(command: str, results: Manifests) -> None:
+    PRINTERS.get(command, _print_declared)(results)
+
+
+def _print_declared(results: Manifests) -> None:
+    """Every manifest, then the declared report table of each stage that has one."""
+    _print_manifests(results)
+    for manifest in results.values():
+        declared = stages().get(manifest["stage"])
+        report = declared.report if declared else None
+        if report is None or report.tables is None or declared is None or declared.name in PRINTED_BY_HAND:
+            continue
+        for key, rows, description in report.tables(Manifest.model_validate(manifest)):
+            _print_table(f"{description} ({key})", list(report.columns or (rows[0] if rows else ())), rows)
+
+
+def _print_table(title: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+    for row in rows:
+        table.add_row(*(fmt(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def _print_pipeline(results: Manifests) -> None:
     _print_manifests({k: v for k, v in results.items() if not k.startswith(("evaluate", "grpo"))})
     _print_grpo(results)
 
 
-@app.command()
-def grpo(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after."""
-    cfg = _checked(preset, store, overrides, "grpo")
-    from flows.grpo import grpo_flow
-
-    _print_grpo(_run_guarded(lambda: grpo_flow(cfg)))
-
-
-def _print_grpo(results: dict[str, Any]) -> None:
+def _print_grpo(results: Manifests) -> None:
     manifest, metrics = results["grpo"], results["grpo"]["metrics"]
     console.print(f"[bold]grpo[/]  key={manifest['key']}", highlight=False)
     console.print(f"  uri: {manifest['uri']}  (report.md, rewards.png, history.json)", highlight=False, soft_wrap=True)
@@ -228,60 +289,10 @@ def _print_grpo(results: dict[str, Any]) -> None:
 
 
 def _print_change(title: str, rows: list[dict[str, Any]]) -> None:
-    table = Table(title=title, title_justify="left")
-    columns = ["arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "arm" else "right")
-    for row in rows:
-        table.add_row(*(fmt(row.get(c)) for c in columns))
-    console.print(table)
+    _print_table(title, ["arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n"], rows)
 
 
-@app.command()
-def compressor(
-    preset: PresetOption = "local",
-    store: StoreOption = None,
-    overrides: OverridesArg = None,
-    phase: Annotated[str, typer.Option("--phase", help="1a (plain text) or 1b (thinking traces).")] = "1a",
-) -> None:
-    """Stage 1: train the tied linear compressor D -> D' (hidden states cached, closed form and/or SGD)."""
-    if phase not in ("1a", "1b"):
-        _print_error("error:", f"--phase must be 1a or 1b, got {phase!r}")
-        raise typer.Exit(code=2)
-    cfg = _checked(preset, store, overrides, "compressor-1b" if phase == "1b" else "compressor")
-    if phase == "1b":
-        err_console.print("phase 1b: generating thinking traces first (datagen), then fine-tuning the 1a compressor")
-    from flows.compressor import compressor_flow
-
-    chosen: Literal["1a", "1b"] = "1a" if phase == "1a" else "1b"
-    _print_manifests(_run_guarded(lambda: compressor_flow(cfg, phase=chosen)))
-
-
-@app.command()
-def datagen(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states."""
-    cfg = _checked(preset, store, overrides, "datagen")
-    from flows.datagen import datagen_flow
-
-    _print_manifests(_run_guarded(lambda: datagen_flow(cfg)))
-
-
-@app.command()
-def pairs(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards."""
-    cfg = _checked(preset, store, overrides, "pairs")
-    from flows.datagen import pairs_flow
-
-    _print_manifests(_run_guarded(lambda: pairs_flow(cfg)))
-
-
-@app.command()
-def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test)."""
-    cfg = _checked(preset, store, overrides, "trm")
-    from flows.trm import trm_flow
-
-    results = _run_guarded(lambda: trm_flow(cfg))
+def _print_trm(results: Manifests) -> None:
     _print_manifests({k: v for k, v in results.items() if k != "trm"})
     manifest = results["trm"]
     metrics = manifest["metrics"]
@@ -290,34 +301,14 @@ def trm(preset: PresetOption = "local", store: StoreOption = None, overrides: Ov
         f"  uri: {manifest['uri']}  (report.md, per_step.png, model.safetensors)", highlight=False, soft_wrap=True
     )
     columns = ["name", "mse", "rel_error", "cosine", "cosine_centered", "r2", "lm_kl", "lm_top1"]
-    table = Table(title=f"TRM beside baselines, held-out test ({metrics['pairs']['test']} pairs)", title_justify="left")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "name" else "right")
-    for name, values in metrics["baselines"].items():
-        table.add_row(f"baseline: {name}", *(fmt(values.get(c)) for c in columns[1:]))
-    for row in metrics["per_step"]:
-        table.add_row(f"TRM step {row['step']}", *(fmt(row.get(c)) for c in columns[1:]))
-    console.print(table)
+    rows = [{"name": f"baseline: {name}", **values} for name, values in metrics["baselines"].items()]
+    rows += [{"name": f"TRM step {row['step']}", **row} for row in metrics["per_step"]]
+    _print_table(f"TRM beside baselines, held-out test ({metrics['pairs']['test']} pairs)", columns, rows)
     verdict = "beats" if metrics["beats_best_baseline"] else "does NOT beat"
     console.print(f"  the TRM {verdict} the best baseline (by R²)", highlight=False)
 
 
-@app.command()
-def latent(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood."""
-    cfg = _checked(preset, store, overrides, "latent")
-    from flows.latent import latent_flow
-
-    _print_manifests(_run_guarded(lambda: latent_flow(cfg)))
-
-
-@app.command()
-def evaluate(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style."""
-    cfg = _checked(preset, store, overrides, "evaluate")
-    from flows.latent import evaluate_flow
-
-    results = _run_guarded(lambda: evaluate_flow(cfg))
+def _print_evaluate(results: Manifests) -> None:
     _print_evaluation(results["evaluate"])
 
 
@@ -327,33 +318,150 @@ def _print_evaluation(manifest: dict[str, Any]) -> None:
     title = (
         f"end-task accuracy ({manifest['metrics'].get('policy', 'before GRPO')}), {manifest['metrics']['n']} held-out"
     )
-    table = Table(title=f"{title} test problems", title_justify="left")
     columns = ["arm", "accuracy", "ci_low", "ci_high", "accuracy_strict", "tokens_per_answer", "seconds_per_answer"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "arm" else "right")
-    for row in manifest["metrics"]["rows"]:
-        table.add_row(*(fmt(row.get(c)) for c in columns))
-    console.print(table)
+    _print_table(f"{title} test problems", columns, manifest["metrics"]["rows"])
 
 
-@app.command()
-def sweep(preset: PresetOption = "local", store: StoreOption = None, overrides: OverridesArg = None) -> None:
-    """Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report."""
-    cfg = _checked(preset, store, overrides, "sweep")
-    from flows.compressor import sweep_flow
-
-    results = _run_guarded(lambda: sweep_flow(cfg))
+def _print_sweep(results: Manifests) -> None:
     _print_manifests({k: v for k, v in results.items() if k != "sweep"})
     report = results["sweep"]
     console.print(f"[bold]sweep[/]  key={report['key']}", highlight=False)
     console.print(f"  uri: {report['uri']}  (report.md, table.json, plot.png)", highlight=False, soft_wrap=True)
-    table = Table(title="compressor sweep (held-out test)", title_justify="left")
     columns = ["d_prime", "solver", "cosine", "cosine_centered", "fvu", "lm_kl", "lm_top1", "sgd_seconds"]
-    for column in columns:
-        table.add_column(column, justify="right")
-    for row in report["metrics"]["rows"]:
-        table.add_row(*(fmt(row.get(c)) for c in columns))
-    console.print(table)
+    _print_table("compressor sweep (held-out test)", columns, report["metrics"]["rows"])
+
+
+PRINTERS: dict[str, Callable[[Manifests], None]] = {
+    "pipeline": _print_pipeline,
+    "grpo": _print_grpo,
+    "trm": _print_trm,
+    "evaluate": _print_evaluate,
+    "sweep": _print_sweep,
+}
+PRINTED_BY_HAND = ("trm", "evaluate", "grpo", "sweep")  # stages whose report the printers above show
+
+
+def _flow_command(command: str, help_text: str) -> None:
+    def run(preset: PresetOption = DEFAULT_PRESET, store: StoreOption = None, overrides: OverridesArg = None) -> None:
+        _print_results(command, _run_command(command, preset, store, overrides))
+
+    run.__doc__ = help_text
+    app.command(name=command)(run)
+
+
+HELP = {
+    "pipeline": "Run every stage that exists, end to end, each cached by its store key.",
+    "grpo": "Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after.",
+    "datagen": "Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states.",
+    "pairs": "Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards.",
+    "trm": "Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test).",
+    "latent": "Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood.",
+    "evaluate": "End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style.",
+    "sweep": "Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report.",
+}
+for _command, _help in HELP.items():
+    _flow_command(_command, _help)
+
+
+@app.command()
+def compressor(
+    preset: PresetOption = DEFAULT_PRESET,
+    store: StoreOption = None,
+    overrides: OverridesArg = None,
+    phase: Annotated[str, typer.Option("--phase", help="1a (plain text) or 1b (thinking traces).")] = "1a",
+) -> None:
+    """Stage 1: train the tied linear compressor D -> D' (hidden states cached, closed form and/or SGD)."""
+    if phase not in ("1a", "1b"):
+        _print_error("error:", f"--phase must be 1a or 1b, got {phase!r}")
+        raise typer.Exit(code=2)
+    if phase == "1b":
+        err_console.print("phase 1b: generating thinking traces first (datagen), then fine-tuning the 1a compressor")
+    _print_manifests(_run_command("compressor-1b" if phase == "1b" else "compressor", preset, store, overrides))
+
+
+def add_stage_commands() -> None:
+    """A command for every declared stage with a `command` (a stage declared after import: call again)."""
+    taken = {c.name for c in app.registered_commands}
+    for declared in stages().values():
+        if declared.command and declared.command not in taken:
+            _flow_command(declared.command, declared.help or f"Run stage {declared.name} and its upstream stages.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Without Prefect: the torchrun workers' and the tests' entry
+
+
+@app.command(name="stage")
+def stage_command(
+    name: Annotated[str, typer.Argument(help="A graph command (pipeline, trm, ...) or a declared stage.")],
+    preset: PresetOption = DEFAULT_PRESET,
+    store: StoreOption = None,
+    overrides: OverridesArg = None,
+    config_json: Annotated[
+        str | None, typer.Option("--config-json", help="A resolved config as JSON (instead of --preset).")
+    ] = None,
+    shard: Annotated[int | None, typer.Option("--shard", help="datagen only: run only this shard index.")] = None,
+) -> None:
+    """Run a command or stage with everything upstream of it in this process, without Prefect (torchrun
+    workers, debugging); prints its result as one JSON line. Under torchrun, `stage compressor` trains on
+    every rank."""
+    from llm_trm_core.launch import DIE_WITH_PARENT_ENV, die_with_parent, in_torchrun
+    from llm_trm_core.stages.graph import COMMANDS
+
+    if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
+        die_with_parent()
+    known = set(COMMANDS) | set(stages())
+    if name not in known:
+        _print_error("error:", f"unknown stage or command {name!r}; choose one of: {', '.join(sorted(known))}")
+        raise typer.Exit(code=2)
+    if shard is not None and name != "datagen":
+        _print_error("error:", "--shard applies to `stage datagen` only")
+        raise typer.Exit(code=2)
+    cfg = _run_guarded(lambda: _stage_config(preset, store, overrides, config_json))
+    extra: dict[str, Any] = {}
+    if name == "compressor" and in_torchrun():
+        from llm_trm_core.stages.graph import run_compressor_distributed
+
+        manifest, world_size, is_main = _run_guarded(lambda: run_compressor_distributed(cfg))
+        if not is_main:
+            return
+        result, extra = manifest.model_dump(mode="json"), {"world_size": world_size}
+    elif shard is not None:
+        result = _run_guarded(lambda: _one_shard(cfg, shard))
+    else:
+        from llm_trm_core.stages.graph import run_plain, target_of
+
+        result = _run_guarded(lambda: run_plain(cfg, name))[target_of(name)]
+    metrics = {k: v for k, v in result["metrics"].items() if k != "history"}
+    line = {"stage": result["stage"], "key": result["key"], "uri": result["uri"], "metrics": metrics, **extra}
+    sys.stdout.write(json.dumps(line) + "\n")
+
+
+def _stage_config(
+    preset: str, store: str | None, overrides: list[str] | None, config_json: str | None
+) -> PipelineConfig:
+    if config_json is None:
+        return resolve(preset, store, overrides)
+    items = [*(overrides or []), *([f"store.root={store}"] if store else [])]
+    try:
+        base = PipelineConfig.model_validate_json(Path(config_json).read_text())
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"--config-json {config_json}: not a readable resolved config ({first})") from None
+    return parse_config(apply_overrides(base.model_dump(mode="json"), items)) if items else base
+
+
+def _one_shard(cfg: PipelineConfig, index: int) -> dict[str, Any]:
+    from llm_trm_core.stages.datagen import plan_shards
+    from llm_trm_core.stages.graph import plain_call
+
+    call = plain_call(ArtifactStore(cfg.store.root))
+    problems = call("problems", cfg)
+    specs = plan_shards(cfg, min(cfg.datagen.num_problems, int(problems["metrics"]["total"])))
+    if not 0 <= index < len(specs):
+        raise ConfigError(f"--shard {index} is out of range: this config has shards 0..{len(specs) - 1}")
+    spec = specs[index]
+    return call("datagen-shard", cfg, problems, spec.index, spec.start, spec.end)
 
 
 @app.command()
@@ -413,6 +521,10 @@ def rehearse(
 
 
 def main() -> None:
+    # Only stage modules named in the environment add commands: loading the built-in declarations imports
+    # every stage module (torch, transformers), seconds before a bad store or config could be refused.
+    if os.environ.get(STAGE_MODULES_ENV):
+        add_stage_commands()
     app(prog_name="llm-trm")
 
 

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import Manifests, stage2_data, through_pairs
+from flows.chain import Manifests, prefect_call
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.stages import graph
 from tasks.attempts import flow_guard
-from tasks.caching import cached
-from tasks.problems import problems_task
 
 
 @flow(name="datagen")
 def datagen_flow(cfg: PipelineConfig) -> Manifests:
     """Generate thinking traces for `datagen.num_problems` problems, shard by shard (resumable)."""
     with flow_guard(cfg, "datagen"):
-        problems = cached(problems_task, cfg)(cfg)
-        return {"problems": problems, "datagen": stage2_data(cfg, problems)}
+        return graph.datagen(prefect_call, cfg)
 
 
 @flow(name="pairs")
 def pairs_flow(cfg: PipelineConfig) -> Manifests:
     """Compressed (pre, post) pairs: everything they depend on runs first (cached)."""
     with flow_guard(cfg, "pairs"):
-        return through_pairs(cfg)
+        return graph.through_pairs(prefect_call, cfg)

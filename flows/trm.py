@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import Manifests, through_pairs
+from flows.chain import Manifests, prefect_call
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.stages import graph
 from tasks.attempts import flow_guard
-from tasks.caching import cached
-from tasks.trm import trm_task
 
 
 @flow(name="trm")
 def trm_flow(cfg: PipelineConfig) -> Manifests:
     """Everything the pairs depend on (cached), then the TRM and its baseline report."""
     with flow_guard(cfg, "trm"):
-        out = through_pairs(cfg)
-        out["trm"] = cached(trm_task, cfg)(cfg, out["pairs"], out["compressor-1b"])
-    return out
+        return graph.through_trm(prefect_call, cfg)

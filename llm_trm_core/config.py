@@ -10,6 +10,7 @@ changing them (batch sizes of pure inference, progress, cache folders) never inv
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any, Literal
@@ -21,8 +22,12 @@ from pydantic_core import CoreSchema
 
 from llm_trm_core.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 PRESETS = ("tiny", "local", "smollm3-3b")
 PresetName = Literal["tiny", "local", "smollm3-3b"]
+# The preset of a config that names none: every CLI command, the flows' parameters and `load_config()`.
+DEFAULT_PRESET: PresetName = "local"
 
 SYSTEM_PROMPT = (
     "You are a careful assistant that solves grade-school math word problems. "
@@ -80,7 +85,7 @@ class ModelConfig(Section):
     name_or_path: str = Field("", description="Hub id (source=hub) or folder path (source=folder).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for source=hub.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."
+        "float32", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU."
     )
     thinking: Literal["native", "prompted"] = Field(
         "prompted",
@@ -293,7 +298,7 @@ class DatagenConfig(Section):
     )
     shard_size: int = Field(16, ge=1, description="Problems per shard (one task each, resumable).")
     batch_size: int = Field(8, ge=1, description="Problems per generate call (also the commit granularity).")
-    max_new_tokens: int = Field(256, ge=1, description="Token budget of the thinking span.")
+    max_new_tokens: int = Field(128, ge=1, description="Token budget of the thinking span.")
     max_answer_tokens: int = Field(64, ge=1, description="Token budget of the answer after the span.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: smallest token set with this mass.")
@@ -429,11 +434,11 @@ class GRPOConfig(Section):
         description="Problem set GRPO trains on (its train split) and checks before/after on (its test split); "
         "unset = the pipeline's problems. An easier curriculum gives denser rewards to a small LM.",
     )
-    steps: int = Field(20, ge=1, description="Optimizer steps (one rollout batch each).")
+    steps: int = Field(24, ge=1, description="Optimizer steps (one rollout batch each).")
     questions_per_step: int = Field(4, ge=1, description="Questions per rollout batch.")
     group_size: int = Field(8, ge=2, description="G samples per question.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (log-probs use the same).")
-    max_completion_tokens: int = Field(32, ge=1, description="Answer budget of a sample.")
+    max_completion_tokens: int = Field(24, ge=1, description="Answer budget of a sample.")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -475,7 +480,7 @@ class GRPOConfig(Section):
     micro_batch: int = Field(
         16, ge=1, description="Sequences per forward/backward chunk (memory only).", json_schema_extra=NOT_KEYED
     )
-    checkpoint_every: int = Field(5, ge=1, description="Checkpoint every N steps.", json_schema_extra=NOT_KEYED)
+    checkpoint_every: int = Field(4, ge=1, description="Checkpoint every N steps.", json_schema_extra=NOT_KEYED)
 
     @model_validator(mode="after")
     def _trainable(self) -> GRPOConfig:
@@ -493,7 +498,7 @@ class EvaluateConfig(Section):
     """End-task evaluation on held-out test problems."""
 
     num_problems: int = Field(
-        100, ge=1, description="Test-split problems evaluated (the first ones; all of them when there are fewer)."
+        60, ge=1, description="Test-split problems evaluated (the first ones; all of them when there are fewer)."
     )
     max_answer_tokens: int = Field(48, ge=1, description="Answer budget of every arm.")
     think_tokens: int | None = Field(
@@ -540,7 +545,7 @@ class PipelineConfig(Section):
     """
 
     preset: PresetName = Field(
-        "tiny",
+        DEFAULT_PRESET,
         description="The preset whose values fill every field left empty: tiny (tests), local (CPU), "
         "smollm3-3b (GPU workers).",
     )
@@ -564,7 +569,10 @@ class PipelineConfig(Section):
     def _start_from_preset(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
-        preset = data.get("preset", "tiny")
+        preset = data.get("preset")
+        if preset is None:
+            preset = DEFAULT_PRESET
+            logger.info("no preset given: using the %r preset (llm_trm_core/presets/%s.yaml)", preset, preset)
         if preset not in PRESETS:
             return data  # the field validator reports the bad preset name
         return _deep_merge(preset_data(str(preset)), data)
@@ -621,7 +629,7 @@ def parse_config(data: Mapping[str, Any]) -> PipelineConfig:
         raise ConfigError(_describe(exc)) from None
 
 
-def load_config(preset: str = "tiny", overrides: Iterable[str] = ()) -> PipelineConfig:
+def load_config(preset: str = DEFAULT_PRESET, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Preset + overrides -> validated config."""
     return parse_config(apply_overrides(preset_data(preset), overrides))
 

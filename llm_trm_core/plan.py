@@ -50,6 +50,18 @@ COMMAND_STAGES: dict[str, tuple[str, ...]] = {
 PAIR_CONSUMERS = ("trace-hiddens", "pairs", "trm")  # need datagen pairs of every split
 
 
+def command_stages(command: str) -> tuple[str, ...]:
+    """The stages `command` runs: `COMMAND_STAGES`, or a declared stage after its declared upstream stages."""
+    if command in COMMAND_STAGES:
+        return COMMAND_STAGES[command]
+    from llm_trm_core.stages.declaration import stage
+
+    out: list[str] = []
+    for upstream in stage(command).upstream:
+        out += [s for s in command_stages(upstream) if s not in out]
+    return (*out, command)
+
+
 def latent_val_count(lat: LatentConfig) -> int:
     """Val-split problems the latent stage validates on."""
     return max(lat.batch_size, lat.num_problems // 4)

@@ -32,7 +32,7 @@ import fsspec
 from llm_trm_core.config import ModelConfig, PipelineConfig, RuntimeConfig
 from llm_trm_core.errors import ArtifactError, ConfigError, HubUnavailableError
 from llm_trm_core.hub import hub_reachable, in_local_hub_cache, offline_by_env
-from llm_trm_core.plan import COMMAND_STAGES, check_plan, check_shapes
+from llm_trm_core.plan import check_plan, check_shapes, command_stages
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ NATIVE_THINKERS = ("smollm3", "qwen3", "deepseek-r1", "deepseek_r1")
 def preflight(cfg: PipelineConfig, command: str = "pipeline") -> None:
     """Check the plan of `command` (split sizes, shapes), the store, then the model; raise a one-line
     UserError on the first problem."""
-    stages = COMMAND_STAGES[command]
+    stages = command_stages(command)
     check_shapes(cfg, stages)
     check_plan(cfg, stages)
     check_store(cfg.store.root)

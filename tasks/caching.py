@@ -40,7 +40,8 @@ from pydantic import Field
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import ArtifactError, ArtifactNotCommittedError
 from llm_trm_core.locks import WAIT_ENV, LockWaitTimeoutError, StoreLocks, describe_holder, wait_seconds
-from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, stage_config
+from llm_trm_core.stages.declaration import stage_of_task
+from llm_trm_core.stages.keys import stage_config
 from llm_trm_core.store import ArtifactStore
 from tasks.liveness import lock_holder_ended, lock_owner
 
@@ -49,14 +50,6 @@ logger = logging.getLogger(__name__)
 PREFECT_DIR = "_prefect"
 MANIFEST_REF = "llm-trm-manifest-ref"  # the serializer type recorded in every result's metadata
 T = TypeVar("T", bound=Task[Any, Any])
-
-# task name -> the stage whose config view and code version key it
-TASK_STAGES: dict[str, str] = {
-    "problems": "problems", "hiddens": "hiddens", "basis": "basis", "compressor": "compressor",
-    "sweep-report": "sweep", "datagen-shard": "datagen-shard", "datagen-report": "datagen",
-    "trace-hiddens": "trace-hiddens", "pairs": "pairs", "trm": "trm", "latent": "latent", "grpo": "grpo",
-    "evaluate": "evaluate", "evaluate-before-grpo": "evaluate", "evaluate-after-grpo": "evaluate",
-}  # fmt: skip
 
 
 def _is_manifest(value: Any) -> bool:
@@ -86,8 +79,8 @@ class StoreKeyPolicy(CachePolicy):
     ) -> str | None:
         name = task_ctx.task.name
         cfg = inputs.get("cfg")
-        stage = TASK_STAGES.get(name)
-        if stage is None or not isinstance(cfg, PipelineConfig):
+        declared = stage_of_task(name)
+        if declared is None or not isinstance(cfg, PipelineConfig):
             logger.warning("task %s has no store-key cache policy mapping; it runs uncached", name)
             return None
         try:
@@ -98,8 +91,8 @@ class StoreKeyPolicy(CachePolicy):
         scalars = {k: v for k, v in inputs.items() if k != "cfg" and not _is_manifest(v) and not isinstance(v, list)}
         blob = {
             "task": name,
-            "code_version": STAGE_CODE_VERSIONS[stage],
-            "config": stage_config(cfg, stage, scalars),
+            "code_version": declared.version,
+            "config": stage_config(cfg, declared.name, scalars),
             "inputs": others,
             "store": cfg.store.root,
         }

@@ -140,7 +140,7 @@ def _run_stage(root: str, *overrides: str, env: dict[str, str] | None = None, to
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
     )
-    cmd = [*launcher, "-m", "llm_trm_core.stages.compressor", "--preset", "tiny", "--store", root, *overrides]
+    cmd = [*launcher, "-m", "flows.cli", "stage", "compressor", "--preset", "tiny", "--store", root, *overrides]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 

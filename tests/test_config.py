@@ -97,6 +97,6 @@ def test_partial_mappings_start_from_their_preset() -> None:
     partial = PipelineConfig.model_validate({"preset": "local", "compressor": {"d_prime": 128}})
     assert partial == load_config("local", ["compressor.d_prime=128"])
     assert partial.model.source == "smollm2-gguf"
-    assert PipelineConfig() == load_config("tiny")
+    assert PipelineConfig() == load_config("local") == load_config()  # one default preset: local
     with pytest.raises(ConfigError, match="preset"):
         parse_config({"preset": "huge"})

@@ -133,7 +133,7 @@ def test_committed_shards_are_never_redone(monkeypatch) -> None:
 
 
 def _run_datagen(root: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "llm_trm_core.stages.datagen", "--preset", "tiny", "--store", root, *overrides]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "datagen", "--preset", "tiny", "--store", root, *overrides]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 

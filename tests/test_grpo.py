@@ -396,7 +396,7 @@ def _stage(root: str, *overrides: str, fault: str | None = None) -> subprocess.C
     env = {**os.environ, **({"LLM_TRM_FAULT_KILL": fault} if fault else {})}
     env.pop("LLM_TRM_FAULT_KILL", None) if fault is None else None
     return subprocess.run(
-        [sys.executable, "-m", "llm_trm_core.stages.grpo", "--preset", "tiny", "--store", root, *overrides],
+        [sys.executable, "-m", "flows.cli", "stage", "grpo", "--preset", "tiny", "--store", root, *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 

@@ -173,7 +173,9 @@ def test_a_cache_hit_is_answered_from_the_current_store_after_the_store_is_copie
 
     from llm_trm_core.config import load_config
     from tasks.caching import cached
-    from tasks.problems import problems_task
+    from tasks.stage import stage_task
+
+    problems_task = stage_task("problems")
 
     @flow
     def problems_flow(cfg: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def test_launched_stage_runs_on_two_processes_and_commits(tmp_path: Path) -> Non
     root = f"file://{tmp_path / 'store'}"
     cfg = load_config("tiny", [f"store.root={root}", "compressor.solver=sgd", "compressor.max_steps=6",
                                "runtime.num_processes=2"])  # fmt: skip
-    result = launch_stage("llm_trm_core.stages.compressor", cfg, cfg.runtime.num_processes, timeout=600)
+    result = launch_stage("flows.cli", cfg, cfg.runtime.num_processes, timeout=600, args=("stage", "compressor"))
     assert result["world_size"] == 2
     assert ArtifactStore(root).read_manifest("compressor", result["key"]) is not None
 

@@ -197,7 +197,7 @@ def test_bad_pairs_are_clear_errors() -> None:
 
 
 def _run_trm(root: str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "llm_trm_core.stages.trm", "--preset", "tiny", "--store", root, *overrides]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "trm", "--preset", "tiny", "--store", root, *overrides]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 

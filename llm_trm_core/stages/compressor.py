@@ -255,28 +255,3 @@ def run_compressor(
 def with_compressor(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
     """A copy of cfg with compressor fields changed (frozen models)."""
     return cfg.model_copy(update={"compressor": cfg.compressor.model_copy(update=changes)})
-
-
-# ---------------------------------------------------------------------------------------------
-# command line for torchrun / accelerate launch
-
-
-def main(argv: list[str] | None = None) -> None:
-    from llm_trm_core.stages.entry import emit_result, parse_stage_args
-
-    cfg, store, _ = parse_stage_args("Compressor stage 1a (multi-process capable).", argv)
-    accelerator = get_accelerator(cfg.runtime.device, cfg.compressor.mixed_precision)
-    if accelerator.is_main_process:
-        run_basis(cfg, store, run_corpus_hiddens(cfg, store))
-    accelerator.wait_for_everyone()
-    hiddens = store.read_manifest("hiddens", key_for(cfg, "hiddens"))
-    assert hiddens is not None
-    basis = store.read_manifest("basis", key_for(cfg, "basis", {"hiddens": hiddens.key}))
-    assert basis is not None
-    manifest = run_compressor(cfg, store, hiddens, basis, accelerator=accelerator)
-    if accelerator.is_main_process:
-        emit_result({"key": manifest.key, "uri": manifest.uri, "world_size": accelerator.num_processes})
-
-
-if __name__ == "__main__":
-    main()

@@ -205,28 +205,3 @@ def run_datagen_report(
         w.write_bytes("think_length.png", _histogram(lengths, cfg.datagen.max_new_tokens))
         w.write_json("summary.json", summary)
         return w.commit(summary)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m llm_trm_core.stages.datagen --preset P --store URI [--shard N] [k=v ...]`: one shard, or all
-    shards and the report."""
-    from llm_trm_core.stages.entry import emit_result, parse_stage_args
-    from llm_trm_core.stages.problems import run_problems
-
-    def shard_option(parser: Any) -> None:
-        parser.add_argument("--shard", type=int, default=None, help="run only this shard index")
-
-    cfg, store, args = parse_stage_args("Thinking generation (datagen stage).", argv, shard_option)
-    problems = run_problems(cfg, store)
-    specs = plan_shards(cfg, len(datagen_problems(store, problems, cfg)))
-    if args.shard is not None:
-        manifest = run_datagen_shard(cfg, store, problems, specs[args.shard])
-    else:
-        lm = shared_language_model(cfg.model, cfg.runtime)
-        shards = [run_datagen_shard(cfg, store, problems, spec, lm) for spec in specs]
-        manifest = run_datagen_report(cfg, store, problems, shards)
-    emit_result({"stage": manifest.stage, "key": manifest.key, "uri": manifest.uri})
-
-
-if __name__ == "__main__":
-    main()

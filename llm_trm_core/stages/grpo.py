@@ -7,7 +7,7 @@ after on its test split, beside the no-latent LM on the same problems. Checkpoin
 uninterrupted run (every random draw is seeded by step). The artifact holds the trained weights, the
 per-step metrics (also in the manifest), a reward-curve plot and a before/after report.
 
-    python -m llm_trm_core.stages.grpo --preset tiny --store URI [key=value ...]
+    llm-trm stage grpo --preset tiny --store URI [key=value ...]      (without Prefect)
 """
 
 from __future__ import annotations
@@ -288,24 +288,4 @@ def _report(
         + "## Per-step metrics\n\n"
         + markdown_table(steps)
         + "\n"
-    )
-
-
-if __name__ == "__main__":
-    from llm_trm_core.stages.entry import emit_result, parse_stage_args
-    from llm_trm_core.stages.latent import run_latent
-    from llm_trm_core.stages.problems import run_problems
-    from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
-
-    run_cfg, run_store, _ = parse_stage_args("GRPO stage (with its upstream stages, cached)", None)
-    pairs = run_upstream_pairs(run_cfg, run_store)
-    trm_manifest = run_trm(run_cfg, run_store, pairs)
-    comp = run_store.read_manifest("compressor", pairs.upstream["compressor"])
-    assert comp is not None
-    base_problems = run_problems(run_cfg, run_store)
-    lat = run_latent(run_cfg, run_store, base_problems, comp, trm_manifest)
-    grpo_problems = run_problems(grpo_problem_config(run_cfg), run_store)
-    result = run_grpo(run_cfg, run_store, grpo_problems, comp, trm_manifest, lat)
-    emit_result(
-        {"key": result.key, "uri": result.uri, "metrics": {k: v for k, v in result.metrics.items() if k != "history"}}
     )

@@ -6,7 +6,7 @@ pre-state, mean-pooled pre-states, ridge, kNN; ridge λ and k chosen on val). Me
 error, cosine, centered cosine (around the training mean of the targets), R², and, after
 decompression to D, the LM head's KL and top-1 agreement with the target.
 
-    python -m llm_trm_core.stages.trm --preset tiny --store URI [k=v ...]
+    llm-trm stage trm --preset tiny --store URI [k=v ...]      (without Prefect)
 """
 
 from __future__ import annotations
@@ -352,30 +352,8 @@ def _recursion_ablation(
     return metrics, errors
 
 
-def main(argv: list[str] | None = None) -> None:
-    from llm_trm_core.stages.entry import emit_result, parse_stage_args
-
-    cfg, store, _ = parse_stage_args("TRM stage (runs every upstream stage first, cached).", argv)
-    manifest = run_trm(cfg, store, run_upstream_pairs(cfg, store))
-    emit_result({"key": manifest.key, "uri": manifest.uri})
-
-
 def run_upstream_pairs(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
-    """problems -> 1a -> datagen -> 1b -> pairs, without Prefect (for subprocess entry points)."""
-    from llm_trm_core.stages.compressor import run_basis, run_compressor, run_corpus_hiddens
-    from llm_trm_core.stages.datagen import datagen_problems, plan_shards, run_datagen_report, run_datagen_shard
-    from llm_trm_core.stages.pairs import run_pairs, run_trace_hiddens
-    from llm_trm_core.stages.problems import run_problems
+    """problems -> 1a -> datagen -> 1b -> pairs without Prefect (the graph: llm_trm_core/stages/graph.py)."""
+    from llm_trm_core.stages.graph import plain_call, through_pairs
 
-    problems = run_problems(cfg, store)
-    hiddens = run_corpus_hiddens(cfg, store)
-    first = run_compressor(cfg, store, hiddens, run_basis(cfg, store, hiddens))
-    specs = plan_shards(cfg, len(datagen_problems(store, problems, cfg)))
-    datagen = run_datagen_report(cfg, store, problems, [run_datagen_shard(cfg, store, problems, s) for s in specs])
-    traces = run_trace_hiddens(cfg, store, datagen)
-    tuned = run_compressor(cfg, store, traces, run_basis(cfg, store, traces), phase="1b", init=first)
-    return run_pairs(cfg, store, datagen, tuned)
-
-
-if __name__ == "__main__":
-    main()
+    return Manifest.model_validate(through_pairs(plain_call(store), cfg)["pairs"])

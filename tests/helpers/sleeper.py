@@ -1,4 +1,4 @@
-"""A stand-in stage for launcher tests: records its pid, then sleeps (python -m tests.helpers.sleeper)."""
+"""A stand-in stage for launcher tests: records its pid, then sleeps (`python -m tests.helpers.sleeper`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import os
 import time
 from pathlib import Path
 
-from llm_trm_core.stages.entry import parse_stage_args
+from llm_trm_core.launch import DIE_WITH_PARENT_ENV, die_with_parent
 
 if __name__ == "__main__":
-    cfg, _, _ = parse_stage_args("sleeper", None)
+    if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
+        die_with_parent()
     folder = Path(os.environ["SLEEPER_DIR"])
     (folder / f"{os.getpid()}.pid").write_text(str(os.getpid()))
     time.sleep(120)

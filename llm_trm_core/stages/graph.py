@@ -1,0 +1,218 @@
+"""The pipeline graph, written once: which stage runs on which artifacts, for every command.
+
+Each function takes a `Call` that runs one stage by its task name and returns its manifest (as JSON):
+the Prefect flows pass one that runs the stage's cached Prefect task (`flows/chain.py`), the command
+line without Prefect (`llm-trm stage`, torchrun workers, tests) passes `plain_call`, which runs the
+declared run function in this process. Every run function returns at once when its artifact is
+already committed, so a command re-runs only what is missing.
+
+A declared stage that no command below wires by hand (a new stage, `tests/toy_stage.py`) runs through
+`through(call, cfg, name)`: its declared upstream stages first (each by its own command when it has
+one), then the stage on their manifests, in its declared order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from llm_trm_core.config import PipelineConfig
+from llm_trm_core.stages.compressor import with_compressor
+from llm_trm_core.stages.datagen import plan_shards
+from llm_trm_core.stages.declaration import stage, stage_of_task
+from llm_trm_core.stages.grpo import grpo_problem_config
+from llm_trm_core.stages.sweep import sweep_points
+from llm_trm_core.store import ArtifactStore, Manifest
+
+Manifests = dict[str, dict[str, Any]]
+
+
+class Call(Protocol):
+    def __call__(self, task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]: ...
+
+
+def stage1a(call: Call, cfg: PipelineConfig) -> Manifests:
+    hiddens = call("hiddens", cfg)
+    basis = call("basis", cfg, hiddens)
+    return {"hiddens": hiddens, "basis": basis, "compressor-1a": call("compressor", cfg, hiddens, basis, phase="1a")}
+
+
+def stage2_data(call: Call, cfg: PipelineConfig, problems: dict[str, Any]) -> dict[str, Any]:
+    """Datagen: one task per shard (resumable), then the report."""
+    count = min(cfg.datagen.num_problems, int(problems["metrics"]["total"]))
+    shards = [call("datagen-shard", cfg, problems, s.index, s.start, s.end) for s in plan_shards(cfg, count)]
+    return call("datagen-report", cfg, problems, shards)
+
+
+def stage1b(call: Call, cfg: PipelineConfig, compressor_1a: dict[str, Any], datagen: dict[str, Any]) -> Manifests:
+    traces = call("trace-hiddens", cfg, datagen)
+    basis = call("basis", cfg, traces)
+    tuned = call("compressor", cfg, traces, basis, phase="1b", init=compressor_1a)
+    return {"trace-hiddens": traces, "trace-basis": basis, "compressor-1b": tuned}
+
+
+def compressor(call: Call, cfg: PipelineConfig, phase: str = "1a") -> Manifests:
+    """1a: corpus hidden states -> closed-form basis -> the configured compressor; 1b: also thinking traces
+    (datagen) and the 1a compressor fine-tuned on them."""
+    out = stage1a(call, cfg)
+    if phase == "1b":
+        problems = call("problems", cfg)
+        datagen = stage2_data(call, cfg, problems)
+        out.update({"problems": problems, "datagen": datagen, **stage1b(call, cfg, out["compressor-1a"], datagen)})
+    return out
+
+
+def sweep(call: Call, cfg: PipelineConfig) -> Manifests:
+    """One closed-form and one SGD compressor per D' (below the hidden size), then a comparison report."""
+    hiddens = call("hiddens", cfg)
+    basis = call("basis", cfg, hiddens)
+    points = [
+        call("compressor", with_compressor(cfg, d_prime=d, solver=solver), hiddens, basis)
+        for d, solver in sweep_points(cfg, int(hiddens["metrics"]["hidden_size"]))
+    ]
+    return {"hiddens": hiddens, "basis": basis, "sweep": call("sweep-report", cfg, points)}
+
+
+def datagen(call: Call, cfg: PipelineConfig) -> Manifests:
+    problems = call("problems", cfg)
+    return {"problems": problems, "datagen": stage2_data(call, cfg, problems)}
+
+
+def through_pairs(call: Call, cfg: PipelineConfig) -> Manifests:
+    """problems -> 1a -> datagen -> 1b -> pairs (compressed with the 1b compressor)."""
+    out: Manifests = {"problems": call("problems", cfg)}
+    out.update(stage1a(call, cfg))
+    out["datagen"] = stage2_data(call, cfg, out["problems"])
+    out.update(stage1b(call, cfg, out["compressor-1a"], out["datagen"]))
+    out["pairs"] = call("pairs", cfg, out["datagen"], out["compressor-1b"])
+    return out
+
+
+def through_trm(call: Call, cfg: PipelineConfig) -> Manifests:
+    out = through_pairs(call, cfg)
+    out["trm"] = call("trm", cfg, out["pairs"], out["compressor-1b"])
+    return out
+
+
+def through_latent(call: Call, cfg: PipelineConfig) -> Manifests:
+    out = through_trm(call, cfg)
+    out["latent"] = call("latent", cfg, out["problems"], out["compressor-1b"], out["trm"])
+    return out
+
+
+def _policy(out: Manifests) -> tuple[dict[str, Any], ...]:
+    return out["problems"], out["compressor-1b"], out["trm"], out["latent"]
+
+
+def through_evaluate(call: Call, cfg: PipelineConfig) -> Manifests:
+    out = through_latent(call, cfg)
+    out["evaluate"] = call("evaluate", cfg, *_policy(out))
+    return out
+
+
+def through_grpo(call: Call, cfg: PipelineConfig) -> Manifests:
+    """... -> latent -> evaluate (before) -> grpo -> evaluate (after, with the before/after table)."""
+    out = through_latent(call, cfg)
+    out["evaluate-before"] = call("evaluate-before-grpo", cfg, *_policy(out))
+    out["grpo-problems"] = call("problems", grpo_problem_config(cfg))
+    out["grpo"] = call("grpo", cfg, out["grpo-problems"], *_policy(out)[1:])
+    out["evaluate"] = call("evaluate-after-grpo", cfg, *_policy(out), grpo=out["grpo"], before=out["evaluate-before"])
+    return out
+
+
+Command = Callable[[Call, PipelineConfig], Manifests]
+# command -> the graph it runs; `llm_trm_core.plan.COMMAND_STAGES` names the stages each one checks
+COMMANDS: dict[str, Command] = {
+    "compressor": compressor,
+    "compressor-1b": lambda call, cfg: compressor(call, cfg, "1b"),
+    "sweep": sweep,
+    "datagen": datagen,
+    "pairs": through_pairs,
+    "trm": through_trm,
+    "latent": through_latent,
+    "evaluate": through_evaluate,
+    "grpo": through_grpo,
+    "pipeline": through_grpo,
+}
+# the result a command is about (the CLI's one JSON line without Prefect)
+TARGETS = {"compressor": "compressor-1a", "compressor-1b": "compressor-1b", "pipeline": "evaluate"}
+
+
+def through(call: Call, cfg: PipelineConfig, name: str) -> Manifests:
+    """A declared stage after its declared upstream stages: by a command above when one exists, else generic."""
+    if name in COMMANDS:
+        return COMMANDS[name](call, cfg)
+    declared = stage(name)
+    out: Manifests = {}
+    for upstream in declared.upstream:
+        if upstream not in out:
+            out.update(through(call, cfg, upstream))
+    out[name] = call(declared.task_names[0], cfg, *(out[u] for u in declared.upstream))
+    return out
+
+
+def target_of(name: str) -> str:
+    return TARGETS.get(name, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without Prefect
+
+
+def _as_manifests(value: Any) -> Any:
+    if isinstance(value, dict) and "stage" in value and "key" in value:
+        return Manifest.model_validate(value)
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [_as_manifests(v) for v in value]
+    return value
+
+
+StageHook = Callable[[str, PipelineConfig, Callable[[], Manifest]], Manifest]
+
+
+def plain_call(store: ArtifactStore, hook: StageHook | None = None) -> Call:
+    """A `Call` that runs each stage's declared run function in this process.
+
+    `hook(stage, cfg, run)` (tests) wraps every stage run: it must call `run()` and return its manifest.
+    """
+
+    def call(task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
+        declared = stage_of_task(task)
+        if declared is None or declared.run is None:
+            raise KeyError(f"no declared stage runs task {task!r}")
+        run = declared.run
+        args = [_as_manifests(v) for v in inputs]
+        kwargs = {k: _as_manifests(v) for k, v in options.items()}
+
+        def once() -> Manifest:
+            return run(cfg, store, *args, **kwargs)
+
+        manifest = hook(declared.name, cfg, once) if hook else once()
+        return manifest.model_dump(mode="json")
+
+    return call
+
+
+def run_plain(cfg: PipelineConfig, name: str, hook: StageHook | None = None) -> Manifests:
+    """Command or declared stage `name` with everything upstream of it, in this process (no Prefect)."""
+    return through(plain_call(ArtifactStore(cfg.store.root), hook), cfg, name)
+
+
+def run_compressor_distributed(cfg: PipelineConfig) -> tuple[Manifest, int, bool]:
+    """A 1a compressor on every torchrun rank: the main process makes the hidden states and the basis, then
+    every process trains (SGD) its share. Returns the manifest, the world size and whether this is rank 0."""
+    from llm_trm_core.stages.compressor import run_basis, run_compressor, run_corpus_hiddens
+    from llm_trm_core.stages.keys import key_for
+    from llm_trm_core.training.accel import get_accelerator
+
+    store = ArtifactStore(cfg.store.root)
+    accelerator = get_accelerator(cfg.runtime.device, cfg.compressor.mixed_precision)
+    if accelerator.is_main_process:
+        run_basis(cfg, store, run_corpus_hiddens(cfg, store))
+    accelerator.wait_for_everyone()
+    hiddens = store.read_manifest("hiddens", key_for(cfg, "hiddens"))
+    assert hiddens is not None
+    basis = store.read_manifest("basis", key_for(cfg, "basis", {"hiddens": hiddens.key}))
+    assert basis is not None
+    manifest = run_compressor(cfg, store, hiddens, basis, accelerator=accelerator)
+    return manifest, accelerator.num_processes, accelerator.is_main_process

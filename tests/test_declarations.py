@@ -1,0 +1,85 @@
+"""Stage declarations: the store keys and Prefect task names derived from them stay what they were."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_trm_core.config import load_config
+from llm_trm_core.stages.declaration import Stage, declare, stage_of_task, stages, task_stages
+from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, STAGE_SECTIONS, STAGE_VIEWS, key_for
+
+# Keys of the tiny preset with upstream {"up": "abc"}, computed by the hand-kept tables the
+# declarations replaced. A change here changes every cached artifact: only with a code version bump.
+TINY_KEYS = {
+    ("problems", None): "3349b9d645f1c676fc5b2202ded2d86de9c1672a8b47d07522935615864b5bde",
+    ("lm-head", None): "742f65348139f43fdd2abf493eec0e0035cf13e53222cd6c21798e406f625450",
+    ("hiddens", None): "c6be3332bee87d31b5a8c706edfcc966020c744eaa2fe8a2500148b87829f9d1",
+    ("basis", None): "33a39006753a45d03f33e4236560f650bdd7dd93234656dfad977c94740eaee7",
+    ("compressor", "1a"): "409ba349818d0fbe256d81a54df0954aa62f8f3bdeeaadd55e12338955580431",
+    ("compressor", "1b"): "43f7c72fa9771a5b2c0add9cd5d983a81959a6d617f7a2b273cb163630121e94",
+    ("sweep", None): "3333be77468ef852b5ed597024bb3f90b825a5521cfe71bf847d95761bd7fc65",
+    ("datagen-shard", None): "8f76c830548da2ac867ccd8298ccd60c02fe8af7bf593e083a3924815987fcd2",
+    ("datagen", None): "78ec8bb8c1969db9e5ffc10a32de90acd951cf440186b4fab2f3128c8ccdc7f3",
+    ("trace-hiddens", None): "8688783931c2f0f55c3e20502745f190e6cca0b091530644bb97a501bc80e69b",
+    ("pairs", None): "93df7927d5c51501a91d7b2986a71d263e8076b30af3503be0344e5a3a6de7db",
+    ("trm", None): "6f8cc5c84f6240d19694d5cdf2db9d832f81449e04c547ec74215f454322708b",
+    ("latent", None): "3c4b8eb2532d564631986f4e30ca73eced925b2fe9a56b597659c5872e5ea3e3",
+    ("evaluate", None): "29278dfe1e9b244b3f1822b3cac08005e92b6490215b28a1c43d4c882d709e91",
+    ("grpo", None): "8790634255b5b2545c521ec20f5440998edeb8c2565b9ca40bcdb81d515f8233",
+}
+# Prefect task name -> stage: tests, the UI and the cache records depend on these names.
+TASK_STAGES = {
+    "problems": "problems", "hiddens": "hiddens", "basis": "basis", "compressor": "compressor",
+    "sweep-report": "sweep", "datagen-shard": "datagen-shard", "datagen-report": "datagen",
+    "trace-hiddens": "trace-hiddens", "pairs": "pairs", "trm": "trm", "latent": "latent", "grpo": "grpo",
+    "evaluate": "evaluate", "evaluate-before-grpo": "evaluate", "evaluate-after-grpo": "evaluate",
+}  # fmt: skip
+
+
+def test_keys_of_a_fixed_config_do_not_change() -> None:
+    cfg = load_config("tiny")
+    shard = {"index": 1, "start": 8, "end": 16}
+
+    def extra(name: str, option: str | None) -> dict[str, object] | None:
+        return {"phase": option} if name == "compressor" else shard if name == "datagen-shard" else None
+
+    found = {(name, option): key_for(cfg, name, {"up": "abc"}, extra(name, option)) for name, option in TINY_KEYS}
+    assert found == TINY_KEYS
+
+
+def test_the_derived_tables_cover_every_declared_stage() -> None:
+    builtin = {name for name, _ in TINY_KEYS}
+    assert builtin <= set(stages())
+    assert {n: task_stages()[n] for n in TASK_STAGES} == TASK_STAGES
+    assert set(STAGE_CODE_VERSIONS) == set(STAGE_SECTIONS) == set(stages())
+    assert set(STAGE_VIEWS) == {"problems", "hiddens", "compressor", "datagen-shard"}
+    assert stage_of_task("evaluate-after-grpo") is stages()["evaluate"]
+    assert stage_of_task("no-such-task") is None
+
+
+def test_a_second_declaration_under_a_taken_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="declared twice"):
+        declare(Stage("trm", version="99", reads=("trm",)))
+    with pytest.raises(ValueError, match="belong to another stage"):
+        declare(Stage("not-trm", version="1", reads=("trm",), tasks=("trm",)))
+    assert "not-trm" not in stages()
+
+
+def test_the_prefect_tasks_take_the_parameters_they_always_took() -> None:
+    """Parameter names enter Prefect's cache keys (tasks/caching.py): the made tasks keep the old ones."""
+    import inspect
+
+    from tasks.stage import stage_task
+
+    old = {
+        "problems": ["cfg"], "hiddens": ["cfg"], "basis": ["cfg", "hiddens"],
+        "compressor": ["cfg", "hiddens", "basis", "phase", "init"], "sweep-report": ["cfg", "points"],
+        "datagen-shard": ["cfg", "problems", "index", "start", "end"], "datagen-report": ["cfg", "problems", "shards"],
+        "trace-hiddens": ["cfg", "datagen"], "pairs": ["cfg", "datagen", "compressor"],
+        "trm": ["cfg", "pairs", "compressor"], "latent": ["cfg", "problems", "compressor", "trm"],
+        "grpo": ["cfg", "problems", "compressor", "trm", "latent"],
+        "evaluate-after-grpo": ["cfg", "problems", "compressor", "trm", "latent", "grpo", "before"],
+    }  # fmt: skip
+    for name, parameters in old.items():
+        made = stage_task(name)
+        assert made.name == name and list(inspect.signature(made.fn).parameters) == parameters, name
