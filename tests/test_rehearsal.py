@@ -97,7 +97,8 @@ def test_rehearsal_end_to_end(tmp_path: Path) -> None:
                 "pairs", "trm", "latent", "evaluate-before-grpo", "grpo", "evaluate-after-grpo"]  # fmt: skip
     assert list(table) == expected
     for row in table.values():
-        assert row["states"] == ["Completed"], row
+        # a stage the flow asks for twice with the same inputs (problems) is Cached the second time
+        assert "Completed" in row["states"] and set(row["states"]) <= {"Completed", "Cached"}, row
         assert row["peak_rss_mib"] > 0 and row["seconds"] > 0
     assert table["datagen-shard"]["runs"] == 3
     for stage in ("problems", "hiddens", "datagen-report", "trace-hiddens", "pairs", "trm"):
