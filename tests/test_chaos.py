@@ -25,6 +25,7 @@ from tests.helpers.chaos import (
     compare_with_reference,
     make_reference,
     pipeline_env,
+    reaim_missed,
 )
 
 
@@ -54,11 +55,19 @@ def _report(name: str, ref: Reference, kills: list[Kill], wall: float) -> str:
 
 
 def _run(root: str, tmp_path: Path, ref: Reference, *, seed: int, targets: list[int] | None) -> list[Kill]:
+    """The chaos loop in `root`, then targets it missed re-aimed in fresh roots seeded from the reference;
+    every root ends byte-identical to the reference run. Returns every kill."""
     t0 = time.monotonic()
-    kills = chaos(root, pipeline_env(tmp_path / "prefect-home"), ref, seed=seed, targets=targets)
+    env = pipeline_env(tmp_path / "prefect-home")
+    kills = chaos(root, env, ref, seed=seed, targets=targets)
     compare_with_reference(root, ref)
     print(_report(f"chaos {root} seed={seed}", ref, kills, time.monotonic() - t0))
-    assert all(k.hit is not None for k in kills), "a run finished before its kill point"
+    for fresh, more in reaim_missed(root, env, ref, kills, seed=seed, targets=targets):
+        compare_with_reference(fresh, ref)
+        print(_report(f"re-aimed in {fresh}", ref, more, time.monotonic() - t0))
+        kills += more
+    # a kill that lands after the last task hits nothing; its target is re-aimed above, and the callers
+    # check that every target was hit
     return kills
 
 
@@ -75,7 +84,7 @@ def test_sigkill_in_the_short_stages_then_rerun_equals_an_uninterrupted_run(
     trace-hiddens and pairs (a kill that lands later than aimed hits a later task)."""
     targets = [pairs_reference.tasks.index(name) for name in DEFAULT_TARGETS]
     kills = _run(f"file://{tmp_path / 'store'}", tmp_path, pairs_reference, seed=13, targets=targets)
-    assert len(kills) >= 2
+    assert {k.hit for k in kills} >= set(targets), kills
 
 
 def _every_task_hit(ref: Reference, kills: list[Kill]) -> None:

@@ -297,7 +297,7 @@ def _stage_key(store: ArtifactStore, uri: str) -> tuple[str, str]:
 class Kill:
     target: int  # the task aimed at
     delay_s: float  # seeded offset after that task started
-    hit: int | None  # the task running when the process group died (None: the run ended before the kill)
+    hit: int | None  # the task running when the process group died (None: every task had finished)
     before_commit: bool  # the hit task's manifest was not written yet
     temporaries: int  # temporary files present in the store after the kill
     uncommitted: int  # folders without a manifest after the kill
@@ -353,9 +353,12 @@ def kill_once(root: str, env: Mapping[str, str], ref: Reference, target: int, de
         hit, before = None, False
     else:
         assert log.returncode == -signal.SIGKILL, f"the pipeline failed on its own ({log.returncode}):\n{log.tail()}"
-        hit = len(log.task_ends())
-        assert hit < len(ref.tasks), log.tail()
-        before = not all(store.is_committed(*sk) for sk in ref.artifacts[hit])
+        finished = len(log.task_ends())
+        assert finished <= len(ref.tasks), log.tail()
+        if finished == len(ref.tasks):  # killed after the last task, while the CLI shut down: no task hit
+            hit, before = None, False
+        else:
+            hit, before = finished, not all(store.is_committed(*sk) for sk in ref.artifacts[finished])
     temporaries, uncommitted = check_store_after_kill(store, ref)
     return Kill(target, round(delay, 3), hit, before, temporaries, uncommitted, log.returncode)
 
@@ -399,6 +402,46 @@ def chaos(root: str, env: Mapping[str, str], ref: Reference, *, seed: int, targe
         hit.add(kill.hit)
     run_to_completion(root, env, ref.command)
     return kills
+
+
+# A target the first pass missed is re-aimed in a fresh root seeded with the reference's artifacts of every
+# earlier task, at delays drawn from ever smaller fractions of its reference duration; the last fraction is 0,
+# a kill right as the task starts (the previous task's Finished line), which cannot land in a later task.
+REAIM_FRACTIONS = (0.3, 0.1, 0.0)
+
+
+def seed_from_reference(ref: Reference, root: str, upto: int) -> None:
+    """Copy the reference's committed artifacts of tasks 0..upto-1 into `root` (manifests last), byte for byte:
+    the state of a run that stopped just before task `upto`. Works across stores (file:// to gs://)."""
+    src, dst = ArtifactStore(ref.root), ArtifactStore(root)
+    for stage, key in {sk for committed in ref.artifacts[:upto] for sk in committed}:
+        rels = sorted(ref.files[(stage, key)])
+        for rel in [*rels, MANIFEST_NAME]:
+            target = dst.path(stage, key, rel)
+            dst.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # a no-op on gs://
+            dst.fs.pipe_file(target, src.fs.cat_file(src.path(stage, key, rel)))
+
+
+def reaim_missed(
+    root: str, env: Mapping[str, str], ref: Reference, kills: list[Kill], *, seed: int, targets: list[int] | None
+) -> list[tuple[str, list[Kill]]]:
+    """For every target no kill hit: fresh roots `{root}-reaim-{target}-{attempt}` (seeded by
+    `seed_from_reference`), one kill each at a shrinking delay until it hits, then a run to completion.
+    Returns (root, kills) per re-aimed target; each root is then compared with the reference by the caller."""
+    rng = random.Random(seed + 1)
+    wanted = range(len(ref.tasks)) if targets is None else targets
+    hit = {k.hit for k in kills}
+    out: list[tuple[str, list[Kill]]] = []
+    for target in [t for t in wanted if t not in hit]:
+        for attempt, fraction in enumerate(REAIM_FRACTIONS):
+            fresh = f"{root}-reaim-{target}-{attempt}"
+            seed_from_reference(ref, fresh, target)
+            kill = kill_once(fresh, env, ref, target, rng.uniform(0.0, fraction * ref.durations[target]))
+            run_to_completion(fresh, env, ref.command)
+            out.append((fresh, [kill]))
+            if kill.hit == target:
+                break
+    return out
 
 
 def compare_with_reference(root: str, ref: Reference) -> None:
