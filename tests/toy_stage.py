@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.data.problems import read_problems
 from llm_trm_core.stages.declaration import Report, Stage, declare
 from llm_trm_core.stages.keys import key_for, stage_config
-from llm_trm_core.stages.problems import read_problems
 from llm_trm_core.store import ArtifactStore, Manifest
 
 NAME = "toy"
