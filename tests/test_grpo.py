@@ -65,7 +65,7 @@ def test_clipping_by_hand_and_asymmetric_clip() -> None:
 
 def test_k3_kl_by_hand() -> None:
     # d = ln(0.5/0.6) = -0.1823216; k3 = e^d - d - 1 = 0.8333333 + 0.1823216 - 1 = 0.0156549
-    # (grpo-eval.md §3.6 prints 0.015649, a dropped digit: the arithmetic gives 0.0156549)
+    # (a hand calculation once printed 0.015649, a dropped digit: the arithmetic gives 0.0156549)
     logp = torch.log(torch.tensor([[0.6]], dtype=torch.float64))
     ref = torch.log(torch.tensor([[0.5]], dtype=torch.float64))
     assert float(k3_kl(logp, ref)) == pytest.approx(0.0156549, abs=1e-7)

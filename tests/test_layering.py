@@ -1,4 +1,4 @@
-"""DESIGN §2: llm_trm_core never imports prefect (statically or at run time)."""
+"""Layers (docs/architecture.md): llm_trm_core never imports prefect (statically or at run time)."""
 
 from __future__ import annotations
 
