@@ -432,6 +432,8 @@ def stage_command(
         from llm_trm_core.stages.graph import run_plain, target_of
 
         result = _run_guarded(lambda: run_plain(cfg, name))[target_of(name)]
+        if name == "compressor":
+            extra = {"world_size": 1}  # the one-process counterpart of the torchrun line above
     metrics = {k: v for k, v in result["metrics"].items() if k != "history"}
     line = {"stage": result["stage"], "key": result["key"], "uri": result["uri"], "metrics": metrics, **extra}
     sys.stdout.write(json.dumps(line) + "\n")
