@@ -486,7 +486,7 @@ def rehearse(
 
     folder = Path(workdir).resolve()
     err_console.print(f"rehearsal: preparing stand-ins under {folder} (once: a {layers}-layer SmolLM3 at full width)")
-    assets = prepare_assets(folder, layers)
+    assets = _run_guarded(lambda: prepare_assets(folder, layers))
     root = store or f"file://{folder / 'artifacts'}"
     cfg: PipelineConfig = _run_guarded(lambda: rehearsal_config(assets, root, list(overrides or [])))
     console.print("[bold]smollm3-3b preset, changed by the rehearsal[/] (llm_trm_core/rehearsal.py)", highlight=False)

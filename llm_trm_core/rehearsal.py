@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_trm_core.config import PipelineConfig, apply_overrides, parse_config, preset_data
+from llm_trm_core.errors import ConfigError
 
 PRESET = "smollm3-3b"
 
@@ -106,7 +107,14 @@ class RehearsalAssets:
 
 def prepare_assets(root: Path, layers: int = STANDIN_LAYERS) -> RehearsalAssets:
     """Write the stand-ins under `root` (each reused when already complete)."""
-    root.mkdir(parents=True, exist_ok=True)
+    if layers < 1:
+        raise ConfigError(f"--layers {layers}: the stand-in SmolLM3 needs at least 1 decoder layer")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--workdir {root}: cannot create the stand-ins' folder ({exc.strerror or exc}); choose a writable folder"
+        ) from None
     assets = RehearsalAssets(root / f"smollm3-standin-{layers}l", root / "gsm8k-shaped.parquet", root / "corpus.txt")
     if not (assets.model / "READY").exists():
         build_standin_model(assets.model, layers)

@@ -130,3 +130,14 @@ def test_stand_in_problem_file_lists_train_first_and_still_yields_every_split(tm
     sizes = {k: len(v) for k, v in by_split.items()}
     assert sizes["test"] == 6 and sizes["val"] and sizes["train"], sizes
     assert all(isinstance(p.answer_value, float) for p in problems.problems)
+
+
+def test_a_workdir_that_cannot_be_created_is_one_line_exit_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "rehearse", "--workdir", str(blocker / "sub")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "choose a writable folder" in result.stderr
