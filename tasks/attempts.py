@@ -25,11 +25,12 @@ from llm_trm_core.errors import UserError
 from llm_trm_core.preflight import preflight
 from llm_trm_core.store import ArtifactStore
 from tasks.artifacts import publish_config
+from tasks.caching import PREFECT_DIR
 from tasks.logs import core_logs_to_prefect
 
 logger = logging.getLogger(__name__)
 
-ATTEMPTS_DIR = "_prefect/attempts"
+ATTEMPTS_DIR = f"{PREFECT_DIR}/attempts"  # beside Prefect's cache records and locks in the store
 
 
 class TooManyAttemptsError(UserError):
