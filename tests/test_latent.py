@@ -78,10 +78,36 @@ def test_injected_generation_with_kv_cache_equals_full_recomputation(chain) -> N
         assert cached[row] == tokens
 
 
+def test_arms_decoded_together_from_one_prefill_equal_each_arm_decoded_alone(chain) -> None:
+    cfg, store, _, compressor, trm = chain
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    questions = ["What is 2 + 3?", "How many legs do 3 spiders and 2 cats have together?", "What is 10 - 4?"]
+    batch = reasoner.encode_prompts(questions)
+    with torch.no_grad():
+        real = reasoner.latents(batch, "trm_latent")
+        random = reasoner.latents(batch, "random_latent", torch.Generator().manual_seed(1))
+    arms = {"no_think": None, "trm_latent": real, "random_latent": random}
+    together, seconds = reasoner.generate_arms(batch, arms, max_new_tokens=6, lm_only=("no_think",))
+    assert set(together) == set(arms) and all(s >= 0 for s in seconds.values())
+    model, tok = reasoner.lm.model, reasoner.lm.tokenizer
+    embed = model.get_input_embeddings()
+    for arm, latents in arms.items():
+        for row, ids in enumerate(batch.ids):  # alone: no padding, no shared cache, the whole sequence at once
+            parts = [embed(torch.tensor(ids))] + ([latents[row]] if latents is not None else [])
+            sequence = torch.cat(parts)[None]
+            with torch.no_grad():
+                alone = model.generate(
+                    inputs_embeds=sequence, attention_mask=torch.ones(1, sequence.shape[1], dtype=torch.long),
+                    max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                )[0].tolist()  # fmt: skip
+            expected = alone[: alone.index(tok.eos_token_id)] if tok.eos_token_id in alone else alone
+            assert together[arm][row] == expected, (arm, row)
+
+
 def test_original_style_arm_sets_the_first_token_from_the_decompressed_trm_output(chain) -> None:
     cfg, store, _, compressor, trm = chain
     reasoner = build_reasoner(cfg, store, compressor, trm)
-    answers = reasoner.generate_original_style(["What is 2 + 3?"], max_new_tokens=4)
+    answers = reasoner.generate_original_style(reasoner.encode_prompts(["What is 2 + 3?"]), max_new_tokens=4)
     post = reasoner.compressor.decompress(reasoner.trm_output(reasoner.encode_prompts(["What is 2 + 3?"])))
     first = int(reasoner.lm.model.get_output_embeddings()(post).argmax(-1))
     assert answers[0][:1] == ([first] if first != reasoner.lm.tokenizer.eos_token_id else [])
@@ -90,22 +116,22 @@ def test_original_style_arm_sets_the_first_token_from_the_decompressed_trm_outpu
 def test_original_style_arm_reads_the_state_at_think_end(chain) -> None:
     cfg, store, _, compressor, trm = chain
     reasoner = build_reasoner(cfg, store, compressor, trm)
-    question = "What is 2 + 3?"
-    batch = reasoner.encode_prompts([question])
-    end = batch.think_end[0]
+    questions = ["What is 2 + 3?", "How many legs do 3 spiders and 2 cats have together?"]
+    batch = reasoner.encode_prompts(questions)
     end_ids = reasoner.lm.chat.delimiters.end_ids
-    assert tuple(batch.ids[0][end - len(end_ids) + 1 : end + 1]) == end_ids  # think_end is </think>'s last token
-    assert end < len(batch.ids[0]) - 1  # the no-think prompt goes on after it ("\n"): not the position used
-    answers = reasoner.generate_original_style([question], max_new_tokens=5)
-    if not answers[0]:
-        return  # the TRM's token was EOS
-    prefix = [*batch.ids[0][: end + 1], answers[0][0]]  # the predicted token follows </think> directly
-    expected = reasoner.lm.model.generate(
-        input_ids=torch.tensor([prefix]), max_new_tokens=4, do_sample=False,
-        pad_token_id=reasoner.lm.tokenizer.pad_token_id, eos_token_id=reasoner.lm.tokenizer.eos_token_id,
-    )[0, len(prefix) :].tolist()  # fmt: skip
+    answers = reasoner.generate_original_style(batch, max_new_tokens=5)  # both decoded together, left-padded
     eos = reasoner.lm.tokenizer.eos_token_id
-    assert answers[0][1:] == (expected[: expected.index(eos)] if eos in expected else expected)
+    for row, end in enumerate(batch.think_end):
+        assert tuple(batch.ids[row][end - len(end_ids) + 1 : end + 1]) == end_ids  # </think>'s last token
+        assert end < len(batch.ids[row]) - 1  # the no-think prompt goes on after it ("\n"): not the position used
+        if not answers[row]:
+            continue  # the TRM's token was EOS
+        prefix = [*batch.ids[row][: end + 1], answers[row][0]]  # the predicted token follows </think> directly
+        expected = reasoner.lm.model.generate(
+            input_ids=torch.tensor([prefix]), max_new_tokens=4, do_sample=False,
+            pad_token_id=reasoner.lm.tokenizer.pad_token_id, eos_token_id=eos,
+        )[0, len(prefix) :].tolist()  # fmt: skip
+        assert answers[row][1:] == (expected[: expected.index(eos)] if eos in expected else expected)
 
 
 def test_capacity_matched_controls(chain) -> None:

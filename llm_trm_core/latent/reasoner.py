@@ -13,8 +13,9 @@ state after the end-of-thinking delimiter, which sets only the first answer toke
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +25,8 @@ from torch import nn
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
-from llm_trm_core.lm.tokens import cut_at_eos, shared_prompt_prefix, token_at
+from llm_trm_core.lm.prefix import PromptPrefix, generate_after, prefill
+from llm_trm_core.lm.tokens import cut_at_eos, left_pad, shared_prompt_prefix, token_at
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.models.trm import SequenceTRM
 
@@ -150,23 +152,36 @@ class LatentReasoner:
         generator: torch.Generator | None = None,
         outputs: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The k latents of an arm. Controls with the TRM latents' capacity (docs/evaluation.md):
-        random_latent: random directions with each real latent's norm; mean_latent: the projector applied to
-        `mean_output` (one vector for every question); shuffled_latent: the projector applied to `outputs`,
-        other questions' TRM outputs (see `trm_outputs` and `stats.derangement`)."""
+        """The k latents of an arm for `batch` (the TRM runs on it unless the arm needs no TRM output);
+        `outputs`: other questions' TRM outputs for shuffled_latent. See `arm_latents`."""
+        if arm == "no_latent":
+            return None
+        if arm in ("trm_latent", "random_latent"):
+            return self.arm_latents(arm, len(batch.ids), self.trm_output(batch), generator)
+        return self.arm_latents(arm, len(batch.ids), outputs, generator)
+
+    def arm_latents(
+        self,
+        arm: Arm,
+        rows: int,
+        outputs: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor | None:
+        """The k latents of an arm from TRM outputs (raw scale, (rows, D')). Controls with the TRM latents'
+        capacity (docs/evaluation.md): random_latent: random directions with each real latent's norm
+        (`outputs`: the questions' own TRM outputs); mean_latent: the projector applied to `mean_output` (one
+        vector for every question); shuffled_latent: `outputs` are other questions' TRM outputs (see
+        `trm_outputs` and `stats.derangement`)."""
         if arm == "no_latent":
             return None
         if arm == "mean_latent":
             if self.mean_output is None:
                 raise UserError("the mean_latent arm needs the TRM's training-mean output (fit_mean_output)")
-            out = self.mean_output.to(self.device).expand(len(batch.ids), -1)
-        elif arm == "shuffled_latent":
-            if outputs is None or outputs.shape[0] != len(batch.ids):
-                raise ValueError("the shuffled_latent arm needs one permuted TRM output per question")
-            out = outputs.to(self.device)
-        else:
-            out = self.trm_output(batch)
-        latents = self.projector(self.trm.standardize_target(out))
+            outputs = self.mean_output.expand(rows, -1)
+        if outputs is None or outputs.shape[0] != rows:
+            permuted = "permuted " if arm == "shuffled_latent" else ""
+            raise ValueError(f"the {arm} arm needs one {permuted}TRM output per question")
+        latents = self.projector(self.trm.standardize_target(outputs.to(self.device)))
         if arm == "random_latent":  # same k, random directions with the norm of each real latent
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             latents = noise / noise.norm(dim=-1, keepdim=True) * latents.norm(dim=-1, keepdim=True)
@@ -210,7 +225,53 @@ class LatentReasoner:
             starts.append(width - emb.shape[0] + len(seq) + k)
         return embeds, mask, starts
 
+    def prefix(self, ids: list[list[int]], grad: bool = False) -> PromptPrefix:
+        """The prompts run once through the LM under the current adapter state (llm_trm_core/lm/prefix.py)."""
+        return prefill(self.lm.model, ids, int(self.lm.tokenizer.pad_token_id or 0), grad)
+
     @torch.no_grad()
+    def generate_arms(
+        self,
+        batch: PromptBatch,
+        latents: Mapping[str, torch.Tensor | None],
+        max_new_tokens: int,
+        lm_only: Collection[str] = (),
+    ) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
+        """Greedy answers (token ids, EOS cut) of several arms on the same prompts, and the seconds each arm
+        took per question. The prompts run through the LM once (per adapter state: arms in `lm_only` run
+        with adapters off); the arms with latents then decode together from that cache, as one batch of
+        arms x questions, and the arms without latents together (their wall time is shared equally)."""
+        self.check_context(batch, max_new_tokens)
+        model: Any = self.lm.model
+        tok = self.lm.tokenizer
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for arm, value in latents.items():
+            groups.setdefault((arm in lm_only, value is not None), []).append(arm)
+        adapters = bool(getattr(model, "_hf_peft_config_loaded", False))
+        prefixes: dict[bool, PromptPrefix] = {}
+        answers: dict[str, list[list[int]]] = {}
+        seconds: dict[str, float] = {}
+        rows = len(batch.ids)
+        for (off, injected), arms in groups.items():
+            began = time.perf_counter()
+            with adapters_off(model) if off else nullcontext():
+                state = off and adapters
+                if state not in prefixes:
+                    prefixes[state] = self.prefix(batch.ids)
+                prefix = prefixes[state].select([i for i in range(rows) for _ in arms])
+                middle = None
+                if injected:
+                    stacked = torch.stack([latents[arm] for arm in arms], dim=1)  # type: ignore[misc]
+                    middle = stacked.flatten(0, 1)  # row i * len(arms) + a: question i, arm a
+                out = generate_after(
+                    model, prefix, middle, max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                ).cpu()  # fmt: skip
+            for a, arm in enumerate(arms):
+                answers[arm] = [cut_at_eos(out[i * len(arms) + a].tolist(), tok.eos_token_id)[0] for i in range(rows)]
+                seconds[arm] = (time.perf_counter() - began) / (rows * len(arms))
+        return {arm: answers[arm] for arm in latents}, seconds
+
     def generate(
         self,
         questions: list[str],
@@ -221,39 +282,39 @@ class LatentReasoner:
     ) -> list[list[int]]:
         """Greedy answers (token ids, EOS cut) with the arm's latents injected before the answer."""
         batch = self.encode_prompts(questions)
-        self.check_context(batch, max_new_tokens)
-        embeds, mask, _ = self.input_embeddings(batch.ids, self.latents(batch, arm, generator, outputs))
-        tok = self.lm.tokenizer
-        model: Any = self.lm.model
-        out = model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
-        return [cut_at_eos(row.tolist(), tok.eos_token_id)[0] for row in out.cpu()]
+        with torch.no_grad():
+            latents = self.latents(batch, arm, generator, outputs)
+        return self.generate_arms(batch, {arm: latents}, max_new_tokens)[0][arm]
 
     @torch.no_grad()
-    def generate_original_style(self, questions: list[str], max_new_tokens: int) -> list[list[int]]:
-        """The original's arm: the decompressed TRM output replaces the state AT `</think>` (`think_end`, the
-        position the pairs' post state was taken at), so the LM head of it picks the token that follows
-        `</think>`; the answer is then generated from the prompt cut after `</think>` plus that token."""
-        batch = self.encode_prompts(questions)
+    def generate_original_style(
+        self, batch: PromptBatch, max_new_tokens: int, outputs: torch.Tensor | None = None
+    ) -> list[list[int]]:
+        """The original's arm: the decompressed TRM output (`outputs`, else the TRM runs on `batch`) replaces
+        the state AT `</think>` (`think_end`, the position the pairs' post state was taken at), so the LM head
+        of it picks the token that follows `</think>`; the answer is then generated from the prompt cut after
+        `</think>` plus that token (all questions decoded together, left-padded)."""
         self.check_context(batch, max_new_tokens)
-        post = self.compressor.decompress(self.trm_output(batch).cpu())
+        out = self.trm_output(batch) if outputs is None else outputs
+        post = self.compressor.decompress(out.float().cpu())
         head = self.lm.model.get_output_embeddings()
         first = head(post.to(self.device).to(head.weight.dtype)).argmax(-1).tolist()
         tok = self.lm.tokenizer
-        answers: list[list[int]] = []
-        for seq, end, token in zip(batch.ids, batch.think_end, first, strict=True):
-            if token == tok.eos_token_id:
-                answers.append([])
-                continue
-            prefix = [*seq[: end + 1], token]
-            model: Any = self.lm.model
-            out = model.generate(
-                input_ids=torch.tensor([prefix], device=self.device), max_new_tokens=max_new_tokens - 1,
-                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )  # fmt: skip
-            answers.append([token, *cut_at_eos(out[0, len(prefix) :].tolist(), tok.eos_token_id)[0]])
+        answers: list[list[int]] = [[] for _ in batch.ids]
+        todo = [row for row, token in enumerate(first) if token != tok.eos_token_id]
+        if not todo:
+            return answers
+        if max_new_tokens <= 1:
+            return [[] if token == tok.eos_token_id else [token] for token in first]
+        prefixes = [[*batch.ids[row][: batch.think_end[row] + 1], first[row]] for row in todo]
+        ids, mask = left_pad(prefixes, int(tok.pad_token_id or 0))
+        model: Any = self.lm.model
+        generated = model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens - 1,
+            do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        ).cpu()  # fmt: skip
+        for j, row in enumerate(todo):
+            answers[row] = [first[row], *cut_at_eos(generated[j, ids.shape[1] :].tolist(), tok.eos_token_id)[0]]
         return answers
 
 

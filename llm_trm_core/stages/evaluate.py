@@ -26,8 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -39,10 +38,10 @@ import torch
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.answers import grade
-from llm_trm_core.data.problems import read_problems
+from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
-from llm_trm_core.latent.reasoner import LatentReasoner, adapters_off
+from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
 from llm_trm_core.lm.tokens import cut_at_eos, left_pad
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.publish import cached, stage_writer
@@ -142,6 +141,81 @@ def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) 
     return [cut_at_eos(r, tok.eos_token_id)[0] for r in rows]
 
 
+def answer_arms(
+    reasoner: LatentReasoner,
+    cfg: PipelineConfig,
+    test: Sequence[Problem],
+    arms: list[str],
+    think_budget: int,
+    train_questions: list[str],
+) -> dict[str, list[dict[str, Any]]]:
+    """Every arm's graded answers on `test`, in its order (`train_questions`: for mean_latent's mean output).
+    Questions go in chunks of similar length (`evaluate.batch_size`, less padding); per chunk the prompts are
+    encoded and the TRM run once, and the prompt is prefilled once for every arm that continues it
+    (`LatentReasoner.generate_arms`)."""
+    ev = cfg.evaluate
+    tok = reasoner.lm.tokenizer
+    end_ids = reasoner.lm.chat.delimiters.end_ids
+    model: Any = reasoner.lm.model
+    order = sorted(range(len(test)), key=lambda i: (len(test[i].question), i))
+    chunks = [order[i : i + ev.batch_size] for i in range(0, len(order), ev.batch_size)]
+    needs_trm = any(a in arms for a in ("trm_latent", "random_latent", "shuffled_latent", "original_style"))
+    encoded = [reasoner.encode_prompts([test[i].question for i in chunk]) for chunk in chunks]
+    outputs = torch.zeros(len(test), reasoner.compressor.d_prime)
+    if needs_trm:
+        with torch.no_grad():
+            for chunk, batch in zip(chunks, encoded, strict=True):
+                outputs[chunk] = reasoner.trm_output(batch).float().cpu()
+    if "mean_latent" in arms:
+        if not train_questions:
+            raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
+        reasoner.fit_mean_output(train_questions, ev.batch_size)
+    shuffled = outputs[derangement(len(test), cfg.runtime.seed)] if "shuffled_latent" in arms else outputs
+    generator = torch.Generator().manual_seed(cfg.runtime.seed)
+    results: dict[str, list[dict[str, Any] | None]] = {arm: [None] * len(test) for arm in arms}
+    arm_of = {"no_think": "no_latent"}
+    continued = [a for a in arms if a in ("no_think", *LATENT_ARMS)]
+    for done, (chunk, batch) in enumerate(zip(chunks, encoded, strict=True), start=1):
+        answers: dict[str, list[list[int]]] = {}
+        seconds: dict[str, float] = {}
+        with torch.no_grad():
+            latents = {
+                arm: reasoner.arm_latents(
+                    arm_of.get(arm, arm),  # type: ignore[arg-type]
+                    len(chunk),
+                    (shuffled if arm == "shuffled_latent" else outputs)[chunk],
+                    generator,
+                )
+                for arm in continued
+            }
+        if continued:
+            answers, seconds = reasoner.generate_arms(batch, latents, ev.max_answer_tokens, lm_only=LM_ONLY_ARMS)
+        if "original_style" in arms:
+            began = time.perf_counter()
+            answers["original_style"] = reasoner.generate_original_style(batch, ev.max_answer_tokens, outputs[chunk])
+            seconds["original_style"] = (time.perf_counter() - began) / len(chunk)
+        if "think" in arms:
+            began = time.perf_counter()
+            with adapters_off(model):
+                answers["think"] = _think_answers(reasoner, [test[i].question for i in chunk], think_budget)
+            seconds["think"] = (time.perf_counter() - began) / len(chunk)
+        for arm in arms:
+            for i, ids in zip(chunk, answers[arm], strict=True):
+                record: dict[str, Any] = {"id": test[i].id, "tokens": len(ids), "seconds": seconds[arm]}
+                if arm == "think":  # graded on the answer after </think> only
+                    ids, finished = think_answer(ids, end_ids)
+                    record["finished"] = finished
+                text = str(tok.decode(ids, skip_special_tokens=True))
+                graded = grade(text, test[i].answer_value)
+                record.update(
+                    {"text": text, "correct": graded.numeric, "strict": graded.strict,
+                     "extracted": graded.extracted.value}
+                )  # fmt: skip
+                results[arm][i] = record
+        logger.info("evaluated %d/%d chunks of %d problems", done, len(chunks), len(test))
+    return {arm: [r for r in rows if r is not None] for arm, rows in results.items()}
+
+
 def _plot(rows: list[dict[str, Any]]) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.4))
     names = [r["arm"] for r in rows]
@@ -202,56 +276,12 @@ def run_evaluate(
             )
     # LM-only arms run with adapters off, so GRPO (LoRA or not) cannot change them: reuse them
     reused = {a for a in LM_ONLY_ARMS if a in arms and a in previous}
-    tok = reasoner.lm.tokenizer
-    end_ids = reasoner.lm.chat.delimiters.end_ids
     think_budget = (ev.think_tokens or cfg.datagen.max_new_tokens) + ev.max_answer_tokens
-    generator = torch.Generator().manual_seed(cfg.runtime.seed)
-    questions_all = [p.question for p in test]
-    if "mean_latent" in arms:
-        train_questions = [
-            p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)
-        ]
-        if not train_questions:
-            raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
-        reasoner.fit_mean_output(train_questions, ev.batch_size)
-    shuffled = torch.zeros(0)
-    if "shuffled_latent" in arms:
-        outputs = reasoner.trm_outputs(questions_all, ev.batch_size)
-        shuffled = outputs[derangement(len(test), cfg.runtime.seed)]
-    model: Any = reasoner.lm.model
-    runners: dict[str, Callable[[list[str], int], list[list[int]]]] = {
-        "no_think": lambda qs, _: reasoner.generate(qs, "no_latent", ev.max_answer_tokens),
-        "think": lambda qs, _: _think_answers(reasoner, qs, think_budget),
-        "trm_latent": lambda qs, _: reasoner.generate(qs, "trm_latent", ev.max_answer_tokens),
-        "random_latent": lambda qs, _: reasoner.generate(qs, "random_latent", ev.max_answer_tokens, generator),
-        "mean_latent": lambda qs, _: reasoner.generate(qs, "mean_latent", ev.max_answer_tokens),
-        "shuffled_latent": lambda qs, at: reasoner.generate(
-            qs, "shuffled_latent", ev.max_answer_tokens, outputs=shuffled[at : at + len(qs)]
-        ),
-        "original_style": lambda qs, _: reasoner.generate_original_style(qs, ev.max_answer_tokens),
-    }
-    results: dict[str, list[dict[str, Any]]] = {arm: list(previous[arm]) if arm in reused else [] for arm in arms}
-    for start in range(0, len(test), ev.batch_size):
-        batch = test[start : start + ev.batch_size]
-        questions = [p.question for p in batch]
-        for arm in (a for a in arms if a not in reused):
-            began = time.perf_counter()
-            with adapters_off(model) if arm in LM_ONLY_ARMS else nullcontext():
-                answers = runners[arm](questions, start)
-            seconds = (time.perf_counter() - began) / len(batch)
-            for problem, ids in zip(batch, answers, strict=True):
-                record: dict[str, Any] = {"id": problem.id, "tokens": len(ids), "seconds": seconds}
-                if arm == "think":  # graded on the answer after </think> only
-                    ids, finished = think_answer(ids, end_ids)
-                    record["finished"] = finished
-                text = str(tok.decode(ids, skip_special_tokens=True))
-                graded = grade(text, problem.answer_value)
-                record.update(
-                    {"text": text, "correct": graded.numeric, "strict": graded.strict,
-                     "extracted": graded.extracted.value}
-                )  # fmt: skip
-                results[arm].append(record)
-        logger.info("evaluated %d/%d problems", min(start + ev.batch_size, len(test)), len(test))
+    train_questions = [
+        p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)
+    ]
+    results = answer_arms(reasoner, cfg, test, [a for a in arms if a not in reused], think_budget, train_questions)
+    results = {arm: list(previous[arm]) if arm in reused else results[arm] for arm in arms}
     rows = [summarize_arm(arm, results[arm]) for arm in arms]
     compared = comparisons(results, ev.reference, ev.bootstrap, cfg.runtime.seed)
     title = "after GRPO" if grpo is not None else "before GRPO"

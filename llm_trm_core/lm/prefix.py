@@ -1,0 +1,148 @@
+"""A prompt run through the LM once, continued many times: the shared-prefix KV cache.
+
+Every latent arm, every GRPO sample of a question, and every teacher-forced pass over an answer starts
+with the same prompt tokens. `prefill` runs the left-padded prompts through the transformer body once,
+all but each prompt's last token, and keeps the key/value cache; a continuation then feeds only its own
+suffix, `[last prompt token, k latents, answer ...]`, attending to the cached prompt:
+
+- `PromptPrefix.select(rows)` gives a fresh cache for any rows, repeated or reordered (G samples of one
+  question, one micro-batch of them), by indexing the cached tensors: the prompt is never re-run;
+- `forward_suffix` runs a suffix batch (right-padded, so real tokens keep their positions) and returns its
+  last-layer states; gradients flow into the suffix (latents, adapters) but not into the cached prompt;
+- `generate_after` decodes from a suffix with `transformers`' own `generate` (greedy or sampled), which
+  continues from a cache when given the full-width `inputs_embeds` (the cached part is skipped).
+
+Positions follow `generate`'s convention (cumulative attention mask minus one), so a teacher-forced suffix
+sees exactly the positions the decoding pass saw. The cache is only valid while the weights it was made
+with do not change: a prefix is made under the adapter state of its use and, when adapters train, with
+gradients (`prefill(..., grad=True)`) and rebuilt for every optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from llm_trm_core.lm.tokens import left_pad
+
+
+@dataclass
+class PromptPrefix:
+    """Left-padded prompts whose first `width - 1` columns are cached (the KV of every prompt token but the last)."""
+
+    ids: list[list[int]]
+    mask: torch.Tensor  # (B, width) 1 at real prompt tokens
+    last: torch.Tensor  # (B, 1, D) input embedding of each prompt's last token
+    keys: list[torch.Tensor]  # per layer (B, heads, width - 1, head_dim)
+    values: list[torch.Tensor]
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def select(self, rows: Sequence[int]) -> PromptPrefix:
+        """The prefix of `rows` (indices into this batch, repeats allowed), sharing no cache storage."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        return PromptPrefix(
+            [self.ids[i] for i in rows],
+            self.mask.index_select(0, index),
+            self.last.index_select(0, index),
+            [k.index_select(0, index) for k in self.keys],
+            [v.index_select(0, index) for v in self.values],
+        )
+
+    def cache(self) -> DynamicCache:
+        """A new cache holding the prefix (extended in place by whoever runs on it)."""
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            cache.update(k, v, layer)
+        return cache
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """`generate`'s position ids: the cumulative attention mask minus one (0 at left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(model: PreTrainedModel, ids: Sequence[Sequence[int]], pad_id: int, grad: bool = False) -> PromptPrefix:
+    """Run every prompt but its last token through the LM body once (no gradients unless `grad`)."""
+    batch, mask = left_pad(ids, pad_id)
+    device = next(model.parameters()).device
+    batch, mask = batch.to(device), mask.to(device)
+    embed = model.get_input_embeddings()
+    with torch.set_grad_enabled(grad):
+        cache = DynamicCache()
+        if batch.shape[1] > 1:
+            body: Any = model.base_model
+            body(
+                input_ids=batch[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_of(mask)[:, :-1],
+                past_key_values=cache, use_cache=True,
+            )  # fmt: skip
+        last = embed(batch[:, -1:])
+    layers: list[Any] = list(cache.layers) if batch.shape[1] > 1 else []
+    keys: list[torch.Tensor] = [layer.keys for layer in layers]
+    values: list[torch.Tensor] = [layer.values for layer in layers]
+    return PromptPrefix([list(s) for s in ids], mask, last, keys, values)
+
+
+def suffix_inputs(
+    prefix: PromptPrefix, middle: torch.Tensor | None, answers: Sequence[Sequence[int]] | None, embed: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The suffix `[last prompt token, middle (k latents), answer]` per row, right-padded: (embeds (B, S, D),
+    the full attention mask (B, width - 1 + S), the suffix positions (B, S), each row's answer start in the
+    suffix)."""
+    parts = [prefix.last]
+    if middle is not None:
+        parts.append(middle.to(prefix.last.dtype))
+    head = torch.cat(parts, dim=1)
+    rows, n = head.shape[0], head.shape[1]
+    lengths = [len(a) for a in answers] if answers is not None else [0] * rows
+    width = n + max(lengths, default=0)
+    embeds = head.new_zeros(rows, width, head.shape[-1])
+    embeds[:, :n] = head
+    suffix_mask = torch.zeros(rows, width, dtype=prefix.mask.dtype, device=prefix.mask.device)
+    suffix_mask[:, :n] = 1
+    if answers is not None:
+        for row, answer in enumerate(answers):
+            if answer:
+                tokens = torch.tensor(list(answer), dtype=torch.long, device=prefix.mask.device)
+                embeds[row, n : n + len(answer)] = embed(tokens).to(embeds.dtype)
+                suffix_mask[row, n : n + len(answer)] = 1
+    full_mask = torch.cat([prefix.mask[:, :-1], suffix_mask], dim=1)
+    positions = positions_of(full_mask)[:, prefix.width - 1 :]
+    return embeds, full_mask, positions, [n] * rows
+
+
+def forward_suffix(
+    model: PreTrainedModel,
+    prefix: PromptPrefix,
+    middle: torch.Tensor | None = None,
+    answers: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Last-layer states (B, S, D) of the suffix after the cached prompt, and each row's answer start in it
+    (the state at start - 1 + t predicts answer token t)."""
+    embeds, mask, positions, starts = suffix_inputs(prefix, middle, answers, model.get_input_embeddings())
+    body: Any = model.base_model
+    hidden = body(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=prefix.cache(),
+        use_cache=True,
+    )[0]  # fmt: skip
+    return hidden, starts
+
+
+def generate_after(
+    model: PreTrainedModel, prefix: PromptPrefix, middle: torch.Tensor | None, **generate_kwargs: Any
+) -> torch.Tensor:
+    """`model.generate` continuing the cached prompt with `[last prompt token, middle]`: the new tokens only."""
+    embeds, mask, _, _ = suffix_inputs(prefix, middle, None, model.get_input_embeddings())
+    full = embeds.new_zeros(embeds.shape[0], prefix.width - 1 + embeds.shape[1], embeds.shape[2])
+    full[:, prefix.width - 1 :] = embeds  # generate skips the cached columns of inputs_embeds
+    generating: Any = model
+    out: torch.Tensor = generating.generate(
+        inputs_embeds=full, attention_mask=mask, past_key_values=prefix.cache(), **generate_kwargs
+    )
+    return out
