@@ -216,8 +216,8 @@ def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
     policy, _ = _policy(chain)
     batch = policy.encode_prompts(["What is 2 + 3?", "How many legs do 3 spiders have and why?"])
     latents = policy.latents(batch, "trm_latent").detach()
-    rollout = sample_answers(policy, batch.ids, latents, temperature=0.7, max_new_tokens=5, seed=3)
-    again = sample_answers(policy, batch.ids, latents, temperature=0.7, max_new_tokens=5, seed=3)
+    rollout = sample_answers(policy, policy.prefix(batch.ids), latents, temperature=0.7, max_new_tokens=5, seed=3)
+    again = sample_answers(policy, policy.prefix(batch.ids), latents, temperature=0.7, max_new_tokens=5, seed=3)
     assert rollout.completions == again.completions  # seeded
     tok = policy.lm.tokenizer
     embeds, mask, _ = policy.input_embeddings(batch.ids, latents)
@@ -228,7 +228,7 @@ def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
             top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
             return_dict_in_generate=True,
         )  # fmt: skip
-        scored = answer_log_probs(policy, batch.ids, latents, rollout.completions, temperature=0.7)
+        scored = answer_log_probs(policy, policy.prefix(batch.ids), latents, rollout.completions, temperature=0.7)
     for row, completion in enumerate(rollout.completions):
         for t, token in enumerate(completion):
             expected = (out.logits[t][row].float() / 0.7).log_softmax(-1)[token]
@@ -242,14 +242,14 @@ def test_model_generation_defaults_cannot_change_the_rollout_distribution(chain)
     policy, _ = _policy(chain)
     batch = policy.encode_prompts(["What is 2 + 3?", "How many legs do 3 spiders have and why?"])
     latents = policy.latents(batch, "trm_latent").detach()
-    clean = sample_answers(policy, batch.ids, latents, temperature=0.9, max_new_tokens=6, seed=5)
+    clean = sample_answers(policy, policy.prefix(batch.ids), latents, temperature=0.9, max_new_tokens=6, seed=5)
     defaults = policy.lm.model.generation_config
     saved = copy.deepcopy(defaults)
     try:
         for name, value in {"repetition_penalty": 3.0, "top_k": 2, "top_p": 0.3, "no_repeat_ngram_size": 1,
                             "min_new_tokens": 6, "temperature": 0.1}.items():  # fmt: skip
             setattr(defaults, name, value)
-        polluted = sample_answers(policy, batch.ids, latents, temperature=0.9, max_new_tokens=6, seed=5)
+        polluted = sample_answers(policy, policy.prefix(batch.ids), latents, temperature=0.9, max_new_tokens=6, seed=5)
     finally:
         policy.lm.model.generation_config = saved
     assert polluted.completions == clean.completions

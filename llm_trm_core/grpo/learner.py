@@ -60,12 +60,19 @@ class GRPOLearner:
         g = self.cfg
         batch = self.policy.encode_prompts(list(questions))
         self.policy.check_context(batch, g.max_completion_tokens)
-        prompt_ids = [ids for ids in batch.ids for _ in range(g.group_size)]
+        question_of = [q for q in range(len(batch.ids)) for _ in range(g.group_size)]  # sample -> its question
+        model = self.policy.lm.model
+        # each prompt through the LM once (llm_trm_core/lm/prefix.py); the reference reads it with adapters off
+        prefix = self.policy.prefix(batch.ids)
+        ref_prefix = prefix
+        if self.reference_adapters_off:
+            with adapters_off(model):
+                ref_prefix = self.policy.prefix(batch.ids)
         with torch.no_grad():
             latents = self._latents(self.policy, batch)
             ref_latents = self._latents(self.reference, batch)
-        rollout = sample_answers(self.policy, prompt_ids, latents, g.temperature, g.max_completion_tokens,
-                                 step_seed(self.seed, step))  # fmt: skip
+        rollout = sample_answers(self.policy, prefix.select(question_of), latents, g.temperature,
+                                 g.max_completion_tokens, step_seed(self.seed, step))  # fmt: skip
         repeated = {name: [v for v in values for _ in range(g.group_size)] for name, values in columns.items()}
         repeated["prompts"] = [q for q in questions for _ in range(g.group_size)]
         repeated["completion_ids"] = rollout.completions
@@ -97,10 +104,12 @@ class GRPOLearner:
         with torch.no_grad():
             for chunk in self._chunks(list(range(len(rollout.texts)))):
                 comps = [rollout.completions[i] for i in chunk]
-                pids = [prompt_ids[i] for i in chunk]
-                cur = answer_log_probs(self.policy, pids, latents[chunk], comps, g.temperature)
-                with adapters_off(self.policy.lm.model) if self.reference_adapters_off else nullcontext():
-                    ref = answer_log_probs(self.reference, pids, ref_latents[chunk], comps, g.temperature)
+                asked = [question_of[i] for i in chunk]
+                cur = answer_log_probs(self.policy, prefix.select(asked), latents[chunk], comps, g.temperature)
+                with adapters_off(model) if self.reference_adapters_off else nullcontext():
+                    ref = answer_log_probs(
+                        self.reference, ref_prefix.select(asked), ref_latents[chunk], comps, g.temperature
+                    )
                 kl_sum += float((k3_kl(cur.logp, ref.logp) * cur.mask).sum())
                 entropy_sum += float(cur.entropy.sum())
                 tokens += float(cur.mask.sum())
@@ -116,8 +125,10 @@ class GRPOLearner:
                 for chunk in self._chunks(rows):
                     comps = [rollout.completions[i] for i in chunk]
                     grad_latents = self._latents(self.policy, batch)[chunk]
-                    cur = answer_log_probs(self.policy, [prompt_ids[i] for i in chunk], grad_latents, comps,
-                                           g.temperature)  # fmt: skip
+                    # trained adapters change the prompt's states: run it with gradients, after the last update
+                    live = self.policy.prefix(batch.ids, grad=True) if self.reference_adapters_off else prefix
+                    cur = answer_log_probs(self.policy, live.select([question_of[i] for i in chunk]), grad_latents,
+                                           comps, g.temperature)  # fmt: skip
                     width = cur.logp.shape[1]
                     terms = grpo_loss(
                         cur.logp,

@@ -5,6 +5,10 @@ pi(a | x) = prod_t p_LM(a_t | x, latents, a_<t). Sampling uses plain temperature
 top-p), so the log-probs computed here, on the same temperature-scaled logits, are exactly those of the
 distribution the samples came from. Positions follow generate's convention (cumulative attention mask),
 so a teacher-forced pass reproduces the sampling pass.
+
+Both run on a `PromptPrefix` (llm_trm_core/lm/prefix.py): each question's prompt goes through the LM once
+per step and its G samples, the old, reference and gradient passes continue from that cache with only
+`[last prompt token, latents, answer]` of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from transformers import GenerationConfig
 
 from llm_trm_core.latent.reasoner import LatentReasoner
+from llm_trm_core.lm.prefix import PromptPrefix, forward_suffix, generate_after
 from llm_trm_core.lm.tokens import cut_at_eos
 
 
@@ -44,28 +49,26 @@ def sampling_config(temperature: float, max_new_tokens: int, pad: int | None, eo
 
 def sample_answers(
     reasoner: LatentReasoner,
-    prompt_ids: Sequence[list[int]],
+    prefix: PromptPrefix,
     latents: torch.Tensor,
     temperature: float,
     max_new_tokens: int,
     seed: int,
 ) -> Rollout:
-    """One sampled answer per row (rows already repeated G times); seeded, global RNG untouched."""
+    """One sampled answer per row of `prefix` (rows already repeated G times); seeded, global RNG untouched."""
     tok = reasoner.lm.tokenizer
-    embeds, mask, _ = reasoner.input_embeddings(list(prompt_ids), latents)
-    model: Any = reasoner.lm.model
     devices = [reasoner.device] if reasoner.device.type == "cuda" else []
     config = sampling_config(temperature, max_new_tokens, tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        out = generate_after(reasoner.lm.model, prefix, latents, generation_config=config)
     completions, truncated = [], []
     for row in out.cpu().tolist():
         answer, ended = cut_at_eos(row, tok.eos_token_id, keep_eos=True)
         completions.append(answer if ended else row[:max_new_tokens])
         truncated.append(not ended and len(row) >= max_new_tokens)
     texts = [str(tok.decode(ids, skip_special_tokens=True)) for ids in completions]
-    return Rollout([list(p) for p in prompt_ids], completions, truncated, texts)
+    return Rollout([list(p) for p in prefix.ids], completions, truncated, texts)
 
 
 @dataclass
@@ -77,17 +80,16 @@ class AnswerLogProbs:
 
 def answer_log_probs(
     reasoner: LatentReasoner,
-    prompt_ids: Sequence[list[int]],
+    prefix: PromptPrefix,
     latents: torch.Tensor,
     completions: Sequence[list[int]],
     temperature: float,
 ) -> AnswerLogProbs:
-    """Teacher-forced [prompt, latents, answer]; log-softmax in float32 of logits / temperature, with the LM
-    head applied only at answer positions. Differentiable in the latents (and LoRA, if any)."""
-    embeds, attention, starts = reasoner.input_embeddings(list(prompt_ids), latents, [list(c) for c in completions])
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    """Teacher-forced [prompt, latents, answer] (the prompt from `prefix`'s cache); log-softmax in float32 of
+    logits / temperature, with the LM head applied only at answer positions. Differentiable in the latents
+    (and in LoRA, if any, when the prefix was made with gradients)."""
     model: Any = reasoner.lm.model
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions)[0]
+    hidden, starts = forward_suffix(model, prefix, latents, [list(c) for c in completions])
     width = max(len(c) for c in completions)
     offsets = torch.arange(width, device=hidden.device)
     start = torch.tensor(starts, device=hidden.device).unsqueeze(1)

@@ -69,12 +69,13 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(model: PreTrainedModel, ids: Sequence[Sequence[int]], pad_id: int, grad: bool = False) -> PromptPrefix:
-    """Run every prompt but its last token through the LM body once (no gradients unless `grad`)."""
+    """Run every prompt but its last token through the LM body once (no gradients unless `grad`, and never
+    inside `torch.no_grad()`)."""
     batch, mask = left_pad(ids, pad_id)
     device = next(model.parameters()).device
     batch, mask = batch.to(device), mask.to(device)
     embed = model.get_input_embeddings()
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         cache = DynamicCache()
         if batch.shape[1] > 1:
             body: Any = model.base_model

@@ -58,28 +58,6 @@ def grpo_problem_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"problems": cfg.grpo.problems})
 
 
-def greedy_accuracy(
-    reasoner: LatentReasoner,
-    problems: Sequence[Problem],
-    arm: Arm,
-    max_new_tokens: int,
-    batch_size: int,
-    outputs: torch.Tensor | None = None,
-) -> list[bool]:
-    """Greedy correctness per problem; `outputs`: the permuted TRM outputs of the shuffled_latent arm."""
-    tok = reasoner.lm.tokenizer
-    correct: list[bool] = []
-    for start in range(0, len(problems), batch_size):
-        batch = problems[start : start + batch_size]
-        permuted = outputs[start : start + len(batch)] if outputs is not None else None
-        answers = reasoner.generate([p.question for p in batch], arm, max_new_tokens, outputs=permuted)
-        correct += [
-            grade(str(tok.decode(ids, skip_special_tokens=True)), p.answer_value).numeric
-            for p, ids in zip(batch, answers, strict=True)
-        ]
-    return correct
-
-
 def heldout_check(
     reasoner: LatentReasoner,
     train: Sequence[Problem],
@@ -88,16 +66,31 @@ def heldout_check(
     batch_size: int,
     seed: int,
 ) -> dict[str, list[bool]]:
-    """Greedy correctness of every check arm with the reasoner's current weights: the controls are refitted
-    (mean output over the first len(test) train questions, derangement of the test outputs)."""
+    """Greedy correctness per problem of every check arm with the reasoner's current weights: the controls
+    are refitted (mean output over the first len(test) train questions, derangement of the test outputs).
+    Each chunk of questions is encoded once and its arms decode together from one prefill."""
     reasoner.fit_mean_output([p.question for p in train[: len(test)]], batch_size)
-    shuffled = reasoner.trm_outputs([p.question for p in test], batch_size)[derangement(len(test), seed)]
-    return {
-        arm: greedy_accuracy(
-            reasoner, test, arm, max_new_tokens, batch_size, shuffled if arm == "shuffled_latent" else None
-        )
-        for arm in CHECK_ARMS
-    }
+    chunks = [list(test[i : i + batch_size]) for i in range(0, len(test), batch_size)]
+    batches = [reasoner.encode_prompts([p.question for p in chunk]) for chunk in chunks]
+    outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in batches])
+    shuffled = outputs[derangement(len(test), seed)]
+    tok = reasoner.lm.tokenizer
+    correct: dict[str, list[bool]] = {arm: [] for arm in CHECK_ARMS}
+    start = 0
+    for chunk, batch in zip(chunks, batches, strict=True):
+        rows = slice(start, start + len(chunk))
+        latents: dict[str, torch.Tensor | None] = {
+            arm: reasoner.arm_latents(arm, len(chunk), (shuffled if arm == "shuffled_latent" else outputs)[rows])
+            for arm in CHECK_ARMS
+        }
+        answers, _ = reasoner.generate_arms(batch, latents, max_new_tokens)
+        for arm in CHECK_ARMS:
+            correct[arm] += [
+                grade(str(tok.decode(ids, skip_special_tokens=True)), p.answer_value).numeric
+                for p, ids in zip(chunk, answers[arm], strict=True)
+            ]
+        start += len(chunk)
+    return correct
 
 
 def _plot(history: list[dict[str, Any]]) -> bytes:
