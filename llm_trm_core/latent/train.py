@@ -23,6 +23,7 @@ from llm_trm_core.config import LatentConfig
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.latent.artifacts import add_lora, lora_names
 from llm_trm_core.latent.reasoner import Arm, LatentReasoner
+from llm_trm_core.lm.prefix import PromptPrefix, forward_suffix
 from llm_trm_core.stats import derangement
 from llm_trm_core.training.checkpoints import CheckpointManager, ParameterSubset, Stateful
 from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
@@ -48,6 +49,27 @@ def problem_batches(problems: list[Problem], size: int, seed: int | None, epoch:
         yield [problems[i] for i in order[start : start + size]]
 
 
+def gold_answers(reasoner: LatentReasoner, problems: list[Problem]) -> list[list[int]]:
+    """The token ids of `#### N<eos>` per problem."""
+    tok = reasoner.lm.tokenizer
+    return [[*tok(answer_text(p.answer_value), add_special_tokens=False).input_ids, tok.eos_token_id] for p in problems]
+
+
+def nll_after(
+    reasoner: LatentReasoner, prefix: PromptPrefix, latents: torch.Tensor | None, answers: list[list[int]]
+) -> torch.Tensor:
+    """Mean cross-entropy per answer token of `answers` teacher-forced after the cached prompt and `latents`,
+    with the LM head applied only where an answer token is predicted."""
+    model = reasoner.lm.model
+    hidden, starts = forward_suffix(model, prefix, latents, answers)
+    head = model.get_output_embeddings()
+    losses = []
+    for row, answer in enumerate(answers):
+        logits = head(hidden[row, starts[row] - 1 : starts[row] - 1 + len(answer)]).float()
+        losses.append(F.cross_entropy(logits, torch.tensor(answer, device=logits.device), reduction="sum"))
+    return torch.stack(losses).sum() / sum(len(a) for a in answers)
+
+
 def answer_nll(
     reasoner: LatentReasoner,
     problems: list[Problem],
@@ -57,21 +79,13 @@ def answer_nll(
 ) -> torch.Tensor:
     """Mean cross-entropy per answer token of `#### N<eos>` after the arm's latents (differentiable);
     `outputs`: the permuted TRM outputs of the shuffled_latent arm."""
-    tok = reasoner.lm.tokenizer
     batch = reasoner.encode_prompts([p.question for p in problems])
-    answers = [
-        [*tok(answer_text(p.answer_value), add_special_tokens=False).input_ids, tok.eos_token_id] for p in problems
-    ]
-    embeds, mask, starts = reasoner.input_embeddings(
-        batch.ids, reasoner.latents(batch, arm, generator, outputs), answers
+    model = reasoner.lm.model
+    # the prompt once without gradients unless LoRA adapters train (they change the prompt's states)
+    prefix = reasoner.prompt_prefix(batch, grad=any(p.requires_grad for p in model.parameters()))
+    return nll_after(
+        reasoner, prefix, reasoner.latents(batch, arm, generator, outputs), gold_answers(reasoner, problems)
     )
-    logits = reasoner.lm.model(inputs_embeds=embeds, attention_mask=mask).logits
-    losses = []
-    for row, answer in enumerate(answers):
-        positions = torch.arange(starts[row] - 1, starts[row] - 1 + len(answer), device=logits.device)
-        target = torch.tensor(answer, device=logits.device)
-        losses.append(F.cross_entropy(logits[row, positions].float(), target, reduction="sum"))
-    return torch.stack(losses).sum() / sum(len(a) for a in answers)
 
 
 @torch.no_grad()
@@ -80,19 +94,25 @@ def validation_nll(
 ) -> dict[str, float]:
     """Answer NLL per token on val for the TRM latents and every control (docs/evaluation.md): random
     directions of matched norm, the TRM's training-mean output (mean_latent), other questions' TRM outputs
-    (shuffled_latent, seeded derangement), and no latents."""
+    (shuffled_latent, seeded derangement), and no latents. Each val batch is encoded, run through the TRM
+    and prefilled once; every arm continues from that prefill."""
     reasoner.fit_mean_output([p.question for p in train], batch_size)
-    outputs = reasoner.trm_outputs([p.question for p in val], batch_size)
+    chunks = list(problem_batches(val, batch_size, None, 0))
+    batches = [reasoner.encode_prompts([p.question for p in chunk]) for chunk in chunks]
+    outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in batches])
     shuffled = outputs[derangement(len(val), seed)]
     generator = torch.Generator().manual_seed(seed)
-    out: dict[str, float] = {}
-    for arm in VAL_ARMS:
-        total = 0.0
-        for start, b in zip(range(0, len(val), batch_size), problem_batches(val, batch_size, None, 0), strict=True):
-            permuted = shuffled[start : start + len(b)] if arm == "shuffled_latent" else None
-            total += float(answer_nll(reasoner, b, arm, generator, permuted)) * len(b)
-        out[arm] = total / len(val)
-    return out
+    totals = dict.fromkeys(VAL_ARMS, 0.0)
+    start = 0
+    for chunk, batch in zip(chunks, batches, strict=True):
+        prefix, answers = reasoner.prompt_prefix(batch), gold_answers(reasoner, chunk)
+        rows = slice(start, start + len(chunk))
+        for arm in VAL_ARMS:
+            own = (shuffled if arm == "shuffled_latent" else outputs)[rows]
+            latents = reasoner.arm_latents(arm, len(chunk), own, generator)
+            totals[arm] += float(nll_after(reasoner, prefix, latents, answers)) * len(chunk)
+        start += len(chunk)
+    return {arm: total / len(val) for arm, total in totals.items()}
 
 
 @dataclass
