@@ -63,7 +63,7 @@ class GRPOLearner:
         question_of = [q for q in range(len(batch.ids)) for _ in range(g.group_size)]  # sample -> its question
         model = self.policy.lm.model
         # each prompt through the LM once (llm_trm_core/lm/prefix.py); the reference reads it with adapters off
-        prefix = self.policy.prefix(batch.ids)
+        prefix = self.policy.prompt_prefix(batch)
         ref_prefix = prefix
         if self.reference_adapters_off:
             with adapters_off(model):

@@ -67,6 +67,7 @@ class PromptBatch:
     pre: torch.Tensor  # (B, L, D') compressed pre states, zero-padded
     mask: torch.Tensor  # (B, L)
     think_end: list[int]  # position of the prompt's last `</think>` token (the original arm's post position)
+    prefix: PromptPrefix | None = None  # the prompts' KV cache, when encoding made it (no adapters loaded)
 
 
 @dataclass
@@ -104,6 +105,31 @@ class LatentReasoner:
             end_char = prompt.rfind(self.lm.chat.delimiters.end) + len(self.lm.chat.delimiters.end) - 1
             ends.append(token_at(offsets, end_char))
             ids.append(list(enc.input_ids))
+        model: Any = self.lm.model
+        prompt_prefix: PromptPrefix | None = None
+        if getattr(model, "_hf_peft_config_loaded", False) or min(len(x) for x in ids) < 2:
+            states = self._prompt_states(ids)
+        else:  # one forward gives the TRM's input states and the prompts' KV cache (the same weights)
+            with capture_layer(model, self.layer_index) as captured:
+                prompt_prefix = prefill(model, ids, int(tok.pad_token_id or 0))
+            left = captured[0].float().cpu()  # (B, width - 1, D), left-padded
+            width = prompt_prefix.width
+            states = [left[row, width - len(seq) : width - 1] for row, seq in enumerate(ids)]
+        pieces = []
+        for row, seq in enumerate(ids):
+            keep_from = min(len(prefix), starts[row]) if seq[: len(prefix)] == prefix else 0
+            pieces.append(self.compressor.compress(states[row][keep_from : starts[row]]))
+        longest = max(max(p.shape[0] for p in pieces), 1)
+        pre = torch.zeros(len(pieces), longest, self.compressor.d_prime)
+        mask = torch.zeros(len(pieces), longest)
+        for row, piece in enumerate(pieces):
+            pre[row, : piece.shape[0]] = piece
+            mask[row, : piece.shape[0]] = 1
+        return PromptBatch(ids, pre, mask, ends, prompt_prefix)
+
+    def _prompt_states(self, ids: list[list[int]]) -> list[torch.Tensor]:
+        """The layer states of every prompt token, adapters off (right padding: real tokens keep their positions)."""
+        tok = self.lm.tokenizer
         width = max(len(x) for x in ids)
         batch = torch.full((len(ids), width), int(tok.pad_token_id or 0), dtype=torch.long)
         attention = torch.zeros_like(batch)
@@ -113,17 +139,7 @@ class LatentReasoner:
         with adapters_off(self.lm.model), capture_layer(self.lm.model, self.layer_index) as captured:
             self.lm.model.base_model(input_ids=batch.to(self.device), attention_mask=attention.to(self.device))
         states = captured[0].float().cpu()
-        pieces = []
-        for row, seq in enumerate(ids):
-            keep_from = min(len(prefix), starts[row]) if seq[: len(prefix)] == prefix else 0
-            pieces.append(self.compressor.compress(states[row, keep_from : starts[row]]))
-        longest = max(max(p.shape[0] for p in pieces), 1)
-        pre = torch.zeros(len(pieces), longest, self.compressor.d_prime)
-        mask = torch.zeros(len(pieces), longest)
-        for row, piece in enumerate(pieces):
-            pre[row, : piece.shape[0]] = piece
-            mask[row, : piece.shape[0]] = 1
-        return PromptBatch(ids, pre, mask, ends)
+        return [states[row, : len(seq)] for row, seq in enumerate(ids)]
 
     def check_context(self, batch: PromptBatch, new_tokens: int) -> None:
         """A question whose prompt, latents and answer budget exceed the model's context is an error."""
@@ -229,6 +245,14 @@ class LatentReasoner:
         """The prompts run once through the LM under the current adapter state (llm_trm_core/lm/prefix.py)."""
         return prefill(self.lm.model, ids, int(self.lm.tokenizer.pad_token_id or 0), grad)
 
+    def prompt_prefix(self, batch: PromptBatch, grad: bool = False) -> PromptPrefix:
+        """`batch`'s KV cache: the one encoding made when it is valid here (no adapters, no gradients needed
+        through the prompt), else a new prefill."""
+        adapters = getattr(self.lm.model, "_hf_peft_config_loaded", False)
+        if batch.prefix is not None and not adapters and not (grad and torch.is_grad_enabled()):
+            return batch.prefix
+        return self.prefix(batch.ids, grad)
+
     @torch.no_grad()
     def generate_arms(
         self,
@@ -257,7 +281,7 @@ class LatentReasoner:
             with adapters_off(model) if off else nullcontext():
                 state = off and adapters
                 if state not in prefixes:
-                    prefixes[state] = self.prefix(batch.ids)
+                    prefixes[state] = self.prompt_prefix(batch)
                 prefix = prefixes[state].select([i for i in range(rows) for _ in arms])
                 middle = None
                 if injected:
