@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +24,8 @@ from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
 from llm_trm_core.store import ArtifactStore
 from llm_trm_core.training.checkpoints import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +287,36 @@ def test_optional_lora_trains_adapters_and_is_restored_on_load(chain) -> None:
         without = tuned.lm.model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
         tuned.lm.model.enable_adapters()
     assert not torch.allclose(with_lora, without)  # the adapters change how the answer is read
+
+
+def _evaluate_stage(root: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LLM_TRM_FAULT_KILL"}
+    if fault:
+        env["LLM_TRM_FAULT_KILL"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "evaluate", "--preset", "tiny", "--store", root,
+         "evaluate.batch_size=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_evaluation_killed_mid_way_decodes_only_the_chunks_it_had_not_committed(tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    done = _evaluate_stage(f"file://{whole}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    key = json.loads(done.stdout.strip().splitlines()[-1])["key"]
+    # the same upstream artifacts without the evaluation: killed after its second of four chunks
+    shutil.copytree(whole, tmp_path / "killed", ignore=lambda d, names: ["evaluate"] if d == str(whole) else [])
+    killed = _evaluate_stage(f"file://{tmp_path / 'killed'}", fault="checkpoint:2")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not list((tmp_path / "killed" / "evaluate").glob("*/_MANIFEST.json"))
+    resumed = _evaluate_stage(f"file://{tmp_path / 'killed'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after 2/4 committed chunks" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["key"] == key
+    a, b = (json.loads(ArtifactStore(f"file://{root}").open("evaluate", key).read_bytes("answers.json"))
+            for root in (whole, tmp_path / "killed"))  # fmt: skip
+    untimed = [{arm: [{k: v for k, v in r.items() if k != "seconds"} for r in rows] for arm, rows in x.items()}
+               for x in (a, b)]  # fmt: skip
+    assert untimed[0] == untimed[1] and set(a) == set(ARMS)
+    assert not list((tmp_path / "killed" / "evaluate").glob(f"{key}/checkpoints*"))  # cleared after the commit

@@ -47,6 +47,7 @@ from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.stats import change_row, compare, derangement, min_detectable_difference, wilson_interval
 from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.training.checkpoints import CheckpointManager
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +149,13 @@ def answer_arms(
     arms: list[str],
     think_budget: int,
     train_questions: list[str],
+    checkpoints: CheckpointManager | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every arm's graded answers on `test`, in its order (`train_questions`: for mean_latent's mean output).
     Questions go in chunks of similar length (`evaluate.batch_size`, less padding); per chunk the prompts are
     encoded and the TRM run once, and the prompt is prefilled once for every arm that continues it
-    (`LatentReasoner.generate_arms`)."""
+    (`LatentReasoner.generate_arms`). With `checkpoints`, every finished chunk is committed to the store
+    (its answers and the random arm's generator state), and a rerun decodes only the chunks not committed."""
     ev = cfg.evaluate
     tok = reasoner.lm.tokenizer
     end_ids = reasoner.lm.chat.delimiters.end_ids
@@ -166,6 +169,7 @@ def answer_arms(
         with torch.no_grad():
             for chunk, batch in zip(chunks, encoded, strict=True):
                 outputs[chunk] = reasoner.trm_output(batch).float().cpu()
+                batch.prefix = None  # memory stays flat in the number of problems: prefilled again below
     if "mean_latent" in arms:
         if not train_questions:
             raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
@@ -173,9 +177,23 @@ def answer_arms(
     shuffled = outputs[derangement(len(test), cfg.runtime.seed)] if "shuffled_latent" in arms else outputs
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
     results: dict[str, list[dict[str, Any] | None]] = {arm: [None] * len(test) for arm in arms}
+    resumed = checkpoints.load_latest() if checkpoints is not None else None
+    first = 0
+    if resumed is not None:
+        first, state = resumed
+        if state.get("arms") != arms or len(state.get("results", {}).get(arms[0], [])) != len(test):
+            raise UserError(
+                f"the evaluation checkpoint under {checkpoints.folder if checkpoints else ''} was written for other "
+                "arms or problems; delete it to evaluate from the start"
+            )
+        results = state["results"]
+        generator.set_state(state["generator"])
+        logger.info("evaluate: resuming after %d/%d committed chunks", first, len(chunks))
     arm_of = {"no_think": "no_latent"}
     continued = [a for a in arms if a in ("no_think", *LATENT_ARMS)]
     for done, (chunk, batch) in enumerate(zip(chunks, encoded, strict=True), start=1):
+        if done <= first:
+            continue
         answers: dict[str, list[list[int]]] = {}
         seconds: dict[str, float] = {}
         with torch.no_grad():
@@ -212,6 +230,8 @@ def answer_arms(
                      "extracted": graded.extracted.value}
                 )  # fmt: skip
                 results[arm][i] = record
+        if checkpoints is not None and done < len(chunks):
+            checkpoints.save(done, {"arms": arms, "results": results, "generator": generator.get_state()})
         logger.info("evaluated %d/%d chunks of %d problems", done, len(chunks), len(test))
     return {arm: [r for r in rows if r is not None] for arm, rows in results.items()}
 
@@ -280,7 +300,10 @@ def run_evaluate(
     train_questions = [
         p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)
     ]
-    results = answer_arms(reasoner, cfg, test, [a for a in arms if a not in reused], think_budget, train_questions)
+    checkpoints = CheckpointManager(store, STAGE, key, keep_last=1)
+    results = answer_arms(
+        reasoner, cfg, test, [a for a in arms if a not in reused], think_budget, train_questions, checkpoints
+    )
     results = {arm: list(previous[arm]) if arm in reused else results[arm] for arm in arms}
     rows = [summarize_arm(arm, results[arm]) for arm in arms]
     compared = comparisons(results, ev.reference, ev.bootstrap, cfg.runtime.seed)
@@ -297,7 +320,7 @@ def run_evaluate(
         w.write_json("answers.json", results)
         w.write_bytes("report.md", report.encode())
         w.write_bytes("accuracy.png", _plot(rows))
-        return w.commit(
+        committed = w.commit(
             {
                 "rows": rows,
                 "arms": {r["arm"]: r for r in rows},
@@ -310,6 +333,8 @@ def run_evaluate(
                 "min_detectable_worst_case": min_detectable_difference(len(test)),
             }
         )
+    checkpoints.clear()
+    return committed
 
 
 def evaluation_report(
