@@ -320,8 +320,8 @@ def stage_command(
     shard: Annotated[int | None, typer.Option("--shard", help="datagen only: run only this shard index.")] = None,
 ) -> None:
     """Run a command or stage with everything upstream of it in this process, without Prefect (torchrun
-    workers, debugging); prints its result as one JSON line. Under torchrun, `stage compressor` trains on
-    every rank."""
+    workers, debugging); prints its result as one JSON line (stage, key, uri, metrics, world_size). Under
+    torchrun, `stage compressor` trains on every rank."""
     from llm_trm_core.launch import DIE_WITH_PARENT_ENV, die_with_parent, in_torchrun
 
     if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
@@ -334,25 +334,23 @@ def stage_command(
         _print_error("error:", "--shard applies to `stage datagen` only")
         raise typer.Exit(code=2)
     cfg = _run_guarded(lambda: _stage_config(preset, store, overrides, config_json))
-    extra: dict[str, Any] = {}
+    world_size = 1  # the processes that ran the stage: this one, or every torchrun rank
     if name == "compressor" and in_torchrun():
         from llm_trm_core.stages.graph import run_compressor_distributed
 
         manifest, world_size, is_main = _run_guarded(lambda: run_compressor_distributed(cfg))
         if not is_main:
             return
-        result, extra = manifest.model_dump(mode="json"), {"world_size": world_size}
+        result = manifest.model_dump(mode="json")
     elif shard is not None:
         result = _run_guarded(lambda: _one_shard(cfg, shard))
     else:
         from llm_trm_core.stages.graph import run_plain, target_of
 
         result = _run_guarded(lambda: run_plain(cfg, name))[target_of(name)]
-        if name == "compressor":
-            extra = {"world_size": 1}  # the one-process counterpart of the torchrun line above
     metrics = {k: v for k, v in result["metrics"].items() if k != "history"}
-    line = {"stage": result["stage"], "key": result["key"], "uri": result["uri"], "metrics": metrics, **extra}
-    sys.stdout.write(json.dumps(line) + "\n")
+    line = {"stage": result["stage"], "key": result["key"], "uri": result["uri"], "metrics": metrics}
+    sys.stdout.write(json.dumps({**line, "world_size": world_size}) + "\n")
 
 
 def _stage_config(
