@@ -174,7 +174,7 @@ def print_results(results: Manifests) -> None:
     for label, manifest in results.items():
         found = declared.get(manifest["stage"])
         report = found.report if found else None
-        files = f"  ({', '.join(report.files)})" if report and report.files else ""
+        files = f"  ({', '.join(report.listed_files())})" if report and report.listed_files() else ""
         console.print(f"[bold]{label}[/]  key={manifest['key']}", highlight=False)
         console.print(f"  uri: {manifest['uri']}{files}", highlight=False, soft_wrap=True)
         parsed = Manifest.model_validate(manifest)

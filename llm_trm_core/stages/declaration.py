@@ -53,12 +53,12 @@ class Report:
     """What a stage publishes beside its manifest (Prefect artifacts) and what the CLI prints of it.
 
     `title`: the heading of its Prefect artifacts (a callable gets the config and the manifest);
-    `plot`: a PNG of the artifact shown inline under its report.md; `files`: the artifact's files
-    worth opening, listed beside its URI; `summary`: lines built from the manifest; `tables`: tables
-    built from the manifest (`Table`: key, rows, description, columns), each published under its
-    own artifact key; `metrics`: whether the CLI also prints the manifest's metrics as they are (a
-    comparison table of `test` and `baselines`, then every scalar), False when the summary and
-    tables already say what matters.
+    `plot`: a PNG of the artifact shown inline under its report.md; `files`: more of the artifact's
+    files worth opening, listed beside its URI after report.md and the plot; `summary`: lines built
+    from the manifest; `tables`: tables built from the manifest (`Table`: key, rows, description,
+    columns), each published under its own artifact key; `metrics`: whether the CLI also prints the
+    manifest's metrics as they are (a comparison table of `test` and `baselines`, then every
+    scalar), False when the summary and tables already say what matters.
     """
 
     title: str | Callable[[Any, Manifest], str]
@@ -71,6 +71,9 @@ class Report:
 
     def heading(self, cfg: Any, manifest: Manifest) -> str:
         return self.title if isinstance(self.title, str) else self.title(cfg, manifest)
+
+    def listed_files(self) -> tuple[str, ...]:
+        return (*(("report.md", self.plot) if self.plot else ()), *self.files)
 
     def lines(self, manifest: Manifest) -> list[str]:
         return self.summary(manifest) if self.summary else []
