@@ -105,11 +105,11 @@ def test_the_prefect_tasks_take_the_parameters_they_always_took() -> None:
 def test_the_plan_lists_the_stages_the_graph_runs(preset: str) -> None:
     """plan.COMMAND_STAGES (light, for preflight) is what the graph calls, and what the plan listed before."""
     cfg = load_config(preset)
-    assert set(COMMAND_STAGES) == set(COMMANDS) == set(BEFORE_COMMAND_STAGES)
+    assert set(COMMAND_STAGES) == set(COMMANDS) >= set(BEFORE_COMMAND_STAGES)
     for command in COMMANDS:
-        derived = stages_of(cfg, command)
-        listed = COMMAND_STAGES[command]
-        assert set(derived) - {"datagen-shard"} == set(listed) == set(BEFORE_COMMAND_STAGES[command]), command
+        derived, listed = stages_of(cfg, command), COMMAND_STAGES[command]
+        assert set(derived) - {"datagen-shard"} == set(listed), (command, derived)
         assert ("datagen-shard" in derived) == ("datagen" in listed), command
-        assert derived[-1] == listed[-1] == BEFORE_COMMAND_STAGES[command][-1], command
+        assert derived[-1] == listed[-1], command  # the command's own stage last
         assert command_stages(command) == listed
+        assert BEFORE_COMMAND_STAGES.get(command, listed) == listed, command
