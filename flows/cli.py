@@ -40,6 +40,7 @@ from llm_trm_core.errors import ConfigError, TransientError, UserError
 from llm_trm_core.preflight import preflight
 from llm_trm_core.reporting import comparison_rows, flatten, fmt
 from llm_trm_core.stages.declaration import STAGE_MODULES_ENV, stages
+from llm_trm_core.stages.graph import COMMANDS, help_line
 from llm_trm_core.store import ArtifactStore, Manifest
 
 Manifests = dict[str, dict[str, Any]]
@@ -165,25 +166,47 @@ def _checked(preset: str, store: str | None, overrides: list[str] | None, comman
     return cfg
 
 
-def _print_manifests(results: dict[str, dict[str, Any]]) -> None:
-    for stage, manifest in results.items():
-        metrics = manifest.get("metrics", {})
-        console.print(f"[bold]{stage}[/]  key={manifest['key']}", highlight=False)
-        console.print(f"  uri: {manifest['uri']}", highlight=False, soft_wrap=True)
-        rows = comparison_rows(metrics)
-        if rows:
-            table = Table(title="held-out test metrics", title_justify="left")
-            for column in rows[0]:
-                table.add_column(column, justify="left" if column == "name" else "right")
-            for row in rows:
-                table.add_row(*(fmt(v) for v in row.values()))
-            console.print(table)
-        scalars = {k: v for k, v in flatten(metrics).items() if not k.startswith(("test.", "baselines.", "rows"))}
-        if scalars:
-            table = Table(show_header=False, box=None, padding=(0, 2))
-            for name, value in sorted(scalars.items()):
-                table.add_row(name, fmt(value))
-            console.print(table)
+def print_results(results: Manifests) -> None:
+    """Every result in graph order, each as its stage's declared report (llm_trm_core/stages/declaration.py
+    `Report`): key and URI (with the files worth opening), the summary lines, the metrics as they are
+    unless the report says otherwise, then the report's printed tables."""
+    declared = stages()
+    for label, manifest in results.items():
+        found = declared.get(manifest["stage"])
+        report = found.report if found else None
+        files = f"  ({', '.join(report.listed_files())})" if report and report.listed_files() else ""
+        console.print(f"[bold]{label}[/]  key={manifest['key']}", highlight=False)
+        console.print(f"  uri: {manifest['uri']}{files}", highlight=False, soft_wrap=True)
+        parsed = Manifest.model_validate(manifest)
+        for line in report.lines(parsed) if report else []:
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+        if report is None or report.metrics:
+            _print_metrics(manifest.get("metrics", {}))
+        for table in report.tables_of(parsed) if report else []:
+            if table.printed:
+                _print_table(table.description, table.cells())
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    rows = comparison_rows(metrics)
+    if rows:
+        _print_table("held-out test metrics", [{k: fmt(v) for k, v in row.items()} for row in rows])
+    scalars = {k: v for k, v in flatten(metrics).items() if not k.startswith(("test.", "baselines.", "rows"))}
+    if scalars:
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        for name, value in sorted(scalars.items()):
+            table.add_row(name, fmt(value))
+        console.print(table)
+
+
+def _print_table(title: str, cells: list[dict[str, str]]) -> None:
+    table = Table(title=title, title_justify="left")
+    columns = list(cells[0]) if cells else []
+    for column in columns:
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+    for row in cells:
+        table.add_row(*row.values())
+    console.print(table)
 
 
 @app.callback()
@@ -202,27 +225,13 @@ def config(preset: PresetOption = DEFAULT_PRESET, store: StoreOption = None, ove
 
 
 # ---------------------------------------------------------------------------------------------
-# The flow commands: one per graph command (llm_trm_core/stages/graph.py COMMANDS) and one per declared
-# stage with a `command` (llm_trm_core/stages/declaration.py), each printed by its printer below.
+# The flow commands: one per graph command (llm_trm_core/stages/graph.py COMMANDS, its help line from
+# the graph) and one per declared stage with a `command` (llm_trm_core/stages/declaration.py), each
+# printing its results with `print_results`.
 
-
-def _flow(command: str) -> Callable[[PipelineConfig], Manifests]:
-    """The Prefect flow of `command` (imported only when it runs: Prefect loads slowly)."""
-    if command in ("compressor", "compressor-1b"):
-        from flows.compressor import compressor_flow
-
-        return lambda cfg: compressor_flow(cfg, phase="1b" if command == "compressor-1b" else "1a")
-    if command in FLOWS:
-        module, name = FLOWS[command].split(":")
-        flow: Callable[[PipelineConfig], Manifests] = getattr(importlib.import_module(module), name)
-        return flow
-    from flows.pipeline import stage_flow
-
-    return lambda cfg: stage_flow(cfg, command)
-
-
-# command -> "module:flow" (what prefect.yaml deploys)
+# command -> "module:flow", the Prefect flow that runs it (prefect.yaml deploys each: tests/test_packaging.py)
 FLOWS = {
+    "compressor": "flows.compressor:compressor_flow",
     "sweep": "flows.compressor:sweep_flow",
     "datagen": "flows.datagen:datagen_flow",
     "pairs": "flows.datagen:pairs_flow",
@@ -232,6 +241,24 @@ FLOWS = {
     "grpo": "flows.grpo:grpo_flow",
     "pipeline": "flows.pipeline:pipeline",
 }
+STAGE_FLOW = "flows.pipeline:stage_flow"  # any declared stage, by name
+
+
+def _import_flow(entry: str) -> Any:
+    module, name = entry.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _flow(command: str) -> Callable[[PipelineConfig], Manifests]:
+    """The Prefect flow of `command` (imported only when it runs: Prefect loads slowly)."""
+    if command == "compressor-1b":
+        compressor_flow = _import_flow(FLOWS["compressor"])
+        return lambda cfg: compressor_flow(cfg, phase="1b")
+    if command in FLOWS:
+        flow: Callable[[PipelineConfig], Manifests] = _import_flow(FLOWS[command])
+        return flow
+    stage_flow = _import_flow(STAGE_FLOW)
+    return lambda cfg: stage_flow(cfg, command)
 
 
 def _run_command(command: str, preset: str, store: str | None, overrides: list[str] | None) -> Manifests:
@@ -241,142 +268,32 @@ def _run_command(command: str, preset: str, store: str | None, overrides: list[s
     return results
 
 
-def _print_results(command: str, results: Manifests) -> None:
-    PRINTERS.get(command, _print_declared)(results)
-
-
-def _print_declared(results: Manifests) -> None:
-    """Every manifest, then the declared report table of each stage that has one."""
-    _print_manifests(results)
-    for manifest in results.values():
-        declared = stages().get(manifest["stage"])
-        report = declared.report if declared else None
-        if report is None or report.tables is None or declared is None or declared.name in PRINTED_BY_HAND:
-            continue
-        for key, rows, description in report.tables(Manifest.model_validate(manifest)):
-            _print_table(f"{description} ({key})", list(report.columns or (rows[0] if rows else ())), rows)
-
-
-def _print_table(title: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column, justify="left" if column == columns[0] else "right")
-    for row in rows:
-        table.add_row(*(fmt(row.get(c)) for c in columns))
-    console.print(table)
-
-
-def _print_pipeline(results: Manifests) -> None:
-    _print_manifests({k: v for k, v in results.items() if not k.startswith(("evaluate", "grpo"))})
-    _print_grpo(results)
-
-
-def _print_grpo(results: Manifests) -> None:
-    manifest, metrics = results["grpo"], results["grpo"]["metrics"]
-    console.print(f"[bold]grpo[/]  key={manifest['key']}", highlight=False)
-    console.print(f"  uri: {manifest['uri']}  (report.md, rewards.png, history.json)", highlight=False, soft_wrap=True)
-    console.print(
-        f"  {len(metrics['history'])} steps; reward rate {fmt(metrics['reward_rate'])} (first quarter "
-        f"{fmt(metrics['reward_first_quarter'])}, last quarter {fmt(metrics['reward_last_quarter'])}); "
-        f"{fmt(metrics['skipped_fraction'])} of groups skipped (no reward variance); resumed from "
-        f"{metrics['resumed_from']}",
-        highlight=False,
-    )
-    _print_change(f"held-out {metrics['problem_source']} problems, greedy", metrics["heldout"])
-    _print_evaluation(results["evaluate-before"])
-    _print_evaluation(results["evaluate"])
-    _print_change("end-task accuracy before vs after GRPO", results["evaluate"]["metrics"]["before_after"])
-
-
-def _print_change(title: str, rows: list[dict[str, Any]]) -> None:
-    _print_table(title, ["arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n"], rows)
-
-
-def _print_trm(results: Manifests) -> None:
-    _print_manifests({k: v for k, v in results.items() if k != "trm"})
-    manifest = results["trm"]
-    metrics = manifest["metrics"]
-    console.print(f"[bold]trm[/]  key={manifest['key']}", highlight=False)
-    console.print(
-        f"  uri: {manifest['uri']}  (report.md, per_step.png, model.safetensors)", highlight=False, soft_wrap=True
-    )
-    columns = ["name", "mse", "rel_error", "cosine", "cosine_centered", "r2", "lm_kl", "lm_top1"]
-    rows = [{"name": f"baseline: {name}", **values} for name, values in metrics["baselines"].items()]
-    rows += [{"name": f"TRM step {row['step']}", **row} for row in metrics["per_step"]]
-    _print_table(f"TRM beside baselines, held-out test ({metrics['pairs']['test']} pairs)", columns, rows)
-    verdict = "beats" if metrics["beats_best_baseline"] else "does NOT beat"
-    console.print(f"  the TRM {verdict} the best baseline (by R²)", highlight=False)
-
-
-def _print_evaluate(results: Manifests) -> None:
-    _print_evaluation(results["evaluate"])
-
-
-def _print_evaluation(manifest: dict[str, Any]) -> None:
-    console.print(f"[bold]evaluate[/]  key={manifest['key']}", highlight=False)
-    console.print(f"  uri: {manifest['uri']}  (report.md, accuracy.png, answers.json)", highlight=False, soft_wrap=True)
-    title = (
-        f"end-task accuracy ({manifest['metrics'].get('policy', 'before GRPO')}), {manifest['metrics']['n']} held-out"
-    )
-    columns = ["arm", "accuracy", "ci_low", "ci_high", "accuracy_strict", "tokens_per_answer", "seconds_per_answer"]
-    _print_table(f"{title} test problems", columns, manifest["metrics"]["rows"])
-
-
-def _print_sweep(results: Manifests) -> None:
-    _print_manifests({k: v for k, v in results.items() if k != "sweep"})
-    report = results["sweep"]
-    console.print(f"[bold]sweep[/]  key={report['key']}", highlight=False)
-    console.print(f"  uri: {report['uri']}  (report.md, table.json, plot.png)", highlight=False, soft_wrap=True)
-    columns = ["d_prime", "solver", "cosine", "cosine_centered", "fvu", "lm_kl", "lm_top1", "sgd_seconds"]
-    _print_table("compressor sweep (held-out test)", columns, report["metrics"]["rows"])
-
-
-PRINTERS: dict[str, Callable[[Manifests], None]] = {
-    "pipeline": _print_pipeline,
-    "grpo": _print_grpo,
-    "trm": _print_trm,
-    "evaluate": _print_evaluate,
-    "sweep": _print_sweep,
-}
-PRINTED_BY_HAND = ("trm", "evaluate", "grpo", "sweep")  # stages whose report the printers above show
-
-
 def _flow_command(command: str, help_text: str) -> None:
     def run(preset: PresetOption = DEFAULT_PRESET, store: StoreOption = None, overrides: OverridesArg = None) -> None:
-        _print_results(command, _run_command(command, preset, store, overrides))
+        print_results(_run_command(command, preset, store, overrides))
 
     run.__doc__ = help_text
     app.command(name=command)(run)
 
 
-HELP = {
-    "pipeline": "Run every stage that exists, end to end, each cached by its store key.",
-    "grpo": "Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after.",
-    "datagen": "Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states.",
-    "pairs": "Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards.",
-    "trm": "Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test).",
-    "latent": "Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood.",
-    "evaluate": "End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style.",
-    "sweep": "Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report.",
-}
-for _command, _help in HELP.items():
-    _flow_command(_command, _help)
+for _command in COMMANDS:
+    if not _command.startswith("compressor"):  # `compressor` below: one command, two phases
+        _flow_command(_command, help_line(_command))
 
 
-@app.command()
+@app.command(help=help_line("compressor"))
 def compressor(
     preset: PresetOption = DEFAULT_PRESET,
     store: StoreOption = None,
     overrides: OverridesArg = None,
     phase: Annotated[str, typer.Option("--phase", help="1a (plain text) or 1b (thinking traces).")] = "1a",
 ) -> None:
-    """Stage 1: train the tied linear compressor D -> D' (hidden states cached, closed form and/or SGD)."""
     if phase not in ("1a", "1b"):
         _print_error("error:", f"--phase must be 1a or 1b, got {phase!r}")
         raise typer.Exit(code=2)
     if phase == "1b":
         err_console.print("phase 1b: generating thinking traces first (datagen), then fine-tuning the 1a compressor")
-    _print_manifests(_run_command("compressor-1b" if phase == "1b" else "compressor", preset, store, overrides))
+    print_results(_run_command("compressor-1b" if phase == "1b" else "compressor", preset, store, overrides))
 
 
 def add_stage_commands() -> None:
@@ -403,10 +320,9 @@ def stage_command(
     shard: Annotated[int | None, typer.Option("--shard", help="datagen only: run only this shard index.")] = None,
 ) -> None:
     """Run a command or stage with everything upstream of it in this process, without Prefect (torchrun
-    workers, debugging); prints its result as one JSON line. Under torchrun, `stage compressor` trains on
-    every rank."""
+    workers, debugging); prints its result as one JSON line (stage, key, uri, metrics, world_size). Under
+    torchrun, `stage compressor` trains on every rank."""
     from llm_trm_core.launch import DIE_WITH_PARENT_ENV, die_with_parent, in_torchrun
-    from llm_trm_core.stages.graph import COMMANDS
 
     if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
         die_with_parent()
@@ -418,25 +334,23 @@ def stage_command(
         _print_error("error:", "--shard applies to `stage datagen` only")
         raise typer.Exit(code=2)
     cfg = _run_guarded(lambda: _stage_config(preset, store, overrides, config_json))
-    extra: dict[str, Any] = {}
+    world_size = 1  # the processes that ran the stage: this one, or every torchrun rank
     if name == "compressor" and in_torchrun():
         from llm_trm_core.stages.graph import run_compressor_distributed
 
         manifest, world_size, is_main = _run_guarded(lambda: run_compressor_distributed(cfg))
         if not is_main:
             return
-        result, extra = manifest.model_dump(mode="json"), {"world_size": world_size}
+        result = manifest.model_dump(mode="json")
     elif shard is not None:
         result = _run_guarded(lambda: _one_shard(cfg, shard))
     else:
         from llm_trm_core.stages.graph import run_plain, target_of
 
         result = _run_guarded(lambda: run_plain(cfg, name))[target_of(name)]
-        if name == "compressor":
-            extra = {"world_size": 1}  # the one-process counterpart of the torchrun line above
     metrics = {k: v for k, v in result["metrics"].items() if k != "history"}
-    line = {"stage": result["stage"], "key": result["key"], "uri": result["uri"], "metrics": metrics, **extra}
-    sys.stdout.write(json.dumps(line) + "\n")
+    line = {"stage": result["stage"], "key": result["key"], "uri": result["uri"], "metrics": metrics}
+    sys.stdout.write(json.dumps({**line, "world_size": world_size}) + "\n")
 
 
 def _stage_config(

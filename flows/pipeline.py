@@ -15,7 +15,7 @@ def pipeline(cfg: PipelineConfig) -> Manifests:
     """problems -> 1a -> datagen -> 1b -> pairs -> trm -> latent -> evaluate (before) -> grpo -> evaluate
     (after, with the before/after table), each cached by its store key."""
     with flow_guard(cfg):
-        return graph.through_grpo(prefect_call, cfg)
+        return graph.pipeline(prefect_call, cfg)
 
 
 @flow(name="stage")

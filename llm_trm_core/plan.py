@@ -34,7 +34,11 @@ from llm_trm_core.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 _THROUGH_PAIRS = ("hiddens", "basis", "compressor", "problems", "datagen", "trace-hiddens", "pairs")
-# The stages each command runs (with their upstream stages), for `check_plan(cfg, COMMAND_STAGES[name])`.
+# The stages each graph command runs (with their upstream stages; a command's own stage last), for
+# `check_plan(cfg, COMMAND_STAGES[name])`. Derived by `llm_trm_core.stages.graph.stages_of`, which runs a
+# command's graph with a call that only records (datagen's shards are part of datagen here); kept written
+# out because preflight needs it before any stage module (torch) is imported, and
+# tests/test_declarations.py fails when the two disagree.
 COMMAND_STAGES: dict[str, tuple[str, ...]] = {
     "compressor": ("hiddens", "basis", "compressor"),
     "compressor-1b": _THROUGH_PAIRS[:-1],

@@ -50,8 +50,8 @@ def publish(declared: Stage, cfg: PipelineConfig, store: ArtifactStore, manifest
     report = declared.report
     if report is None:
         return
-    for key, rows, description in report.tables(manifest) if report.tables else []:
-        create_table_artifact(key=key, table=rows, description=description)
+    for table in report.tables_of(manifest):
+        create_table_artifact(key=table.key, table=table.cells(), description=table.description)
     body = report_with_plot(store, manifest, report.plot, report.plot_alt) if report.plot else ""
     publish_manifest(manifest, report.heading(cfg, manifest), body)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from llm_trm_core.config import load_config
+from llm_trm_core.plan import COMMAND_STAGES, command_stages
 from llm_trm_core.stages.declaration import Stage, declare, stage_of_task, stages, task_stages
+from llm_trm_core.stages.graph import COMMANDS, stages_of
 from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, STAGE_SECTIONS, STAGE_VIEWS, key_for
 
 # Keys of the tiny preset with upstream {"up": "abc"}, computed by the hand-kept tables the
@@ -34,6 +36,20 @@ TASK_STAGES = {
     "trace-hiddens": "trace-hiddens", "pairs": "pairs", "trm": "trm", "latent": "latent", "grpo": "grpo",
     "evaluate": "evaluate", "evaluate-before-grpo": "evaluate", "evaluate-after-grpo": "evaluate",
 }  # fmt: skip
+# The stages each command runs, as the plan listed them before the graph was declared once.
+_PAIRS = ("hiddens", "basis", "compressor", "problems", "datagen", "trace-hiddens", "pairs")
+BEFORE_COMMAND_STAGES = {
+    "compressor": ("hiddens", "basis", "compressor"),
+    "compressor-1b": _PAIRS[:-1],
+    "sweep": ("hiddens", "basis", "compressor", "sweep"),
+    "datagen": ("problems", "datagen"),
+    "pairs": _PAIRS,
+    "trm": (*_PAIRS, "trm"),
+    "latent": (*_PAIRS, "trm", "latent"),
+    "evaluate": (*_PAIRS, "trm", "latent", "evaluate"),
+    "grpo": (*_PAIRS, "trm", "latent", "evaluate", "grpo"),
+    "pipeline": (*_PAIRS, "trm", "latent", "evaluate", "grpo"),
+}
 
 
 def test_keys_of_a_fixed_config_do_not_change() -> None:
@@ -83,3 +99,17 @@ def test_the_prefect_tasks_take_the_parameters_they_always_took() -> None:
     for name, parameters in old.items():
         made = stage_task(name)
         assert made.name == name and list(inspect.signature(made.fn).parameters) == parameters, name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm3-3b"])
+def test_the_plan_lists_the_stages_the_graph_runs(preset: str) -> None:
+    """plan.COMMAND_STAGES (light, for preflight) is what the graph calls, and what the plan listed before."""
+    cfg = load_config(preset)
+    assert set(COMMAND_STAGES) == set(COMMANDS) >= set(BEFORE_COMMAND_STAGES)
+    for command in COMMANDS:
+        derived, listed = stages_of(cfg, command), COMMAND_STAGES[command]
+        assert set(derived) - {"datagen-shard"} == set(listed), (command, derived)
+        assert ("datagen-shard" in derived) == ("datagen" in listed), command
+        assert derived[-1] == listed[-1], command  # the command's own stage last
+        assert command_stages(command) == listed
+        assert BEFORE_COMMAND_STAGES.get(command, listed) == listed, command

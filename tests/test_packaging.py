@@ -170,6 +170,28 @@ def test_deployments_cover_every_flow_gpu_pools_and_the_scheduled_sweep() -> Non
     assert all(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] for d in spec["deployments"])
 
 
+def test_every_graph_command_is_deployed_by_its_flow_and_no_deployment_is_stale() -> None:
+    """prefect.yaml is written by hand: each graph command (llm_trm_core/stages/graph.py COMMANDS; compressor-1b
+    is the compressor flow's phase) has a `<command>-local` deployment of the flow the CLI runs for it
+    (flows/cli.py FLOWS), named as the command; every deployment runs one of those flows or the sweep fan-out."""
+    from flows.cli import FLOWS
+    from llm_trm_core.stages.graph import COMMANDS
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert set(FLOWS) == set(COMMANDS) - {"compressor-1b"}
+    entrypoints = set()
+    for command, entry in FLOWS.items():
+        module, name = entry.split(":")
+        entrypoint = f"{module.replace('.', '/')}.py:{name}"
+        assert by_name.get(f"{command}-local", {}).get("entrypoint") == entrypoint, command
+        assert getattr(importlib.import_module(module), name).name == command
+        entrypoints.add(entrypoint)
+    fanout = "flows/sweep_fanout.py:sweep_fanout_flow"  # the scheduled sweep, one sweep-local run per D'
+    known = {*entrypoints, fanout}
+    assert [d["name"] for d in spec["deployments"] if d["entrypoint"] not in known] == []
+
+
 def test_flow_parameters_render_as_a_typed_form() -> None:
     """The UI builds its run form from the parameter schema: the config is a typed, nested object."""
     from flows.pipeline import pipeline

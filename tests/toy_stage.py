@@ -11,7 +11,7 @@ import random
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import read_problems
-from llm_trm_core.stages.declaration import Report, Stage, declare
+from llm_trm_core.stages.declaration import Report, Stage, Table, declare
 from llm_trm_core.stages.keys import key_for, stage_config
 from llm_trm_core.store import ArtifactStore, Manifest
 
@@ -46,8 +46,7 @@ TOY = declare(
         run=run_toy,
         report=Report(
             "Toy counts",
-            columns=COLUMNS,
-            tables=lambda m: [("toy-counts", m.metrics["rows"], "Problems per split, scaled")],
+            tables=lambda m: [Table("toy-counts", m.metrics["rows"], "Problems per split, scaled", COLUMNS)],
         ),
         command="toy",
         help="Count the problems per split (a toy stage declared in tests/toy_stage.py).",

@@ -18,9 +18,9 @@ import torch
 
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.grpo.learner import GRPOLearner
-from llm_trm_core.latent.artifacts import lora_names
+from llm_trm_core.latent.artifacts import trained_modules
 from llm_trm_core.tracking import Tracker
-from llm_trm_core.training.checkpoints import CheckpointManager, ParameterSubset, Stateful
+from llm_trm_core.training.checkpoints import CheckpointManager
 from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ def train_grpo(
     """`grpo.steps` learner steps; `before()` runs the held-out check once, before the first step;
     `lora`: LoRA adapters of the policy's LM train (and are checkpointed)."""
     g, policy = learner.cfg, learner.policy
-    models: dict[str, Stateful] = {"trm": policy.trm, "projector": policy.projector}
-    if lora:
-        models["lora"] = ParameterSubset(policy.lm.model, lora_names(policy))
+    models = trained_modules(policy, trm=True, lora=lora)
     progress = GRPOProgress()
     loop = TrainLoop(
         "grpo",

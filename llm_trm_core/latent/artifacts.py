@@ -16,6 +16,7 @@ from llm_trm_core.hidden_states import resolve_layer
 from llm_trm_core.latent.reasoner import LatentProjector, LatentReasoner, embedding_rms
 from llm_trm_core.lm import LoadedLM, load_language_model
 from llm_trm_core.store import Artifact, ArtifactStore, Manifest
+from llm_trm_core.training.checkpoints import ParameterSubset, Stateful
 from llm_trm_core.trm.artifacts import load_trm
 
 
@@ -66,6 +67,17 @@ def add_lora(reasoner: LatentReasoner, rank: int, alpha: int, targets: list[str]
 def lora_names(reasoner: LatentReasoner) -> set[str]:
     """The names of the LoRA parameters attached to the reasoner's LM (what a checkpoint saves of them)."""
     return {name for name, _ in reasoner.lm.model.named_parameters() if "lora_" in name}
+
+
+def trained_modules(reasoner: LatentReasoner, *, trm: bool, lora: bool) -> dict[str, Stateful]:
+    """What a trainer of the latent policy updates and checkpoints, by name: the projector, the TRM when it
+    trains, the LM's LoRA adapters when it has them (the latent and GRPO trainers)."""
+    models: dict[str, Stateful] = {"projector": reasoner.projector}
+    if trm:
+        models["trm"] = reasoner.trm
+    if lora:
+        models["lora"] = ParameterSubset(reasoner.lm.model, lora_names(reasoner))
+    return models
 
 
 def _load_lora(artifact: Artifact, reasoner: LatentReasoner) -> None:

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from llm_trm_core.config import LatentConfig
 from llm_trm_core.data.problems import Problem
-from llm_trm_core.latent.artifacts import add_lora, lora_names
+from llm_trm_core.latent.artifacts import add_lora, trained_modules
 from llm_trm_core.latent.reasoner import Arm, LatentReasoner
 from llm_trm_core.lm.prefix import PromptPrefix, forward_suffix
 from llm_trm_core.stats import derangement
-from llm_trm_core.training.checkpoints import CheckpointManager, ParameterSubset, Stateful
+from llm_trm_core.training.checkpoints import CheckpointManager
 from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
 from llm_trm_core.training.schedules import lr_multiplier, make_scheduler
 
@@ -140,11 +140,7 @@ def train_latent(
     optimizer = torch.optim.AdamW(params, lr=lat.lr, weight_decay=lat.weight_decay)
     steps_total = lat.epochs * math.ceil(len(train) / lat.batch_size)
     scheduler = make_scheduler(optimizer, lr_multiplier("cosine", steps_total, lat.warmup_steps))
-    models: dict[str, Stateful] = {"projector": reasoner.projector}
-    if lat.train_trm:
-        models["trm"] = reasoner.trm
-    if lora_params:
-        models["lora"] = ParameterSubset(reasoner.lm.model, lora_names(reasoner))
+    models = trained_modules(reasoner, trm=lat.train_trm, lora=bool(lora_params))
     progress = Progress()
     loop = TrainLoop(
         "latent",

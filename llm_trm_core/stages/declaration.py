@@ -3,14 +3,15 @@
 A `Stage` names everything the rest of the code derives: the store key's ingredients (code version,
 the config sections or single fields it reads, a view that drops what does not matter), the stages
 whose artifacts it takes, its run function, the Prefect task names that run it, and its report (the
-title, the table and the plot published beside its manifest). `declare()` registers one; the built-in
-stages are declared in `llm_trm_core/stages/declarations.py`, a new stage in a file of its own
-(see `tests/toy_stage.py`) that is imported before use or named in `$LLM_TRM_STAGE_MODULES`.
+title, summary lines, tables and plot published beside its manifest and printed by the CLI).
+`declare()` registers one; the built-in stages are declared in `llm_trm_core/stages/declarations.py`,
+a new stage in a file of its own (see `tests/toy_stage.py`) that is imported before use or named in
+`$LLM_TRM_STAGE_MODULES`.
 
 Derived from the declarations: `STAGE_CODE_VERSIONS`, `STAGE_SECTIONS`, `STAGE_VIEWS`
 (`llm_trm_core/stages/keys.py`), the Prefect cache policy's task mapping and task factory
-(`tasks/caching.py`, `tasks/stage.py`), the graph without Prefect (`llm_trm_core/stages/graph.py`)
-and the generated CLI commands (`flows/cli.py`).
+(`tasks/caching.py`, `tasks/stage.py`), the graph without Prefect (`llm_trm_core/stages/graph.py`),
+the generated CLI commands and the one printer of every stage's results (`flows/cli.py`).
 """
 
 from __future__ import annotations
@@ -19,37 +20,66 @@ import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from llm_trm_core.reporting import fmt
 from llm_trm_core.store import Manifest
 
 View = Callable[[dict[str, Any]], dict[str, Any]]
-# (artifact key, rows, description) of a table published beside a manifest
-Table = tuple[str, list[dict[str, Any]], str]
 
 BUILTIN_DECLARATIONS = "llm_trm_core.stages.declarations"
 # Modules declaring more stages, comma-separated (imported with the built-in ones, e.g. by a worker).
 STAGE_MODULES_ENV = "LLM_TRM_STAGE_MODULES"
 
 
+class Table(NamedTuple):
+    """A table built from a manifest: a Prefect table artifact under `key`, printed by the CLI under
+    `description` unless `printed` is False (e.g. a per-step history: the artifact only)."""
+
+    key: str
+    rows: list[dict[str, Any]]
+    description: str
+    columns: tuple[str, ...] = ()  # default: the first row's keys
+    printed: bool = True
+
+    def cells(self) -> list[dict[str, str]]:
+        """The rows as formatted text, in the table's columns."""
+        columns = self.columns or tuple(self.rows[0] if self.rows else ())
+        return [{c: fmt(row.get(c)) for c in columns} for row in self.rows]
+
+
 @dataclass(frozen=True)
 class Report:
-    """What a stage publishes beside its manifest.
+    """What a stage publishes beside its manifest (Prefect artifacts) and what the CLI prints of it.
 
     `title`: the heading of its Prefect artifacts (a callable gets the config and the manifest);
-    `plot`: a PNG of the artifact shown inline under its report.md; `tables`: extra tables built
-    from the manifest (`Table`s), each published under its own artifact key; `columns`: the report
-    table's columns (what `tables` and the CLI print).
+    `plot`: a PNG of the artifact shown inline under its report.md; `files`: more of the artifact's
+    files worth opening, listed beside its URI after report.md and the plot; `summary`: lines built
+    from the manifest; `tables`: tables built from the manifest (`Table`: key, rows, description,
+    columns), each published under its own artifact key; `metrics`: whether the CLI also prints the
+    manifest's metrics as they are (a comparison table of `test` and `baselines`, then every
+    scalar), False when the summary and tables already say what matters.
     """
 
     title: str | Callable[[Any, Manifest], str]
     plot: str | None = None
     plot_alt: str = ""
-    columns: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    summary: Callable[[Manifest], list[str]] | None = None
     tables: Callable[[Manifest], list[Table]] | None = None
+    metrics: bool = True
 
     def heading(self, cfg: Any, manifest: Manifest) -> str:
         return self.title if isinstance(self.title, str) else self.title(cfg, manifest)
+
+    def listed_files(self) -> tuple[str, ...]:
+        return (*(("report.md", self.plot) if self.plot else ()), *self.files)
+
+    def lines(self, manifest: Manifest) -> list[str]:
+        return self.summary(manifest) if self.summary else []
+
+    def tables_of(self, manifest: Manifest) -> list[Table]:
+        return self.tables(manifest) if self.tables else []
 
 
 @dataclass(frozen=True)
@@ -62,8 +92,8 @@ class Stage:
     the stages whose artifacts the run function takes, in its argument order. `run(cfg, store,
     *upstream_manifests, **options) -> Manifest`. `tasks`: the Prefect task names that run it (the
     first is the default; default: the stage's name); `task_run_name`: Prefect's run-name template.
-    `command`: the CLI command that runs the stage
-    with everything upstream of it (None: no command of its own).
+    `command`, `help`: the CLI command that runs the stage with everything upstream of it (None: no
+    command of its own) and its help line.
     """
 
     name: str

@@ -108,18 +108,20 @@ def _datagen_shard(
 
 
 # ---------------------------------------------------------------------------------------------
-# Report tables
-
-
-def _rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{c: fmt(row.get(c)) for c in columns} for row in rows]
+# Reports: summary lines and tables built from a manifest (published by tasks/stage.py, printed by the CLI)
 
 
 def _trm_tables(manifest: Manifest) -> list[Table]:
     metrics = manifest.metrics
     rows = [{"name": f"baseline: {name}", **values} for name, values in metrics["baselines"].items()]
     rows += [{"name": f"TRM step {row['step']}", **row} for row in metrics["per_step"]]
-    return [("trm-report", _rows(rows, trm.COLUMNS), "TRM per supervision step beside baselines (held-out test split)")]
+    title = f"TRM per supervision step beside baselines (held-out test split, {metrics['pairs']['test']} pairs)"
+    return [Table("trm-report", rows, title, trm.COLUMNS)]
+
+
+def _trm_summary(manifest: Manifest) -> list[str]:
+    verdict = "beats" if manifest.metrics["beats_best_baseline"] else "does NOT beat"
+    return [f"the TRM {verdict} the best baseline (by R²)"]
 
 
 def _evaluate_when(manifest: Manifest) -> str:
@@ -128,38 +130,56 @@ def _evaluate_when(manifest: Manifest) -> str:
 
 def _evaluate_tables(manifest: Manifest) -> list[Table]:
     when, metrics = _evaluate_when(manifest), manifest.metrics
-    tables: list[Table] = [
-        (
+    tables = [
+        Table(
             f"evaluate-accuracy-{when}",
-            _rows(metrics["rows"], evaluate.COLUMNS),
-            f"End-task accuracy ({when}) on {metrics['n']} held-out test problems (95% CIs)",
+            metrics["rows"],
+            f"Held-out end-task accuracy ({when}) on {metrics['n']} test problems (95% CIs)",
+            evaluate.COLUMNS,
         )
     ]
     if metrics.get("before_after"):
         tables.append(
-            (
+            Table(
                 "evaluate-before-after-grpo",
-                _rows(metrics["before_after"], evaluate.CHANGE_COLUMNS),
+                metrics["before_after"],
                 "End-task accuracy before vs after GRPO on the same problems (paired bootstrap CIs)",
+                evaluate.CHANGE_COLUMNS,
             )
         )
     return tables
 
 
+def _grpo_summary(manifest: Manifest) -> list[str]:
+    m = manifest.metrics
+    return [
+        f"{len(m['history'])} steps; reward rate {fmt(m['reward_rate'])} (first quarter "
+        f"{fmt(m['reward_first_quarter'])}, last quarter {fmt(m['reward_last_quarter'])}); "
+        f"{fmt(m['skipped_fraction'])} of groups skipped (no reward variance); resumed from {m['resumed_from']}"
+    ]
+
+
 def _grpo_tables(manifest: Manifest) -> list[Table]:
     metrics = manifest.metrics
     return [
-        (
+        Table(
             "grpo-heldout-before-after",
-            _rows(metrics["heldout"], grpo.CHECK_COLUMNS),
-            f"GRPO: greedy accuracy before/after on {metrics['heldout_problems']} held-out problems",
+            metrics["heldout"],
+            f"GRPO: greedy accuracy before/after on {metrics['heldout_problems']} held-out "
+            f"{metrics['problem_source']} problems",
+            grpo.CHECK_COLUMNS,
         ),
-        (
+        Table(
             "grpo-steps",
-            [{k: fmt(v) for k, v in row.items()} for row in metrics["history"]],
+            metrics["history"],
             "GRPO per-step metrics (reward, accuracy, KL, clip fraction, entropy, length, skipped groups)",
+            printed=False,
         ),
     ]
+
+
+def _sweep_tables(manifest: Manifest) -> list[Table]:
+    return [Table("sweep-table", manifest.metrics["rows"], "Compressor sweep (held-out test)", SWEEP_COLUMNS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +241,14 @@ declare(
         reads=("sweep.d_primes",),
         run=run_sweep_report,
         tasks=("sweep-report",),
-        report=Report("Compressor sweep", plot="plot.png", plot_alt="sweep", columns=SWEEP_COLUMNS),
+        report=Report(
+            "Compressor sweep",
+            plot="plot.png",
+            plot_alt="sweep",
+            files=("table.json",),
+            tables=_sweep_tables,
+            metrics=False,
+        ),
     )
 )
 declare(
@@ -273,7 +300,15 @@ declare(
         reads=("trm", "runtime.seed", "runtime.device", "evaluate.bootstrap"),
         upstream=("pairs", "compressor"),
         run=trm.run_trm,
-        report=Report("TRM", plot="per_step.png", plot_alt="per step", columns=trm.COLUMNS, tables=_trm_tables),
+        report=Report(
+            "TRM",
+            plot="per_step.png",
+            plot_alt="per step",
+            files=("model.safetensors",),
+            summary=_trm_summary,
+            tables=_trm_tables,
+            metrics=False,
+        ),
     )
 )
 declare(
@@ -298,8 +333,9 @@ declare(
             lambda cfg, m: f"End-task evaluation ({_evaluate_when(m)})",
             plot="accuracy.png",
             plot_alt="accuracy",
-            columns=evaluate.COLUMNS,
+            files=("answers.json",),
             tables=_evaluate_tables,
+            metrics=False,
         ),
     )
 )
@@ -310,6 +346,14 @@ declare(
         reads=("grpo", *LATENT_INPUTS),
         upstream=("problems", "compressor", "trm", "latent"),
         run=grpo.run_grpo,
-        report=Report("GRPO", plot="rewards.png", plot_alt="reward curves", tables=_grpo_tables),
+        report=Report(
+            "GRPO",
+            plot="rewards.png",
+            plot_alt="reward curves",
+            files=("history.json",),
+            summary=_grpo_summary,
+            tables=_grpo_tables,
+            metrics=False,
+        ),
     )
 )

@@ -9,19 +9,20 @@ already committed, so a command re-runs only what is missing.
 A declared stage that no command below wires by hand (a new stage, `tests/toy_stage.py`) runs through
 `through(call, cfg, name)`: its declared upstream stages first (each by its own command when it has
 one), then the stage on their manifests, in its declared order.
+
+A command's docstring opens with its help line (`llm-trm <command> --help`). This module imports no
+stage module at load (the CLI reads `COMMANDS` before a bad store is refused, without torch): the
+helpers the graph needs are imported where they are used.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.stages.compressor import with_compressor
-from llm_trm_core.stages.datagen import plan_shards
 from llm_trm_core.stages.declaration import stage, stage_of_task
-from llm_trm_core.stages.grpo import grpo_problem_config
-from llm_trm_core.stages.sweep import sweep_points
 from llm_trm_core.store import ArtifactStore, Manifest
 
 Manifests = dict[str, dict[str, Any]]
@@ -39,6 +40,8 @@ def stage1a(call: Call, cfg: PipelineConfig) -> Manifests:
 
 def stage2_data(call: Call, cfg: PipelineConfig, problems: dict[str, Any]) -> dict[str, Any]:
     """Datagen: one task per shard (resumable), then the report."""
+    from llm_trm_core.stages.datagen import plan_shards
+
     count = min(cfg.datagen.num_problems, int(problems["metrics"]["total"]))
     shards = [call("datagen-shard", cfg, problems, s.index, s.start, s.end) for s in plan_shards(cfg, count)]
     return call("datagen-report", cfg, problems, shards)
@@ -52,7 +55,9 @@ def stage1b(call: Call, cfg: PipelineConfig, compressor_1a: dict[str, Any], data
 
 
 def compressor(call: Call, cfg: PipelineConfig, phase: str = "1a") -> Manifests:
-    """1a: corpus hidden states -> closed-form basis -> the configured compressor; 1b: also thinking traces
+    """Stage 1: train the tied linear compressor D -> D' (hidden states cached, closed form and/or SGD).
+
+    1a: corpus hidden states -> closed-form basis -> the configured compressor; 1b: also thinking traces
     (datagen) and the 1a compressor fine-tuned on them."""
     out = stage1a(call, cfg)
     if phase == "1b":
@@ -63,7 +68,12 @@ def compressor(call: Call, cfg: PipelineConfig, phase: str = "1a") -> Manifests:
 
 
 def sweep(call: Call, cfg: PipelineConfig) -> Manifests:
-    """One closed-form and one SGD compressor per D' (below the hidden size), then a comparison report."""
+    """Stage 1 sweep: closed-form and SGD compressors for every D' in sweep.d_primes, plus a report.
+
+    One closed-form and one SGD compressor per D' below the hidden size, then the comparison report."""
+    from llm_trm_core.stages.compressor import with_compressor
+    from llm_trm_core.stages.sweep import sweep_points
+
     hiddens = call("hiddens", cfg)
     basis = call("basis", cfg, hiddens)
     points = [
@@ -74,12 +84,15 @@ def sweep(call: Call, cfg: PipelineConfig) -> Manifests:
 
 
 def datagen(call: Call, cfg: PipelineConfig) -> Manifests:
+    """Stage 2 data: generate thinking traces and record consistent (pre, post) hidden states."""
     problems = call("problems", cfg)
     return {"problems": problems, "datagen": stage2_data(call, cfg, problems)}
 
 
 def through_pairs(call: Call, cfg: PipelineConfig) -> Manifests:
-    """problems -> 1a -> datagen -> 1b -> pairs (compressed with the 1b compressor)."""
+    """Stage 2 data: compress the (pre, post) states with the 1b compressor into Parquet shards.
+
+    problems -> 1a -> datagen -> 1b -> pairs (compressed with the 1b compressor)."""
     out: Manifests = {"problems": call("problems", cfg)}
     out.update(stage1a(call, cfg))
     out["datagen"] = stage2_data(call, cfg, out["problems"])
@@ -89,12 +102,14 @@ def through_pairs(call: Call, cfg: PipelineConfig) -> Manifests:
 
 
 def through_trm(call: Call, cfg: PipelineConfig) -> Manifests:
+    """Stage 2 model: train the TRM on the compressed pairs and report it beside baselines (held-out test)."""
     out = through_pairs(call, cfg)
     out["trm"] = call("trm", cfg, out["pairs"], out["compressor-1b"])
     return out
 
 
 def through_latent(call: Call, cfg: PipelineConfig) -> Manifests:
+    """Train the injection of TRM output into the LM (k latent input embeddings) on answer likelihood."""
     out = through_trm(call, cfg)
     out["latent"] = call("latent", cfg, out["problems"], out["compressor-1b"], out["trm"])
     return out
@@ -105,19 +120,37 @@ def _policy(out: Manifests) -> tuple[dict[str, Any], ...]:
 
 
 def through_evaluate(call: Call, cfg: PipelineConfig) -> Manifests:
+    """End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style."""
     out = through_latent(call, cfg)
     out["evaluate"] = call("evaluate", cfg, *_policy(out))
     return out
 
 
 def through_grpo(call: Call, cfg: PipelineConfig) -> Manifests:
-    """... -> latent -> evaluate (before) -> grpo -> evaluate (after, with the before/after table)."""
+    """Stage 3: GRPO on answer correctness (TRM + projection through the frozen LM), evaluated before and after.
+
+    ... -> latent -> evaluate (before) -> grpo -> evaluate (after, with the before/after table)."""
+    from llm_trm_core.stages.grpo import grpo_problem_config
+
     out = through_latent(call, cfg)
     out["evaluate-before"] = call("evaluate-before-grpo", cfg, *_policy(out))
     out["grpo-problems"] = call("problems", grpo_problem_config(cfg))
     out["grpo"] = call("grpo", cfg, out["grpo-problems"], *_policy(out)[1:])
     out["evaluate"] = call("evaluate-after-grpo", cfg, *_policy(out), grpo=out["grpo"], before=out["evaluate-before"])
     return out
+
+
+def pipeline(call: Call, cfg: PipelineConfig) -> Manifests:
+    """Run every stage that exists, end to end, each cached by its store key.
+
+    The GRPO graph (`through_grpo`): its results hold every stage's manifest in graph order."""
+    return through_grpo(call, cfg)
+
+
+def help_line(command: str) -> str:
+    """The help line of graph command `command`: the first paragraph of its docstring."""
+    graph = compressor if command == "compressor-1b" else COMMANDS[command]
+    return (inspect.getdoc(graph) or "").split("\n\n")[0]
 
 
 Command = Callable[[Call, PipelineConfig], Manifests]
@@ -132,7 +165,7 @@ COMMANDS: dict[str, Command] = {
     "latent": through_latent,
     "evaluate": through_evaluate,
     "grpo": through_grpo,
-    "pipeline": through_grpo,
+    "pipeline": pipeline,
 }
 # the result a command is about (the CLI's one JSON line without Prefect)
 TARGETS = {"compressor": "compressor-1a", "compressor-1b": "compressor-1b", "pipeline": "evaluate"}
@@ -153,6 +186,30 @@ def through(call: Call, cfg: PipelineConfig, name: str) -> Manifests:
 
 def target_of(name: str) -> str:
     return TARGETS.get(name, name)
+
+
+class _AnyCount(dict[str, Any]):
+    """Stand-in metrics: every count (problems in the set, the model's hidden size) is large."""
+
+    def __missing__(self, key: str) -> int:
+        return 1 << 20
+
+
+def stages_of(cfg: PipelineConfig, name: str) -> tuple[str, ...]:
+    """The declared stages command or stage `name` runs on `cfg`, in the order it first calls them: its
+    graph run with a call that records each stage and returns a stand-in manifest (nothing runs).
+    `llm_trm_core/plan.py` `COMMAND_STAGES` must agree (tests/test_declarations.py)."""
+    seen: dict[str, None] = {}
+
+    def record(task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
+        declared = stage_of_task(task)
+        if declared is None:
+            raise KeyError(f"no declared stage runs task {task!r}")
+        seen[declared.name] = None
+        return {"stage": declared.name, "key": task, "uri": "", "upstream": {}, "metrics": _AnyCount()}
+
+    through(record, cfg, name)
+    return tuple(seen)
 
 
 # ---------------------------------------------------------------------------------------------
