@@ -11,12 +11,14 @@ was corrupted before a resumed writer adopted the file (its sha256 is then taken
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from llm_trm_core.errors import ArtifactCorruptError
 from llm_trm_core.store import recompute_hint
@@ -83,6 +85,25 @@ def sequence_array(arrays: Sequence[np.ndarray], dtype: str, dim: int) -> tuple[
     return pa.ListArray.from_arrays(offsets, values, type=list_type), lengths
 
 
-def float_rows(values: pa.Array, dim: int) -> np.ndarray:
-    """Arrow floats -> an owned, writable float32 (n, dim) array (one copy)."""
-    return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+def vector_rows(vectors: pa.Array, dim: int) -> torch.Tensor:
+    """A fixed_size_list<float>[dim] array -> a float32 (n, dim) tensor.
+
+    float32 without nulls (what the writers produce) is a zero-copy view of the Arrow buffer: no copy and
+    no per-row work. The tensor shares Arrow's memory (kept alive by the view), which nothing else holds;
+    float16 is converted once."""
+    flat = vectors.flatten()  # the child floats of this slice (zero-copy, respects the array's offset)
+    if flat.type == pa.float32() and flat.null_count == 0:
+        array = flat.to_numpy(zero_copy_only=True)
+    else:
+        array = flat.to_numpy(zero_copy_only=False).astype(np.float32)
+    with warnings.catch_warnings():  # Arrow buffers are read-only to NumPy; the tensor is their only user
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).view(-1, dim)
+
+
+def column_rows(column: pa.ChunkedArray, dim: int) -> torch.Tensor:
+    """A fixed_size_list<float>[dim] column -> float32 (n, dim): a view for one chunk, one concatenation else."""
+    parts = [vector_rows(chunk, dim) for chunk in column.chunks]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else torch.empty(0, dim)

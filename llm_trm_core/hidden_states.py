@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS, read_parquet
+from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS, column_rows, read_parquet
 from llm_trm_core.errors import UserError
 from llm_trm_core.metrics import LMHead
 from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter
@@ -180,6 +180,11 @@ def ensure_lm_head(store: ArtifactStore, key: str, head: LMHead, dtype: torch.dt
     }
 
 
+def states_from_table(table: pa.Table, hidden_size: int) -> torch.Tensor:
+    """The `state` column of a shard as a float32 (rows, D) tensor (a zero-copy view for float32 shards)."""
+    return column_rows(table.column("state"), hidden_size)
+
+
 @dataclass
 class HiddenStates:
     """Reader over a committed hidden-states artifact."""
@@ -219,9 +224,7 @@ class HiddenStates:
 
     def read_shard(self, name: str) -> torch.Tensor:
         """All states of one shard as a float32 (rows, D) tensor."""
-        column = read_parquet(self.artifact, name, columns=["state"]).column("state").combine_chunks()
-        flat = column.values.to_numpy(zero_copy_only=False)
-        states = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(-1, self.hidden_size))  # owned copy
+        states = states_from_table(read_parquet(self.artifact, name, columns=["state"]), self.hidden_size)
         if not torch.isfinite(states).all():
             raise UserError(f"{self.artifact.file_uri(name)} contains NaN or Inf hidden states; recompute the artifact")
         return states

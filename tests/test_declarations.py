@@ -24,7 +24,7 @@ TINY_KEYS = {
     ("datagen", None): "78ec8bb8c1969db9e5ffc10a32de90acd951cf440186b4fab2f3128c8ccdc7f3",
     ("trace-hiddens", None): "8688783931c2f0f55c3e20502745f190e6cca0b091530644bb97a501bc80e69b",
     ("pairs", None): "93df7927d5c51501a91d7b2986a71d263e8076b30af3503be0344e5a3a6de7db",
-    ("trm", None): "6f8cc5c84f6240d19694d5cdf2db9d832f81449e04c547ec74215f454322708b",
+    ("trm", None): "0823bcbc40ecbb1f6eef93139d02db922dc69bea54485d24418d9a09f173946a",  # code version 4
     ("latent", None): "3c4b8eb2532d564631986f4e30ca73eced925b2fe9a56b597659c5872e5ea3e3",
     ("evaluate", None): "29278dfe1e9b244b3f1822b3cac08005e92b6490215b28a1c43d4c882d709e91",
     ("grpo", None): "8790634255b5b2545c521ec20f5440998edeb8c2565b9ca40bcdb81d515f8233",

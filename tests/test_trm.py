@@ -18,6 +18,7 @@ from llm_trm_core.config import load_config
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.errors import UserError
 from llm_trm_core.faults import FAULT_ENV
+from llm_trm_core.models import trm as trm_model
 from llm_trm_core.models.trm import SequenceTRM
 from llm_trm_core.stages.pairs import META_FILE, STAGE, _table, pairs_schema
 from llm_trm_core.stages.trm import run_trm
@@ -77,6 +78,23 @@ def test_padding_does_not_change_predictions_and_positions_matter_only_with_rope
     ((a, _),) = rope.predict_steps(pre, full, 1)
     ((b, _),) = rope.predict_steps(flipped, full, 1)
     assert not torch.allclose(a, b, atol=1e-4)  # with RoPE, order matters
+
+
+def test_training_attention_is_sdpa_with_dropout_on_the_weights(monkeypatch) -> None:
+    """The training path's attention (explicit, cheaper dropout draws) is softmax attention over the real keys;
+    its dropout zeroes about p of the weights and keeps the expectation."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    monkeypatch.setattr(trm_model, "dropout_keep", lambda shape, p, dtype, device: torch.ones(shape, dtype=dtype))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(trm_model.dropout_attention(q, k, v, mask, 0.1), expected, atol=1e-6, rtol=1e-5)
+    monkeypatch.undo()
+    keep = trm_model.dropout_keep(torch.Size([200, 1000]), 0.1, torch.float32, torch.device("cpu"))
+    assert abs(float((keep == 0).float().mean()) - 0.1) < 0.005
+    assert abs(float(keep.mean()) - 1.0) < 0.01
+    assert keep.unique().tolist() == [0.0, pytest.approx(65536 / round(0.9 * 65536))]
 
 
 def test_bad_widths_are_clear_errors() -> None:

@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from llm_trm_core.arrow import float_rows, pair_schema, sequence_array, vector_array
+from llm_trm_core.arrow import pair_schema, sequence_array, vector_array, vector_rows
 from llm_trm_core.datagen.generate import PairStates
 
 ROWS_SCHEMA_NAME = "llm-trm/datagen-rows"
@@ -86,12 +85,14 @@ def pairs_to_table(
 
 
 def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
-    """Inverse of `pairs_to_table` (float32 tensors, views into one buffer per table)."""
+    """Inverse of `pairs_to_table`: float32 tensors that are zero-copy views into the table's buffers (one
+    float buffer per chunk for pre, one for post); no per-row conversion."""
     dim = table.schema.field("post").type.list_size
-    ids, splits = table.column("id").to_pylist(), table.column("split").to_pylist()
-    post = torch.from_numpy(float_rows(table.column("post").combine_chunks().values, dim))
-    pre_col = table.column("pre").combine_chunks()
-    offsets = pre_col.offsets.to_numpy()
-    flat = torch.from_numpy(float_rows(pre_col.values.values, dim))
-    for i in range(table.num_rows):
-        yield PairStates(ids[i], splits[i], flat[offsets[i] : offsets[i + 1]], post[i])
+    for chunk in table.to_batches():
+        ids, splits = chunk.column("id").to_pylist(), chunk.column("split").to_pylist()
+        post = vector_rows(chunk.column("post"), dim)
+        pre_col = chunk.column("pre")
+        offsets = pre_col.offsets.to_numpy().tolist()  # absolute into the child positions
+        flat = vector_rows(pre_col.values, dim)
+        for i in range(chunk.num_rows):
+            yield PairStates(ids[i], splits[i], flat[offsets[i] : offsets[i + 1]], post[i])

@@ -296,7 +296,7 @@ declare(
 declare(
     Stage(
         "trm",
-        version="3",
+        version="4",  # 4: cheaper attention-dropout draws, fused EMA update, larger evaluation batches
         reads=("trm", "runtime.seed", "runtime.device", "evaluate.bootstrap"),
         upstream=("pairs", "compressor"),
         run=trm.run_trm,

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 from safetensors.torch import save as save_safetensors
 
-from llm_trm_core.config import PipelineConfig
+from llm_trm_core.config import PipelineConfig, TRMConfig
 from llm_trm_core.errors import UserError
 from llm_trm_core.lm.loader import resolve_device
 from llm_trm_core.metrics import ReconstructionMetrics
@@ -37,7 +37,7 @@ from llm_trm_core.trm.artifacts import lm_head_for
 from llm_trm_core.trm.baselines import Features, fit_baselines
 from llm_trm_core.trm.data import PairData
 from llm_trm_core.trm.pairs import PairsReader
-from llm_trm_core.trm.train import Head, evaluate_steps, relative_errors, train_trm
+from llm_trm_core.trm.train import Head, eval_batch_size, evaluate_steps, relative_errors, train_trm
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,29 @@ def final_predictions(
     ]
     model.train(was_training)
     return torch.cat(out)
+
+
+def evaluate_test(
+    final: SequenceTRM,
+    raw_model: SequenceTRM,
+    data: PairData,
+    t: TRMConfig,
+    target_mean: torch.Tensor,
+    halt_threshold: float,
+    head: Head | None,
+    device: torch.device,
+) -> tuple[list[dict[str, Any]], dict[str, Any], torch.Tensor]:
+    """The stage's test evaluation: metrics after every supervision step with the final (EMA) weights, the raw
+    weights' last step, and the final weights' last-step predictions (N, D'), in the test pairs' order."""
+    batch = eval_batch_size(t.batch_size)
+    predictions: list[torch.Tensor] = []
+    n = t.n_supervision
+    per_step = [
+        relabel_r2(row)
+        for row in evaluate_steps(final, data, "test", n, target_mean, halt_threshold, head, batch, device, predictions)
+    ]
+    raw = relabel_r2(evaluate_steps(raw_model, data, "test", n, target_mean, halt_threshold, head, batch, device)[-1])
+    return per_step, raw, torch.cat(predictions)
 
 
 def target_distribution(head: Head | None, targets: torch.Tensor) -> dict[str, Any] | None:
@@ -186,26 +209,14 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
     final = ema.module if ema is not None else model
     assert isinstance(final, SequenceTRM)
     halt_threshold = result.halt_threshold
-    per_step = [
-        relabel_r2(row)
-        for row in evaluate_steps(
-            final, data, "test", t.n_supervision, target_mean, halt_threshold, head, t.batch_size, device
-        )
-    ]
-    raw = relabel_r2(
-        evaluate_steps(model, data, "test", t.n_supervision, target_mean, halt_threshold, head, t.batch_size, device)[
-            -1
-        ]
-    )
+    per_step, raw, final_test = evaluate_test(final, model, data, t, target_mean, halt_threshold, head, device)
     predictors, chosen = fit_baselines(train, val, t.ridge_lambdas, t.knn_ks)
     baselines = {
         name: _metrics(predict(test).float(), test.target, target_mean, head) for name, predict in predictors.items()
     }
     # the deciding metric: per-pair standardized MSE (what the TRM is trained on), paired over test pairs
     std = train.target.float().std(0).clamp_min(1e-6)
-    trm_errors = pair_errors(
-        final_predictions(final, data, "test", t.n_supervision, t.batch_size, device), test.target, std
-    )
+    trm_errors = pair_errors(final_test, test.target, std)
     base_errors = {name: pair_errors(predict(test), test.target, std) for name, predict in predictors.items()}
     for name in baselines:
         baselines[name]["std_mse"] = float(base_errors[name].mean())
@@ -345,7 +356,7 @@ def _recursion_ablation(
         )  # fmt: skip
     final = ema.module if ema is not None else model
     assert isinstance(final, SequenceTRM)
-    predictions = final_predictions(final, data, "test", 1, t.batch_size, device)
+    predictions = final_predictions(final, data, "test", 1, eval_batch_size(t.batch_size), device)
     metrics = _metrics(predictions, test.target, target_mean, head)
     errors = pair_errors(predictions, test.target, std)
     metrics["std_mse"] = float(errors.mean())
