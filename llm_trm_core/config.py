@@ -168,7 +168,7 @@ class CorpusConfig(Section):
     )
     hub_id: str = Field("HuggingFaceFW/fineweb-edu", description="Dataset id for source=fineweb-edu.")
     hub_config: str = Field("sample-10BT", description="Dataset config for source=fineweb-edu.")
-    num_documents: int = Field(400, ge=1, description="Documents taken (train + held out).")
+    num_documents: int = Field(200, ge=1, description="Documents taken (train + held out).")
     max_tokens: int = Field(256, ge=8, description="Tokens per document (longer ones are cut into chunks).")
     max_doc_tokens: int | None = Field(
         None,
