@@ -25,11 +25,11 @@ class PrefectCall:
         """Run Prefect task `task` (of its declared stage) on `cfg`, cached by its store key."""
         return cached(stage_task(task), cfg)(cfg, *inputs, **options)
 
-    def fan_out_shards(self, cfg: PipelineConfig, ranges: list[tuple[int, int]]) -> None:
+    def fan_out_shards(self, cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
         """Run each shard range as a run of `runtime.fanout_deployment` and wait for all (re-submitting lost ones)."""
         from flows.datagen_fanout import fan_out_shards
 
-        fan_out_shards(cfg, ranges)
+        fan_out_shards(cfg, problems, ranges)
 
 
 prefect_call = PrefectCall()

@@ -30,6 +30,7 @@ from flows.chain import Manifests, prefect_call
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
 from llm_trm_core.stages import graph
+from llm_trm_core.store import ArtifactStore, Manifest
 from tasks.attempts import flow_guard
 
 logger = logging.getLogger(__name__)
@@ -119,16 +120,32 @@ def _submit(cfg: PipelineConfig, deployment: str, unit: RangeRun) -> None:
     logger.info("%s: submitted run %s (attempt %d) to %s", unit.label, run.name, attempt, deployment)
 
 
-def fan_out_shards(cfg: PipelineConfig, ranges: list[tuple[int, int]]) -> None:
-    """Run every shard range as a run of `runtime.fanout_deployment`, at most `runtime.fanout_workers` at once;
-    wait for all, re-submitting lost ones (module docstring). UserError when a range is still not done after
-    `runtime.fanout_resubmits` re-submissions."""
+def committed(cfg: PipelineConfig, problems: dict[str, Any], first: int, end: int) -> bool:
+    """Whether every shard of range `first`..`end`-1 is committed to the store already."""
+    from llm_trm_core.datagen.artifacts import SHARD_STAGE
+    from llm_trm_core.stages.datagen import plan_shards, shard_key
+
+    manifest = Manifest.model_validate(problems)
+    store = ArtifactStore(cfg.store.root)
+    specs = plan_shards(cfg, min(cfg.datagen.num_problems, int(manifest.metrics["total"])))[first:end]
+    return all(store.read_manifest(SHARD_STAGE, shard_key(cfg, manifest, s)) is not None for s in specs)
+
+
+def fan_out_shards(cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
+    """Run every shard range not yet committed as a run of `runtime.fanout_deployment`, at most
+    `runtime.fanout_workers` at once; wait for all, re-submitting lost ones (module docstring). UserError when
+    a range is still not done after `runtime.fanout_resubmits` re-submissions."""
     deployment = cfg.runtime.fanout_deployment
     if deployment is None:
         return
     limit = cfg.runtime.fanout_workers
     resubmits = cfg.runtime.fanout_resubmits
-    units = [RangeRun(first, end) for first, end in ranges]
+    units = [RangeRun(first, end) for first, end in ranges if not committed(cfg, problems, first, end)]
+    if len(units) < len(ranges):
+        done = len(ranges) - len(units)
+        logger.info("datagen fan-out: %d of %d shard ranges are committed already", done, len(ranges))
+    if not units:
+        return
     with get_client(sync_client=True) as client:
         pool = check_deployment(client, deployment)
         logger.info(

@@ -93,6 +93,11 @@ def test_datagen_fanned_out_over_three_workers_survives_a_killed_worker(tmp_path
         shard_states = [t["state"]["name"] for t in tasks if t["name"].startswith("datagen-shard-")]
         assert shard_states == ["Cached"] * 3, [(t["name"], t["state"]["name"]) for t in tasks]
 
+        # run again: every range is committed, so no range run is submitted
+        again = _cli(env, "--store", root, *fanout)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert len(_runs_of(api, deployment_id)) == len(runs) == 4
+
         # bad input: a deployment that does not exist is one error line, exit 2
         bad = _cli(env, "--store", root, "runtime.fanout_deployment=datagen-shards/nowhere", timeout=300)
         lines = [line for line in bad.stderr.splitlines() if line.strip()]
@@ -119,7 +124,7 @@ class _Recorder:
 
 
 class _FanningRecorder(_Recorder):
-    def fan_out_shards(self, cfg: Any, ranges: list[tuple[int, int]]) -> None:
+    def fan_out_shards(self, cfg: Any, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
         self.calls.append(("fan-out", ranges))
 
 
@@ -179,8 +184,9 @@ def test_fan_out_keeps_the_limit_and_gives_up_after_the_resubmissions(monkeypatc
     monkeypatch.setattr(fanout, "get_client", lambda sync_client: Client())
     monkeypatch.setattr(fanout, "check_deployment", lambda client, name: "llm-trm-local")
     monkeypatch.setattr(fanout, "POLL_SECONDS", 0.0)
+    monkeypatch.setattr(fanout, "committed", lambda cfg, problems, first, end: first == 3)  # range 3..3 is done
     cfg = load_config("tiny", [f"runtime.fanout_deployment={DEPLOYMENT}", "runtime.fanout_workers=2"])
     with pytest.raises(UserError, match=r"3 shard ranges did not complete after runtime.fanout_resubmits=2"):
-        fanout.fan_out_shards(cfg, [(0, 1), (1, 2), (2, 3)])
+        fanout.fan_out_shards(cfg, {}, [(0, 1), (1, 2), (2, 3), (3, 4)])
     assert sorted(submitted) == sorted(f"datagen-shards-{i}-{i}-try{t}" for i in range(3) for t in (1, 2, 3))
     assert max(in_flight) <= 2

@@ -48,7 +48,7 @@ class ShardFanout(Protocol):
     """A `Call` that can also run ranges of datagen shards as separate runs on other workers (the Prefect
     call, flows/chain.py): `fan_out_shards` returns once every range has committed its shards."""
 
-    def fan_out_shards(self, cfg: PipelineConfig, ranges: list[tuple[int, int]]) -> None: ...
+    def fan_out_shards(self, cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None: ...
 
 
 def _shard_specs(cfg: PipelineConfig, problems: dict[str, Any]) -> list[Any]:
@@ -72,7 +72,7 @@ def stage2_data(call: Call, cfg: PipelineConfig, problems: dict[str, Any]) -> di
     specs = _shard_specs(cfg, problems)
     if cfg.runtime.fanout_deployment is not None:
         if isinstance(call, ShardFanout):
-            call.fan_out_shards(cfg, shard_ranges(len(specs), cfg.runtime.fanout_workers))
+            call.fan_out_shards(cfg, problems, shard_ranges(len(specs), cfg.runtime.fanout_workers))
         else:
             logger.warning(
                 "runtime.fanout_deployment=%s applies to the Prefect flows only: the shards run in this process",
