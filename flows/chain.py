@@ -1,7 +1,9 @@
 """The Prefect side of the pipeline graph (llm_trm_core/stages/graph.py): `prefect_call` runs a stage
 as its cached Prefect task, so every flow is a graph function called with it.
 
-Call them inside a flow. Every task returns at once when its artifact is already committed.
+Call them inside a flow. Every task returns at once when its artifact is already committed. With
+`runtime.fanout_deployment` set, `prefect_call` also fans datagen shards out over a work pool
+(flows/datagen_fanout.py) before the graph's shard tasks read them back.
 """
 
 from __future__ import annotations
@@ -13,9 +15,21 @@ from llm_trm_core.stages.graph import Manifests
 from tasks.caching import cached
 from tasks.stage import stage_task
 
-__all__ = ["Manifests", "prefect_call"]
+__all__ = ["Manifests", "PrefectCall", "prefect_call"]
 
 
-def prefect_call(task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
-    """Run Prefect task `task` (of its declared stage) on `cfg`, cached by its store key."""
-    return cached(stage_task(task), cfg)(cfg, *inputs, **options)
+class PrefectCall:
+    """The graph's `Call` inside a flow: each stage as its cached Prefect task; shard ranges as flow runs."""
+
+    def __call__(self, task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
+        """Run Prefect task `task` (of its declared stage) on `cfg`, cached by its store key."""
+        return cached(stage_task(task), cfg)(cfg, *inputs, **options)
+
+    def fan_out_shards(self, cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
+        """Run each shard range as a run of `runtime.fanout_deployment` and wait for all (re-submitting lost ones)."""
+        from flows.datagen_fanout import fan_out_shards
+
+        fan_out_shards(cfg, problems, ranges)
+
+
+prefect_call = PrefectCall()

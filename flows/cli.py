@@ -37,6 +37,7 @@ from rich.table import Table
 
 from llm_trm_core.config import DEFAULT_PRESET, PRESETS, PipelineConfig, apply_overrides, load_config, parse_config
 from llm_trm_core.errors import ConfigError, TransientError, UserError
+from llm_trm_core.plan import command_stages
 from llm_trm_core.preflight import preflight
 from llm_trm_core.reporting import comparison_rows, flatten, fmt
 from llm_trm_core.stages.declaration import STAGE_MODULES_ENV, stages
@@ -163,6 +164,10 @@ def _checked(preset: str, store: str | None, overrides: list[str] | None, comman
     about a second, before Prefect is imported or its server started."""
     cfg: PipelineConfig = _run_guarded(lambda: resolve(preset, store, overrides))
     _run_guarded(lambda: preflight(cfg, command))
+    if cfg.runtime.fanout_deployment is not None and "datagen" in command_stages(command):
+        from flows.datagen_fanout import check_fanout  # imports Prefect: only when datagen fans out
+
+        _run_guarded(lambda: check_fanout(cfg))
     return cfg
 
 

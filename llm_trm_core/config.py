@@ -16,7 +16,15 @@ from importlib import resources
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
@@ -220,6 +228,36 @@ class RuntimeConfig(Section):
         description="Processes per training stage (compressor, TRM): above 1 the task launches torchrun.",
         json_schema_extra=NOT_KEYED,
     )
+    fanout_deployment: str | None = Field(
+        None,
+        description="Prefect deployment ('flow/deployment', e.g. datagen-shards/datagen-shards-local) that runs "
+        "datagen shard ranges as separate flow runs on its work pool (docs/architecture.md, 'Fan-out'); None: "
+        "every shard runs in the calling flow run.",
+        json_schema_extra=NOT_KEYED,
+    )
+    fanout_workers: int = Field(
+        1,
+        ge=1,
+        description="With fanout_deployment: shard-range runs at once, the number of GPUs (workers) of the pool; "
+        "the shards are cut into this many contiguous ranges.",
+        json_schema_extra=NOT_KEYED,
+    )
+    fanout_resubmits: int = Field(
+        2,
+        ge=0,
+        description="With fanout_deployment: times a shard-range run that ended Failed, Crashed or Cancelled "
+        "(a preempted worker) is submitted again; it resumes from the store.",
+        json_schema_extra=NOT_KEYED,
+    )
+
+    @field_validator("fanout_deployment")
+    @classmethod
+    def _deployment_name(cls, value: str | None) -> str | None:
+        if value is not None and (value.count("/") != 1 or not all(value.split("/")) or value != value.strip()):
+            raise ValueError(
+                "must name a Prefect deployment as 'flow/deployment', e.g. datagen-shards/datagen-shards-local"
+            )
+        return value
 
 
 class StoreConfig(Section):

@@ -18,12 +18,17 @@ helpers the graph needs are imported where they are used.
 from __future__ import annotations
 
 import inspect
+import itertools
+import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from llm_trm_core.config import PipelineConfig
+from llm_trm_core.errors import ConfigError
 from llm_trm_core.stages.declaration import stage, stage_of_task
 from llm_trm_core.store import ArtifactStore, Manifest
+
+logger = logging.getLogger(__name__)
 
 Manifests = dict[str, dict[str, Any]]
 
@@ -38,13 +43,57 @@ def stage1a(call: Call, cfg: PipelineConfig) -> Manifests:
     return {"hiddens": hiddens, "basis": basis, "compressor-1a": call("compressor", cfg, hiddens, basis, phase="1a")}
 
 
-def stage2_data(call: Call, cfg: PipelineConfig, problems: dict[str, Any]) -> dict[str, Any]:
-    """Datagen: one task per shard (resumable), then the report."""
+@runtime_checkable
+class ShardFanout(Protocol):
+    """A `Call` that can also run ranges of datagen shards as separate runs on other workers (the Prefect
+    call, flows/chain.py): `fan_out_shards` returns once every range has committed its shards."""
+
+    def fan_out_shards(self, cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None: ...
+
+
+def _shard_specs(cfg: PipelineConfig, problems: dict[str, Any]) -> list[Any]:
     from llm_trm_core.stages.datagen import plan_shards
 
-    count = min(cfg.datagen.num_problems, int(problems["metrics"]["total"]))
-    shards = [call("datagen-shard", cfg, problems, s.index, s.start, s.end) for s in plan_shards(cfg, count)]
+    return plan_shards(cfg, min(cfg.datagen.num_problems, int(problems["metrics"]["total"])))
+
+
+def shard_ranges(shards: int, parts: int) -> list[tuple[int, int]]:
+    """Shard indexes 0..`shards`-1 cut into at most `parts` contiguous ranges [first, end) of near-equal size."""
+    parts = max(1, min(parts, shards))
+    bounds = [round(i * shards / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def stage2_data(call: Call, cfg: PipelineConfig, problems: dict[str, Any]) -> dict[str, Any]:
+    """Datagen: one task per shard (resumable), then the report.
+
+    With `runtime.fanout_deployment` and a call that can fan out, the shards are first run as
+    `runtime.fanout_workers` ranges on other workers; the shard tasks below then find them committed."""
+    specs = _shard_specs(cfg, problems)
+    if cfg.runtime.fanout_deployment is not None:
+        if isinstance(call, ShardFanout):
+            call.fan_out_shards(cfg, problems, shard_ranges(len(specs), cfg.runtime.fanout_workers))
+        else:
+            logger.warning(
+                "runtime.fanout_deployment=%s applies to the Prefect flows only: the shards run in this process",
+                cfg.runtime.fanout_deployment,
+            )
+    shards = [call("datagen-shard", cfg, problems, s.index, s.start, s.end) for s in specs]
     return call("datagen-report", cfg, problems, shards)
+
+
+def datagen_shard_range(call: Call, cfg: PipelineConfig, first: int, end: int | None = None) -> Manifests:
+    """Datagen shards `first`..`end`-1 (all from `first` when `end` is None), each committed as its own artifact:
+    the unit of work of one fanned-out run (`stage2_data`)."""
+    problems = call("problems", cfg)
+    specs = _shard_specs(cfg, problems)
+    chosen = specs[first:end]
+    if not chosen:
+        raise ConfigError(f"shard range {first}..{end} is empty: this config has shards 0..{len(specs) - 1}")
+    out: Manifests = {"problems": problems}
+    for s in chosen:
+        out[f"datagen-shard-{s.index:04d}"] = call("datagen-shard", cfg, problems, s.index, s.start, s.end)
+    return out
 
 
 def stage1b(call: Call, cfg: PipelineConfig, compressor_1a: dict[str, Any], datagen: dict[str, Any]) -> Manifests:
