@@ -335,7 +335,12 @@ class DatagenConfig(Section):
         "split sizes (each split in order; a larger count extends a smaller one). Pairs of every split are needed.",
     )
     shard_size: int = Field(16, ge=1, description="Problems per shard (one task each, resumable).")
-    batch_size: int = Field(8, ge=1, description="Problems per generate call (also the commit granularity).")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Problems per generate call (also the commit granularity). A decode step costs about one "
+        "read of the weights whatever the batch (docs/performance.md): larger batches, fewer steps.",
+    )
     max_new_tokens: int = Field(128, ge=1, description="Token budget of the thinking span.")
     max_answer_tokens: int = Field(64, ge=1, description="Token budget of the answer after the span.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
@@ -542,7 +547,13 @@ class EvaluateConfig(Section):
     think_tokens: int | None = Field(
         None, ge=1, description="Thinking budget of the think arm (default datagen.max_new_tokens)."
     )
-    batch_size: int = Field(8, ge=1, description="Problems decoded together.", json_schema_extra=NOT_KEYED)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Problems decoded together (every arm of them at once where they share the prompt); "
+        "larger chunks, fewer decode steps (docs/performance.md).",
+        json_schema_extra=NOT_KEYED,
+    )
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every paired 95% interval.")
     arms: list[str] = Field(
         default_factory=lambda: list(EVAL_ARMS),

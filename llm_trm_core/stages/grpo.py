@@ -174,7 +174,7 @@ def run_grpo(
         reference_adapters_off=bool(lora_params),
     )  # fmt: skip
     checkpoints = CheckpointManager(store, STAGE, key)
-    batch_size = max(1, g.micro_batch // 2)
+    batch_size = g.micro_batch  # held-out questions per chunk; its arms decode together
 
     def check_before() -> dict[str, list[bool]]:
         with torch.no_grad():
