@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from llm_trm_core.errors import ArtifactCorruptError
 from llm_trm_core.store import recompute_hint
 
 if TYPE_CHECKING:
+    import torch
+
     from llm_trm_core.store import Artifact, ArtifactWriter
 
 FLOAT_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -91,6 +92,8 @@ def vector_rows(vectors: pa.Array, dim: int) -> torch.Tensor:
     float32 without nulls (what the writers produce) is a zero-copy view of the Arrow buffer: no copy and
     no per-row work. The tensor shares Arrow's memory (kept alive by the view), which nothing else holds;
     float16 is converted once."""
+    import torch  # here, not at module import: the CLI's preflight runs before torch loads
+
     flat = vectors.flatten()  # the child floats of this slice (zero-copy, respects the array's offset)
     if flat.type == pa.float32() and flat.null_count == 0:
         array = flat.to_numpy(zero_copy_only=True)
@@ -103,6 +106,8 @@ def vector_rows(vectors: pa.Array, dim: int) -> torch.Tensor:
 
 def column_rows(column: pa.ChunkedArray, dim: int) -> torch.Tensor:
     """A fixed_size_list<float>[dim] column -> float32 (n, dim): a view for one chunk, one concatenation else."""
+    import torch
+
     parts = [vector_rows(chunk, dim) for chunk in column.chunks]
     if len(parts) == 1:
         return parts[0]
