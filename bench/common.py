@@ -39,3 +39,20 @@ def timer() -> Iterator[list[float]]:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def bench_config(description: str | None, prefix: str) -> tuple[Any, str]:
+    """A preset config from `--preset`, `--store` (default: a fresh temporary folder named `prefix`...) and
+    repeated `--set key=value`; returns (config, store root)."""
+    import argparse
+    import tempfile
+
+    from llm_trm_core.config import load_config
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="local")
+    parser.add_argument("--store", default=None, help="default: a fresh temporary folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    args = parser.parse_args()
+    root = args.store or f"file://{tempfile.mkdtemp(prefix=prefix)}"
+    return load_config(args.preset, [f"store.root={root}", *args.overrides]), root

@@ -13,16 +13,13 @@ improving the held-out figures.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from typing import Any
 
 import torch
 
-from bench.common import emit, log, timer
+from bench.common import bench_config, emit, log, timer
 from llm_trm_core.compressor.artifacts import open_hiddens
 from llm_trm_core.compressor.moments import MomentAccumulator, solve
-from llm_trm_core.config import load_config
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.stages.compressor import evaluate_compressor, run_corpus_hiddens
 from llm_trm_core.store import ArtifactStore
@@ -31,13 +28,7 @@ FRACTIONS = (0.03, 0.06, 0.125, 0.25, 0.5, 1.0)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", default="local")
-    parser.add_argument("--store", default=None, help="default: a fresh temporary folder")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    args = parser.parse_args()
-    root = args.store or f"file://{tempfile.mkdtemp(prefix='bench-corpus-')}"
-    cfg = load_config(args.preset, [f"store.root={root}", *args.overrides])
+    cfg, root = bench_config(__doc__, "bench-corpus-")
     store = ArtifactStore(root)
     with timer() as t:
         manifest = run_corpus_hiddens(cfg, store)

@@ -25,8 +25,6 @@ model class; the stages themselves are not changed for the bench.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,8 +32,8 @@ from typing import Any
 
 import torch
 
-from bench.common import emit, log, timer
-from llm_trm_core.config import PipelineConfig, load_config
+from bench.common import bench_config, emit, log, timer
+from llm_trm_core.config import PipelineConfig
 from llm_trm_core.store import Manifest
 
 COUNTS: dict[str, float] = defaultdict(float)
@@ -122,13 +120,7 @@ def instrument(cfg: PipelineConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", default="local")
-    parser.add_argument("--store", default=None, help="default: a fresh temporary folder")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    args = parser.parse_args()
-    root = args.store or f"file://{tempfile.mkdtemp(prefix='bench-budget-')}"
-    cfg = load_config(args.preset, [f"store.root={root}", *args.overrides])
+    cfg, root = bench_config(__doc__, "bench-budget-")
 
     from llm_trm_core.stages.graph import run_plain
 
@@ -168,10 +160,10 @@ def main() -> None:
         emit(f"stage_{stage}", wall, "s", **{k: v for k, v in row.items() if k not in ("stage", "wall_s")})
         return manifest
 
-    log(f"pipeline ({args.preset}) on {root} ...")
+    log(f"pipeline ({cfg.preset}) on {root} ...")
     with timer() as total:
         run_plain(cfg, "pipeline", hook)
-    emit("pipeline_total", total[0], "s", preset=args.preset, stages=len(rows))
+    emit("pipeline_total", total[0], "s", preset=cfg.preset, stages=len(rows))
     print_table(rows, total[0], peak, bandwidth, bound)
 
 
