@@ -163,13 +163,15 @@ def answer_arms(
     order = sorted(range(len(test)), key=lambda i: (len(test[i].question), i))
     chunks = [order[i : i + ev.batch_size] for i in range(0, len(order), ev.batch_size)]
     needs_trm = any(a in arms for a in ("trm_latent", "random_latent", "shuffled_latent", "original_style"))
-    encoded = [reasoner.encode_prompts([test[i].question for i in chunk]) for chunk in chunks]
     outputs = torch.zeros(len(test), reasoner.compressor.d_prime)
-    if needs_trm:
-        with torch.no_grad():
-            for chunk, batch in zip(chunks, encoded, strict=True):
+    encoded = []
+    with torch.no_grad():
+        for chunk in chunks:
+            batch = reasoner.encode_prompts([test[i].question for i in chunk])
+            if needs_trm:
                 outputs[chunk] = reasoner.trm_output(batch).float().cpu()
-                batch.prefix = None  # memory stays flat in the number of problems: prefilled again below
+            batch.prefix = None  # memory stays flat in the number of problems: prefilled again below
+            encoded.append(batch)
     if "mean_latent" in arms:
         if not train_questions:
             raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
