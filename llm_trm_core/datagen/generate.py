@@ -31,6 +31,7 @@ from llm_trm_core.data.problems import Problem
 from llm_trm_core.datagen.spans import close_span
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
+from llm_trm_core.lm.prefix import reserved_cache
 from llm_trm_core.lm.tokens import common_prefix_length, cut_at_eos, left_pad, shared_prompt_prefix, token_at
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class ThinkingGenerator:
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 max_new_tokens=max_new_tokens,
+                past_key_values=reserved_cache(width + max_new_tokens),
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,
                 **self._sampling(),

@@ -25,7 +25,7 @@ from torch import nn
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
-from llm_trm_core.lm.prefix import PromptPrefix, generate_after, prefill
+from llm_trm_core.lm.prefix import PromptPrefix, generate_after, prefill, reserved_cache
 from llm_trm_core.lm.tokens import cut_at_eos, left_pad, shared_prompt_prefix, token_at
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.models.trm import SequenceTRM
@@ -335,7 +335,8 @@ class LatentReasoner:
         model: Any = self.lm.model
         generated = model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens - 1,
-            do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            past_key_values=reserved_cache(ids.shape[1] + max_new_tokens), do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         ).cpu()  # fmt: skip
         for j, row in enumerate(todo):
             answers[row] = [first[row], *cut_at_eos(generated[j, ids.shape[1] :].tolist(), tok.eos_token_id)[0]]

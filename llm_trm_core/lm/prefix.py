@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from llm_trm_core.lm.tokens import left_pad
 
@@ -55,12 +57,65 @@ class PromptPrefix:
             [v.index_select(0, index) for v in self.values],
         )
 
-    def cache(self) -> DynamicCache:
-        """A new cache holding the prefix (extended in place by whoever runs on it)."""
-        cache = DynamicCache()
+    def cache(self, reserve: int = 0) -> DynamicCache:
+        """A new cache holding the prefix (extended in place by whoever runs on it), with room for `reserve`
+        more positions per layer before it has to grow."""
+        cache = reserved_cache(reserve + self.width)
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             cache.update(k, v, layer)
         return cache
+
+
+def reserved_cache(positions: int) -> DynamicCache:
+    """An empty cache whose layers have room for `positions` positions each (they grow past it if they must):
+    pass it as `past_key_values` to `generate` with room for the prompt and every new token."""
+    cache = DynamicCache()
+    # the cache calls this factory for each layer it has not seen (a class in transformers' annotation)
+    cache.layer_class_to_replicate = partial(ReservedLayer, positions)  # type: ignore[assignment]
+    return cache
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer that writes new positions into room reserved ahead instead of concatenating.
+
+    `DynamicLayer` concatenates on every update, so a decode step copies the whole cache of every layer: at
+    128 rows and a few hundred positions that copy costs more than the step's attention. This layer keeps
+    `keys`/`values` as views of a larger buffer and writes each step's states in place. The first update
+    allocates room for `positions` (or what it brings, if more); it reallocates (at least doubling) only when
+    the buffer is full or when something outside `update` replaced `keys` (batch selection), whose result it
+    then adopts."""
+
+    def __init__(self, positions: int) -> None:
+        super().__init__()
+        self.positions = positions
+        self._key_room: torch.Tensor | None = None
+        self._value_room: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        keys, values = self._key_room, self._value_room
+        if keys is None or values is None or not self._extends(keys, length, end, key_states.shape[0]):
+            capacity = max(end, self.positions, 2 * length)
+            keys = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[-1])
+            values = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[-1])
+            if length and self.keys is not None and self.values is not None:
+                keys[:, :, :length] = self.keys
+                values[:, :, :length] = self.values
+            self._key_room, self._value_room = keys, values
+        keys[:, :, length:end] = key_states
+        values[:, :, length:end] = value_states
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def _extends(self, room: torch.Tensor, length: int, end: int, rows: int) -> bool:
+        """Whether the current states are the first `length` positions of `room`, with room up to `end`."""
+        held = length == 0 or (self.keys is not None and self.keys.data_ptr() == room.data_ptr())
+        return held and end <= room.shape[-2] and room.shape[0] == rows
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +184,8 @@ def forward_suffix(
     embeds, mask, positions, starts = suffix_inputs(prefix, middle, answers, model.get_input_embeddings())
     body: Any = model.base_model
     hidden = body(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=prefix.cache(),
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+        past_key_values=prefix.cache(reserve=embeds.shape[1]),
         use_cache=True,
     )[0]  # fmt: skip
     return hidden, starts
@@ -143,7 +199,10 @@ def generate_after(
     full = embeds.new_zeros(embeds.shape[0], prefix.width - 1 + embeds.shape[1], embeds.shape[2])
     full[:, prefix.width - 1 :] = embeds  # generate skips the cached columns of inputs_embeds
     generating: Any = model
+    config = generate_kwargs.get("generation_config")
+    new_tokens = generate_kwargs.get("max_new_tokens") or (config.max_new_tokens if config is not None else 0)
+    room = embeds.shape[1] + int(new_tokens or 0)
     out: torch.Tensor = generating.generate(
-        inputs_embeds=full, attention_mask=mask, past_key_values=prefix.cache(), **generate_kwargs
+        inputs_embeds=full, attention_mask=mask, past_key_values=prefix.cache(reserve=room), **generate_kwargs
     )
     return out

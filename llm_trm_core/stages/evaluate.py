@@ -42,6 +42,7 @@ from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
+from llm_trm_core.lm.prefix import reserved_cache
 from llm_trm_core.lm.tokens import cut_at_eos, left_pad
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.publish import cached, stage_writer
@@ -136,7 +137,8 @@ def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) 
     model: Any = lm.model
     out = model.generate(
         input_ids=batch.to(reasoner.device), attention_mask=mask.to(reasoner.device), max_new_tokens=budget,
-        do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        past_key_values=reserved_cache(width + budget), do_sample=False, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     rows = [row[width:].tolist() for row in out.cpu()]
     return [cut_at_eos(r, tok.eos_token_id)[0] for r in rows]

@@ -1,0 +1,67 @@
+"""The reserved-room KV cache (llm_trm_core/lm/prefix.py) decodes exactly what transformers' own cache does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from llm_trm_core.config import load_config
+from llm_trm_core.lm import load_language_model
+from llm_trm_core.lm.prefix import ReservedLayer, generate_after, prefill, reserved_cache
+from llm_trm_core.lm.tokens import left_pad
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny")
+    return load_language_model(cfg.model, cfg.runtime)
+
+
+PROMPTS = [[5, 9, 17, 33, 40], [7, 8], [11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+def _generate(lm, cache: DynamicCache | None, new: int, **sampling) -> torch.Tensor:
+    ids, mask = left_pad(PROMPTS, int(lm.tokenizer.pad_token_id or 0))
+    extra = {} if cache is None else {"past_key_values": cache}
+    torch.manual_seed(3)
+    out: torch.Tensor = lm.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+        pad_token_id=lm.tokenizer.pad_token_id, **sampling, **extra,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("room", [64, 3])  # room for everything; too little, so the layers must grow
+def test_generate_with_reserved_room_equals_the_default_cache(tiny, room: int) -> None:
+    for sampling in ({"do_sample": False}, {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}):
+        expected = _generate(tiny, None, 12, **sampling)
+        cache = reserved_cache(room)
+        got = _generate(tiny, cache, 12, **sampling)
+        assert torch.equal(got, expected), sampling
+        layer = cache.layers[0]
+        assert isinstance(layer, ReservedLayer) and layer.keys is not None
+        assert layer.keys.shape[-2] == expected.shape[1] - 1  # every position but the last token's is cached
+
+
+def test_a_prefix_continued_twice_is_not_changed_by_the_first_continuation(tiny) -> None:
+    """Each continuation gets its own room: decoding from a prefix must not write into the prefix's tensors."""
+    model, tok = tiny.model, tiny.tokenizer
+    prefix = prefill(model, PROMPTS, int(tok.pad_token_id or 0))
+    before = [k.clone() for k in prefix.keys]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    first = generate_after(model, prefix, None, **kwargs)
+    second = generate_after(model, prefix, None, **kwargs)
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(before, prefix.keys, strict=True))
+
+
+def test_batch_selection_is_adopted_and_writes_continue_after_it(tiny) -> None:
+    layer = ReservedLayer(8)
+    keys = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
+    layer.update(keys, keys + 100)
+    layer.batch_select_indices(torch.tensor([1]))  # transformers replaces keys/values with a selection
+    step = torch.full((1, 1, 1, 2), -1.0)
+    k, v = layer.update(step, step)
+    assert torch.equal(k, torch.cat([keys[1:], step], dim=2))
+    assert torch.equal(v, torch.cat([keys[1:] + 100, step], dim=2))
