@@ -310,6 +310,37 @@ def test_skipping_zero_variance_groups_keeps_the_step_size(chain) -> None:
     torch.testing.assert_close(with_skip, without, atol=1e-6, rtol=1e-5)
 
 
+def test_on_policy_step_without_the_no_grad_pass_equals_the_full_computation(chain) -> None:
+    """beta = 0 and one update per rollout: the old log-probs are the gradient pass's own (detached) and no
+    reference pass runs. At the first step the policy equals the reference, so beta > 0 (which runs the
+    no-grad pass over every sample and the reference pass) must give the same gradient, loss and entropy."""
+    cfg, store, problems, *_ = chain
+    questions = [p.question for p in read_problems(store, problems).split("train")[:2]]
+
+    def reward(completions, completion_ids, **_):
+        return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]
+
+    runs = {}
+    for beta in (0.0, 0.04):
+        policy, reference = _policy(chain)
+        params = list(policy.projector.parameters())
+        g = cfg.grpo.model_copy(update={"skip_zero_variance": False, "beta": beta, "max_completion_tokens": 3})
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        learner = GRPOLearner(
+            policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 1, 0)),
+            [(reward, 1.0)], seed=0,
+        )  # fmt: skip
+        captured: dict[str, torch.Tensor] = {}
+        optimizer.register_step_pre_hook(lambda *_: captured.update(w=params[0].grad.clone()))  # noqa: B023
+        runs[beta] = (learner.step(0, questions, {}), captured["w"])
+    (fast, fast_grad), (full, full_grad) = runs[0.0], runs[0.04]
+    assert fast["kl"] is None and full["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert float(fast_grad.abs().sum()) > 0.0  # a real gradient, not two zeros
+    torch.testing.assert_close(fast_grad, full_grad, atol=1e-6, rtol=1e-5)
+    assert fast["loss"] == pytest.approx(full["loss"], abs=1e-6)
+    assert fast["entropy"] == pytest.approx(full["entropy"], rel=1e-5)
+
+
 def test_grpo_raises_the_reward_on_a_learnable_toy_task(chain) -> None:
     """Toy task: reward 1 when the first answer token's id is a multiple of 3 (base rate ~1/3). The tiny
     random LM's logits are near-uniform, so its LM head is sharpened (x8) to make the first token

@@ -65,7 +65,7 @@ class GRPOLearner:
         # each prompt through the LM once (llm_trm_core/lm/prefix.py); the reference reads it with adapters off
         prefix = self.policy.prompt_prefix(batch)
         ref_prefix = prefix
-        if self.reference_adapters_off:
+        if self.reference_adapters_off and g.beta:
             with adapters_off(model):
                 ref_prefix = self.policy.prefix(batch.ids)
         with torch.no_grad():
@@ -97,24 +97,33 @@ class GRPOLearner:
         n_counted = int(counted.sum())
         device = self.policy.device
 
-        # no-grad pass over every sample: old (= current) log-probs, entropy, reference log-probs, KL
+        # No-grad pass. Off-policy (several updates per rollout) it gives every sample's old log-probs; on-policy
+        # (one update, TRL's num_iterations=1) the old log-probs are the gradient pass's own, detached, and this
+        # pass only measures the entropy of the samples the gradient pass skips. The reference's log-probs (and
+        # the KL to it) are computed only when the loss uses them (beta > 0), as in TRL.
+        on_policy = g.updates_per_rollout == 1
+        kept = set(rows)
+        measured = [i for i in range(len(rollout.texts)) if not (on_policy and i in kept and not g.beta)]
         old_logp: dict[int, torch.Tensor] = {}
         ref_logp: dict[int, torch.Tensor] = {}
         entropy_sum = kl_sum = tokens = 0.0
         with torch.no_grad():
-            for chunk in self._chunks(list(range(len(rollout.texts)))):
+            for chunk in self._chunks(measured):
                 comps = [rollout.completions[i] for i in chunk]
                 asked = [question_of[i] for i in chunk]
                 cur = answer_log_probs(self.policy, prefix.select(asked), latents[chunk], comps, g.temperature)
-                with adapters_off(model) if self.reference_adapters_off else nullcontext():
-                    ref = answer_log_probs(
-                        self.reference, ref_prefix.select(asked), ref_latents[chunk], comps, g.temperature
-                    )
-                kl_sum += float((k3_kl(cur.logp, ref.logp) * cur.mask).sum())
+                if g.beta:
+                    with adapters_off(model) if self.reference_adapters_off else nullcontext():
+                        ref = answer_log_probs(
+                            self.reference, ref_prefix.select(asked), ref_latents[chunk], comps, g.temperature
+                        )
+                    kl_sum += float((k3_kl(cur.logp, ref.logp) * cur.mask).sum())
+                    for j, i in enumerate(chunk):
+                        ref_logp[i] = ref.logp[j]
                 entropy_sum += float(cur.entropy.sum())
                 tokens += float(cur.mask.sum())
                 for j, i in enumerate(chunk):
-                    old_logp[i], ref_logp[i] = cur.logp[j], ref.logp[j]
+                    old_logp[i] = cur.logp[j]
 
         loss_value = clipped = grad_norm = 0.0
         kept_tokens = float(sum(len(rollout.completions[i]) for i in rows))
@@ -130,6 +139,11 @@ class GRPOLearner:
                     cur = answer_log_probs(self.policy, live.select([question_of[i] for i in chunk]), grad_latents,
                                            comps, g.temperature)  # fmt: skip
                     width = cur.logp.shape[1]
+                    if not all(i in old_logp for i in chunk):  # on-policy: the old log-probs are these
+                        entropy_sum += float(cur.entropy.detach().sum())
+                        tokens += float(cur.mask.sum())
+                        for j, i in enumerate(chunk):
+                            old_logp[i] = cur.logp[j].detach()
                     terms = grpo_loss(
                         cur.logp,
                         torch.stack([old_logp[i][:width] for i in chunk]).to(device),
@@ -165,7 +179,7 @@ class GRPOLearner:
                 else []
             ),
             "format": _mean([v for v in parts["format_reward"] if v is not None]) if "format_reward" in parts else None,
-            "kl": kl_sum / max(tokens, 1.0),
+            "kl": kl_sum / max(tokens, 1.0) if g.beta else None,  # measured only when the loss uses it
             "clip_fraction": clipped / max(kept_tokens * g.updates_per_rollout, 1.0),
             "entropy": entropy_sum / max(tokens, 1.0),
             "completion_length": sum(lengths) / len(lengths),
@@ -180,9 +194,10 @@ class GRPOLearner:
             "groups": groups,
         }
         logger.info(
-            "grpo step %d: reward %.3f±%.3f, accuracy %.3f, skipped %d/%d groups, KL %.4g, entropy %.3f, length %.1f",
+            "grpo step %d: reward %.3f±%.3f, accuracy %.3f, skipped %d/%d groups, KL %s, entropy %.3f, length %.1f",
             metrics["step"], metrics["reward_mean"], metrics["reward_std"], metrics["accuracy"] or 0.0,
-            metrics["skipped_groups"], groups, metrics["kl"], metrics["entropy"], metrics["completion_length"],
+            metrics["skipped_groups"], groups, "off" if metrics["kl"] is None else f"{metrics['kl']:.4g}",
+            metrics["entropy"], metrics["completion_length"],
         )  # fmt: skip
         return metrics
 

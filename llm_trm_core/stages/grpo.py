@@ -105,7 +105,8 @@ def _plot(history: list[dict[str, Any]]) -> bytes:
     axes[0].set_xlabel("step")
     axes[0].legend(fontsize=7)
     axes[0].set_title("reward")
-    axes[1].plot(steps, [h["kl"] for h in history], label="KL to reference (k3)")
+    if any(h["kl"] is not None for h in history):  # measured only with grpo.beta > 0
+        axes[1].plot(steps, [h["kl"] for h in history], label="KL to reference (k3)")
     axes[1].plot(steps, [h["clip_fraction"] for h in history], label="clip fraction")
     axes[1].plot(steps, [h["skipped_fraction"] for h in history], label="skipped groups")
     axes[1].legend(fontsize=7)
