@@ -1,4 +1,5 @@
-"""The reserved-room KV cache (llm_trm_core/lm/prefix.py) decodes exactly what transformers' own cache does."""
+"""CPU decode paths: the reserved-room KV cache (llm_trm_core/lm/prefix.py) decodes exactly what transformers'
+own cache does, and the wide-head matmul (llm_trm_core/lm/loader.py) computes the same logits and gradients."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from transformers import DynamicCache
 
 from llm_trm_core.config import load_config
 from llm_trm_core.lm import load_language_model
+from llm_trm_core.lm.loader import WideHeadLinear
 from llm_trm_core.lm.prefix import ReservedLayer, generate_after, prefill, reserved_cache
 from llm_trm_core.lm.tokens import left_pad
 
@@ -65,3 +67,21 @@ def test_batch_selection_is_adopted_and_writes_continue_after_it(tiny) -> None:
     k, v = layer.update(step, step)
     assert torch.equal(k, torch.cat([keys[1:], step], dim=2))
     assert torch.equal(v, torch.cat([keys[1:] + 100, step], dim=2))
+
+
+def test_the_wide_head_computes_the_linear_head_and_its_gradients(tiny) -> None:
+    head = tiny.model.get_output_embeddings()
+    assert isinstance(head, WideHeadLinear)  # switched on CPU at load
+    assert head.weight is tiny.model.get_input_embeddings().weight or not tiny.model.config.tie_word_embeddings
+    weight = head.weight.detach().clone().requires_grad_(True)
+    wide = WideHeadLinear(weight.shape[1], weight.shape[0], bias=False)
+    wide.weight = torch.nn.Parameter(weight.detach().clone())
+    x = torch.randn(3, 5, weight.shape[1], requires_grad=True)
+    out = wide(x)
+    expected = torch.nn.functional.linear(x, weight)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(expected)
+    (gx, gw) = torch.autograd.grad(out, (x, wide.weight), grad_out)
+    (ex, ew) = torch.autograd.grad(expected, (x, weight), grad_out)
+    torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-4)
