@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from llm_trm_core.config import load_config
+from llm_trm_core.lm import decode as decode_module
 from llm_trm_core.lm import load_language_model
 from llm_trm_core.lm.loader import WideHeadLinear
 from llm_trm_core.lm.prefix import ReservedLayer, generate_after, prefill, reserved_cache
@@ -51,9 +52,8 @@ def test_a_prefix_continued_twice_is_not_changed_by_the_first_continuation(tiny)
     model, tok = tiny.model, tiny.tokenizer
     prefix = prefill(model, PROMPTS, int(tok.pad_token_id or 0))
     before = [k.clone() for k in prefix.keys]
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
-    first = generate_after(model, prefix, None, **kwargs)
-    second = generate_after(model, prefix, None, **kwargs)
+    first = generate_after(model, prefix, None, 6, int(tok.eos_token_id), int(tok.pad_token_id or 0))
+    second = generate_after(model, prefix, None, 6, int(tok.eos_token_id), int(tok.pad_token_id or 0))
     assert torch.equal(first, second)
     assert all(torch.equal(a, b) for a, b in zip(before, prefix.keys, strict=True))
 
@@ -85,3 +85,37 @@ def test_the_wide_head_computes_the_linear_head_and_its_gradients(tiny) -> None:
     (ex, ew) = torch.autograd.grad(expected, (x, weight), grad_out)
     torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-4)
+
+
+def test_greedy_decode_dropping_finished_rows_equals_generate(tiny, monkeypatch) -> None:
+    """Rows that end early leave the batch and the cache; the rows left decode exactly `generate`'s tokens (a
+    row reading another row's cache after the drop would not: the tiny model repeats its prompt's tokens)."""
+    model, tok = tiny.model, tiny.tokenizer
+    prompts = [[5 + 7 * i, 9 + 3 * i, 17 + 2 * i, 33, 40 + i][: 2 + i % 4] for i in range(12)]
+    pad = int(tok.pad_token_id or 0)
+    ids, mask = left_pad(prompts, pad)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=pad)
+    firsts = [int(t) for t in free[:, ids.shape[1]]]
+    end = max(set(firsts), key=firsts.count)  # the commonest first token ends those rows at once
+    assert 0.25 * len(prompts) <= firsts.count(end) < len(prompts)  # enough rows end to be dropped, not all
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=pad, eos_token_id=end
+    )[:, ids.shape[1] :]  # fmt: skip
+    prefix = prefill(model, prompts, pad)
+    states: dict[str, list[torch.Tensor]] = {"dropping": [], "keeping": []}
+    for run in states:  # the head's input rows at every step, with and without dropping finished rows
+        monkeypatch.setattr(decode_module, "COMPACT_FRACTION", 0.25 if run == "dropping" else 2.0)
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _o, run=run: states[run].append(args[0].detach().clone())
+        )
+        try:
+            got = generate_after(model, prefix, None, 10, end, pad)
+        finally:
+            hook.remove()
+        assert torch.equal(got, expected), run
+    assert sum(bool((row == end).any()) for row in got) == firsts.count(end)
+    # after the first step the ended rows are gone, and every row left sees exactly its own cache
+    left = [row for row, first in enumerate(firsts) if first != end]
+    assert [s.shape[0] for s in states["dropping"]] == [len(prompts)] + [len(left)] * 9
+    for dropped, kept in zip(states["dropping"][1:], states["keeping"][1:], strict=True):
+        torch.testing.assert_close(dropped, kept[left], rtol=1e-4, atol=1e-5)

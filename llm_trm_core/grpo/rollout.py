@@ -1,8 +1,9 @@
 """Sampling answers after injected latents, and the log-probabilities of those answers.
 
 The policy is the frozen LM conditioned on k latent input embeddings (from the TRM and projection):
-pi(a | x) = prod_t p_LM(a_t | x, latents, a_<t). Sampling uses plain temperature sampling (no top-k or
-top-p), so the log-probs computed here, on the same temperature-scaled logits, are exactly those of the
+pi(a | x) = prod_t p_LM(a_t | x, latents, a_<t). Sampling is plain temperature sampling by our own decode
+loop (llm_trm_core/lm/decode.py: no top-k, top-p, penalty or any processor a model's generation_config.json
+could add), so the log-probs computed here, on the same temperature-scaled logits, are exactly those of the
 distribution the samples came from. Positions follow generate's convention (cumulative attention mask),
 so a teacher-forced pass reproduces the sampling pass.
 
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
 from llm_trm_core.latent.reasoner import LatentReasoner
 from llm_trm_core.lm.prefix import PromptPrefix, forward_suffix, generate_after
@@ -33,20 +33,6 @@ class Rollout:
     texts: list[str]  # decoded answers (special tokens skipped)
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad: int | None, eos: int | None) -> GenerationConfig:
-    """An explicit generation config for the rollouts: plain temperature sampling and every other logits
-    processor set to its neutral value, so a model's own generation_config.json (repetition penalty, top-k,
-    top-p, min_p, minimum length, n-gram bans, ...) cannot reshape the sampling distribution that
-    `answer_log_probs` reproduces (transformers fills only the fields left unset from the model's defaults)."""
-    return GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
-        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-        encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
-        bad_words_ids=None, suppress_tokens=[], begin_suppress_tokens=[], renormalize_logits=False,
-        remove_invalid_values=False, num_beams=1, guidance_scale=1.0, pad_token_id=pad, eos_token_id=eos,
-    )  # fmt: skip
-
-
 def sample_answers(
     reasoner: LatentReasoner,
     prefix: PromptPrefix,
@@ -58,10 +44,12 @@ def sample_answers(
     """One sampled answer per row of `prefix` (rows already repeated G times); seeded, global RNG untouched."""
     tok = reasoner.lm.tokenizer
     devices = [reasoner.device] if reasoner.device.type == "cuda" else []
-    config = sampling_config(temperature, max_new_tokens, tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = generate_after(reasoner.lm.model, prefix, latents, generation_config=config)
+        out = generate_after(
+            reasoner.lm.model, prefix, latents, max_new_tokens, int(tok.eos_token_id), int(tok.pad_token_id or 0),
+            temperature=temperature,
+        )  # fmt: skip
     completions, truncated = [], []
     for row in out.cpu().tolist():
         answer, ended = cut_at_eos(row, tok.eos_token_id, keep_eos=True)

@@ -288,9 +288,8 @@ class LatentReasoner:
                     stacked = torch.stack([latents[arm] for arm in arms], dim=1)  # type: ignore[misc]
                     middle = stacked.flatten(0, 1)  # row i * len(arms) + a: question i, arm a
                 out = generate_after(
-                    model, prefix, middle, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                ).cpu()  # fmt: skip
+                    model, prefix, middle, max_new_tokens, int(tok.eos_token_id), int(tok.pad_token_id or 0)
+                ).cpu()
             for a, arm in enumerate(arms):
                 answers[arm] = [cut_at_eos(out[i * len(arms) + a].tolist(), tok.eos_token_id)[0] for i in range(rows)]
                 seconds[arm] = (time.perf_counter() - began) / (rows * len(arms))

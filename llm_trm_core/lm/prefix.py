@@ -9,8 +9,8 @@ suffix, `[last prompt token, k latents, answer ...]`, attending to the cached pr
   question, one micro-batch of them), by indexing the cached tensors: the prompt is never re-run;
 - `forward_suffix` runs a suffix batch (right-padded, so real tokens keep their positions) and returns its
   last-layer states; gradients flow into the suffix (latents, adapters) but not into the cached prompt;
-- `generate_after` decodes from a suffix with `transformers`' own `generate` (greedy or sampled), which
-  continues from a cache when given the full-width `inputs_embeds` (the cached part is skipped).
+- `generate_after` decodes from a suffix (greedy or sampled) with `llm_trm_core/lm/decode.py`, which drops
+  finished rows from the batch and the cache as it goes.
 
 Positions follow `generate`'s convention (cumulative attention mask minus one), so a teacher-forced suffix
 sees exactly the positions the decoding pass saw. The cache is only valid while the weights it was made
@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from llm_trm_core.lm.decode import decode
 from llm_trm_core.lm.tokens import left_pad
 
 
@@ -112,6 +113,16 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = keys[:, :, :end], values[:, :, :end]
         return keys[:, :, :end], values[:, :, :end]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows `index`, with the room reserved ahead of them (one copy)."""
+        if self._key_room is None or self._value_room is None or self.keys is None or self.values is None:
+            self.batch_select_indices(index)
+            return
+        length = self.get_seq_length()
+        self._key_room = self._key_room.index_select(0, index)
+        self._value_room = self._value_room.index_select(0, index)
+        self.keys, self.values = self._key_room[:, :, :length], self._value_room[:, :, :length]
+
     def _extends(self, room: torch.Tensor, length: int, end: int, rows: int) -> bool:
         """Whether the current states are the first `length` positions of `room`, with room up to `end`."""
         held = length == 0 or (self.keys is not None and self.keys.data_ptr() == room.data_ptr())
@@ -192,17 +203,18 @@ def forward_suffix(
 
 
 def generate_after(
-    model: PreTrainedModel, prefix: PromptPrefix, middle: torch.Tensor | None, **generate_kwargs: Any
+    model: PreTrainedModel,
+    prefix: PromptPrefix,
+    middle: torch.Tensor | None,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 0.0,
 ) -> torch.Tensor:
-    """`model.generate` continuing the cached prompt with `[last prompt token, middle]`: the new tokens only."""
-    embeds, mask, _, _ = suffix_inputs(prefix, middle, None, model.get_input_embeddings())
-    full = embeds.new_zeros(embeds.shape[0], prefix.width - 1 + embeds.shape[1], embeds.shape[2])
-    full[:, prefix.width - 1 :] = embeds  # generate skips the cached columns of inputs_embeds
-    generating: Any = model
-    config = generate_kwargs.get("generation_config")
-    new_tokens = generate_kwargs.get("max_new_tokens") or (config.max_new_tokens if config is not None else 0)
-    room = embeds.shape[1] + int(new_tokens or 0)
-    out: torch.Tensor = generating.generate(
-        inputs_embeds=full, attention_mask=mask, past_key_values=prefix.cache(reserve=room), **generate_kwargs
+    """New tokens (B, steps) decoded after the cached prompt and `[last prompt token, middle]`: greedy, or
+    sampled at `temperature` (llm_trm_core/lm/decode.py; finished rows leave the batch as it goes)."""
+    embeds, mask, positions, _ = suffix_inputs(prefix, middle, None, model.get_input_embeddings())
+    cache = prefix.cache(reserve=embeds.shape[1] + max_new_tokens)
+    return decode(
+        model, cache, embeds, mask, positions, max_new_tokens, eos_token_id, pad_token_id, temperature=temperature
     )
-    return out
