@@ -292,6 +292,14 @@ class CompressorConfig(Section):
     )
     extract_batch_size: int = Field(8, ge=1, description="Sequences per LM forward.", json_schema_extra=NOT_KEYED)
     rows_per_shard: int = Field(16384, ge=1, description="Token rows per hidden-state shard.")
+    hidden_unit_sequences: int = Field(
+        128,
+        ge=1,
+        description="Sequences per committed unit of the corpus hidden-state pass (rounded down to whole "
+        "extract batches): a preempted pass resumes after its last committed unit, and units are what "
+        "runtime.fanout_hiddens_deployment spreads over workers.",
+        json_schema_extra=NOT_KEYED,
+    )
     # SGD
     batch_tokens: int = Field(2048, ge=1, description="Tokens per micro-batch (global, split across processes).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
