@@ -155,3 +155,57 @@ def test_the_check_looks_only_at_the_kinds_the_command_runs(monkeypatch: pytest.
     checked.clear()
     fanout.check_fanout(cfg, command_stages("evaluate"))
     assert [s for s, _ in checked] == ["fanout_deployment", "fanout_hiddens_deployment", "fanout_evaluate_deployment"]
+
+
+def test_evaluation_range_runs_commit_their_chunks_and_the_stage_assembles_an_uninterrupted_result(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Range runs (`run_evaluate_chunks`, what an evaluate-chunks run does) decode and commit only their
+    chunks, a rerun of a committed range decodes nothing, and the evaluate stage then decodes only the
+    rest: its artifact equals that of an evaluation in one run (answers apart from timings)."""
+    import json
+    import shutil
+
+    from llm_trm_core.errors import UserError
+    from llm_trm_core.stages.evaluate import evaluation_chunk_count, run_evaluate, run_evaluate_chunks
+    from llm_trm_core.stages.graph import run_plain
+    from llm_trm_core.store import ArtifactStore, Manifest
+    from llm_trm_core.training.checkpoints import CheckpointManager
+
+    caplog.set_level("INFO")
+    cfg = load_config("tiny", [f"store.root=file://{tmp_path / 'ranges'}", "evaluate.batch_size=2"])
+    out = run_plain(cfg, "latent")
+    policy = [Manifest.model_validate(out[k]) for k in ("problems", "compressor-1b", "trm", "latent")]
+    shutil.copytree(tmp_path / "ranges", tmp_path / "whole")
+    store = ArtifactStore(cfg.store.root)
+    assert evaluation_chunk_count(cfg, store, policy[0]) == 4
+
+    caplog.clear()
+    done = run_evaluate_chunks(cfg, store, *policy, 1, 3)
+    assert done["chunks"] == [1, 2] and not done["committed"]
+    assert "evaluated 2/4 chunks" in caplog.text and "evaluated 1/4 chunks" not in caplog.text
+    checkpoints = CheckpointManager(store, "evaluate", done["key"])
+    assert checkpoints.complete_steps() == [2, 3]
+    caplog.clear()
+    run_evaluate_chunks(cfg, store, *policy, 1, 3)  # committed already: nothing decoded
+    assert "resuming after 2/4 committed chunks" in caplog.text and "evaluated" not in caplog.text
+    with pytest.raises(UserError, match=r"chunk range 3\.\.8 is outside this evaluation's chunks 0\.\.3"):
+        run_evaluate_chunks(cfg, store, *policy, 3, 9)
+
+    caplog.clear()
+    assembled = run_evaluate(cfg, store, *policy)
+    assert "resuming after 2/4 committed chunks" in caplog.text
+    assert "evaluated 1/4 chunks" in caplog.text and "evaluated 2/4 chunks" not in caplog.text
+    assert not checkpoints.complete_steps()  # cleared after the commit
+    assert run_evaluate_chunks(cfg, store, *policy, 0, 1)["committed"]
+
+    whole_cfg = load_config("tiny", [f"store.root=file://{tmp_path / 'whole'}", "evaluate.batch_size=2"])
+    whole_store = ArtifactStore(whole_cfg.store.root)
+    whole = run_evaluate(whole_cfg, whole_store, *policy)
+    assert whole.key == assembled.key and whole.metrics["n"] == assembled.metrics["n"]
+
+    def untimed(s: ArtifactStore) -> Any:
+        answers = json.loads(s.open("evaluate", whole.key).read_bytes("answers.json"))
+        return {arm: [{k: v for k, v in r.items() if k != "seconds"} for r in rows] for arm, rows in answers.items()}
+
+    assert untimed(store) == untimed(whole_store)
