@@ -209,3 +209,22 @@ def test_evaluation_range_runs_commit_their_chunks_and_the_stage_assembles_an_un
         return {arm: [{k: v for k, v in r.items() if k != "seconds"} for r in rows] for arm, rows in answers.items()}
 
     assert untimed(store) == untimed(whole_store)
+
+
+def test_every_unit_flow_is_deployed_locally_and_on_the_gpu_pool_with_a_queueing_limit() -> None:
+    import yaml
+
+    from tests.test_packaging import REPO
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_entrypoint: dict[str, list[dict[str, Any]]] = {}
+    for deployment in spec["deployments"]:
+        by_entrypoint.setdefault(deployment["entrypoint"], []).append(deployment)
+    for flow, name in [("flows/datagen_fanout.py:datagen_shards_flow", "datagen-shards"),
+                       ("flows/fanout.py:hidden_parts_flow", "hiddens-parts"),
+                       ("flows/fanout.py:evaluate_chunks_flow", "evaluate-chunks")]:  # fmt: skip
+        deployments = {d["name"]: d for d in by_entrypoint[flow]}
+        assert set(deployments) == {f"{name}-local", f"{name}-smollm3-gpu"}, flow
+        gpu = deployments[f"{name}-smollm3-gpu"]
+        assert gpu["work_pool"]["name"] == "llm-trm-gpu" and gpu["parameters"]["cfg"]["preset"] == "smollm3-3b"
+        assert gpu["concurrency_limit"]["collision_strategy"] == "ENQUEUE" and gpu["concurrency_limit"]["limit"] >= 1
