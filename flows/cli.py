@@ -164,10 +164,11 @@ def _checked(preset: str, store: str | None, overrides: list[str] | None, comman
     about a second, before Prefect is imported or its server started."""
     cfg: PipelineConfig = _run_guarded(lambda: resolve(preset, store, overrides))
     _run_guarded(lambda: preflight(cfg, command))
-    if cfg.runtime.fanout_deployment is not None and "datagen" in command_stages(command):
-        from flows.datagen_fanout import check_fanout  # imports Prefect: only when datagen fans out
+    r = cfg.runtime
+    if (r.fanout_deployment, r.fanout_hiddens_deployment, r.fanout_evaluate_deployment) != (None, None, None):
+        from flows.fanout import check_fanout  # imports Prefect: only when something fans out
 
-        _run_guarded(lambda: check_fanout(cfg))
+        _run_guarded(lambda: check_fanout(cfg, command_stages(command)))
     return cfg
 
 

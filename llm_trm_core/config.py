@@ -235,22 +235,36 @@ class RuntimeConfig(Section):
         "every shard runs in the calling flow run.",
         json_schema_extra=NOT_KEYED,
     )
+    fanout_hiddens_deployment: str | None = Field(
+        None,
+        description="Prefect deployment ('flow/deployment', e.g. hiddens-parts/hiddens-parts-local) that runs parts "
+        "of the corpus hidden-state pass as separate flow runs on its work pool; None: the pass runs in the "
+        "calling flow run.",
+        json_schema_extra=NOT_KEYED,
+    )
+    fanout_evaluate_deployment: str | None = Field(
+        None,
+        description="Prefect deployment ('flow/deployment', e.g. evaluate-chunks/evaluate-chunks-local) that runs "
+        "ranges of evaluation chunks as separate flow runs on its work pool; None: every chunk is decoded in the "
+        "calling flow run.",
+        json_schema_extra=NOT_KEYED,
+    )
     fanout_workers: int = Field(
         1,
         ge=1,
-        description="With fanout_deployment: shard-range runs at once, the number of GPUs (workers) of the pool; "
-        "the shards are cut into this many contiguous ranges.",
+        description="With a fanout_*deployment: runs at once, the number of GPUs (workers) of the pool; the "
+        "work (datagen shards, hidden-state units, evaluation chunks) is cut into this many contiguous ranges.",
         json_schema_extra=NOT_KEYED,
     )
     fanout_resubmits: int = Field(
         2,
         ge=0,
-        description="With fanout_deployment: times a shard-range run that ended Failed, Crashed or Cancelled "
+        description="With a fanout_*deployment: times a fanned-out run that ended Failed, Crashed or Cancelled "
         "(a preempted worker) is submitted again; it resumes from the store.",
         json_schema_extra=NOT_KEYED,
     )
 
-    @field_validator("fanout_deployment")
+    @field_validator("fanout_deployment", "fanout_hiddens_deployment", "fanout_evaluate_deployment")
     @classmethod
     def _deployment_name(cls, value: str | None) -> str | None:
         if value is not None and (value.count("/") != 1 or not all(value.split("/")) or value != value.strip()):
@@ -292,6 +306,14 @@ class CompressorConfig(Section):
     )
     extract_batch_size: int = Field(8, ge=1, description="Sequences per LM forward.", json_schema_extra=NOT_KEYED)
     rows_per_shard: int = Field(16384, ge=1, description="Token rows per hidden-state shard.")
+    hidden_unit_sequences: int = Field(
+        128,
+        ge=1,
+        description="Sequences per committed unit of the corpus hidden-state pass (rounded down to whole "
+        "extract batches): a preempted pass resumes after its last committed unit, and units are what "
+        "runtime.fanout_hiddens_deployment spreads over workers.",
+        json_schema_extra=NOT_KEYED,
+    )
     # SGD
     batch_tokens: int = Field(2048, ge=1, description="Tokens per micro-batch (global, split across processes).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")

@@ -36,6 +36,7 @@ SCHEMA_NAME = "llm-trm/hidden-states"
 SCHEMA_VERSION = "1"
 META_FILE = "hidden_states.json"
 HEAD_FILE = "lm_head.safetensors"
+NP_DTYPES: dict[str, Any] = {"float16": np.float16, "float32": np.float32}
 
 
 def states_schema(hidden_size: int, dtype: str) -> pa.Schema:
@@ -69,6 +70,20 @@ def lm_head_of(model: PreTrainedModel, layer_index: int, num_layers: int) -> LMH
     return LMHead(weight, norm.weight.detach().to("cpu", torch.float32), eps)
 
 
+def cast_states(doc_id: str, states: torch.Tensor, hidden_size: int, dtype: str) -> np.ndarray:
+    """`states` ((n, D)) as stored dtype `dtype` (what `ShardedStatesWriter.add` buffers); UserError on NaN/Inf."""
+    if states.ndim != 2 or states.shape[1] != hidden_size:
+        raise ValueError(f"states must be (n, {hidden_size}), got {tuple(states.shape)}")
+    with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+        array = states.detach().to("cpu", torch.float32).numpy().astype(NP_DTYPES.get(dtype, np.float32), copy=False)
+    if not np.isfinite(array).all():
+        raise UserError(
+            f"the hidden states of document {doc_id} contain NaN or Inf (after casting to {dtype}); "
+            "use compressor.cache_dtype=float32 or check the model's dtype"
+        )
+    return array
+
+
 class ShardedStatesWriter:
     """Buffers token states per split and writes fixed-size Parquet shards through an ArtifactWriter."""
 
@@ -78,22 +93,19 @@ class ShardedStatesWriter:
         self.dtype = dtype
         self.rows_per_shard = rows_per_shard
         self.schema = states_schema(hidden_size, dtype)
-        self._np_dtype = np.float16 if dtype == "float16" else np.float32
         self._buffers: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
         self._buffered: dict[str, int] = {}
         self.shards: dict[str, list[str]] = {}
         self.tokens: dict[str, int] = {}
 
     def add(self, split: str, doc_id: str, positions: np.ndarray, states: torch.Tensor) -> None:
-        if states.ndim != 2 or states.shape[1] != self.hidden_size:
-            raise ValueError(f"states must be (n, {self.hidden_size}), got {tuple(states.shape)}")
-        with np.errstate(over="ignore"):  # an overflow to inf is reported just below
-            array = states.detach().to("cpu", torch.float32).numpy().astype(self._np_dtype, copy=False)
-        if not np.isfinite(array).all():
-            raise UserError(
-                f"the hidden states of document {doc_id} contain NaN or Inf (after casting to {self.dtype}); "
-                "use compressor.cache_dtype=float32 or check the model's dtype"
-            )
+        self.add_array(split, doc_id, positions, self.cast(doc_id, states))
+
+    def cast(self, doc_id: str, states: torch.Tensor) -> np.ndarray:
+        return cast_states(doc_id, states, self.hidden_size, self.dtype)
+
+    def add_array(self, split: str, doc_id: str, positions: np.ndarray, array: np.ndarray) -> None:
+        """Buffer states already cast by `cast` (a unit committed earlier, replayed in order)."""
         self._buffers.setdefault(split, []).append((doc_id, positions.astype(np.int32), array))
         self._buffered[split] = self._buffered.get(split, 0) + len(array)
         self.tokens[split] = self.tokens.get(split, 0) + len(array)

@@ -1,4 +1,4 @@
-"""Datagen fanned out over a work pool (flows/datagen_fanout.py), on real parts: `prefect server start`
+"""Datagen fanned out over a work pool (flows/datagen_fanout.py, flows/fanout.py), on real parts: `prefect server start`
 (SQLite, isolated home), the `datagen-shards-local` deployment, three process workers on one pool, and the
 CLI's `llm-trm datagen` with `runtime.fanout_deployment` set. The first shard-range run to publish a
 generation part is SIGKILLed there (a preempted worker, llm_trm_core/faults.py); the caller re-submits that
@@ -154,7 +154,8 @@ def test_fan_out_keeps_the_limit_and_gives_up_after_the_resubmissions(monkeypatc
     fanout_workers at once, then one UserError names the ranges."""
     from types import SimpleNamespace
 
-    import flows.datagen_fanout as fanout
+    import flows.datagen_fanout as datagen_fanout
+    import flows.fanout as fanout
     from llm_trm_core.errors import UserError
 
     submitted: list[str] = []
@@ -182,11 +183,11 @@ def test_fan_out_keeps_the_limit_and_gives_up_after_the_resubmissions(monkeypatc
 
     monkeypatch.setattr(fanout, "run_deployment", run_deployment)
     monkeypatch.setattr(fanout, "get_client", lambda sync_client: Client())
-    monkeypatch.setattr(fanout, "check_deployment", lambda client, name: "llm-trm-local")
+    monkeypatch.setattr(fanout, "check_deployment", lambda client, name, setting: "llm-trm-local")
     monkeypatch.setattr(fanout, "POLL_SECONDS", 0.0)
-    monkeypatch.setattr(fanout, "committed", lambda cfg, problems, first, end: first == 3)  # range 3..3 is done
+    monkeypatch.setattr(datagen_fanout, "committed", lambda cfg, problems, first, end: first == 3)  # 3..3 is done
     cfg = load_config("tiny", [f"runtime.fanout_deployment={DEPLOYMENT}", "runtime.fanout_workers=2"])
     with pytest.raises(UserError, match=r"3 shard ranges did not complete after runtime.fanout_resubmits=2"):
-        fanout.fan_out_shards(cfg, {}, [(0, 1), (1, 2), (2, 3), (3, 4)])
+        datagen_fanout.fan_out_shards(cfg, {}, [(0, 1), (1, 2), (2, 3), (3, 4)])
     assert sorted(submitted) == sorted(f"datagen-shards-{i}-{i}-try{t}" for i in range(3) for t in (1, 2, 3))
     assert max(in_flight) <= 2

@@ -152,7 +152,17 @@ def test_deployments_cover_every_flow_gpu_pools_and_the_scheduled_sweep() -> Non
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
     entrypoints = {d["entrypoint"] for d in spec["deployments"]}
-    for module in ("pipeline", "compressor", "datagen", "trm", "latent", "grpo", "sweep_fanout", "datagen_fanout"):
+    for module in (
+        "pipeline",
+        "compressor",
+        "datagen",
+        "trm",
+        "latent",
+        "grpo",
+        "sweep_fanout",
+        "datagen_fanout",
+        "fanout",
+    ):
         assert any(e.startswith(f"flows/{module}.py:") for e in entrypoints), module
     assert all("llm-trm" in d["tags"] for d in spec["deployments"])  # the automations match on this tag
     docker = by_name["pipeline-smollm3-gpu"]["work_pool"]
@@ -189,7 +199,9 @@ def test_every_graph_command_is_deployed_by_its_flow_and_no_deployment_is_stale(
         entrypoints.add(entrypoint)
     fanout = "flows/sweep_fanout.py:sweep_fanout_flow"  # the scheduled sweep, one sweep-local run per D'
     shards = "flows/datagen_fanout.py:datagen_shards_flow"  # a range of datagen shards (runtime.fanout_deployment)
-    known = {*entrypoints, fanout, shards}
+    parts = "flows/fanout.py:hidden_parts_flow"  # part of the corpus hidden-state pass (fanout_hiddens_deployment)
+    chunks = "flows/fanout.py:evaluate_chunks_flow"  # a range of evaluation chunks (fanout_evaluate_deployment)
+    known = {*entrypoints, fanout, shards, parts, chunks}
     assert [d["name"] for d in spec["deployments"] if d["entrypoint"] not in known] == []
 
 

@@ -37,12 +37,13 @@ from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import (
     HiddenStates,
     chunk_documents,
+    resolve_layer,
 )
-from llm_trm_core.lm import shared_language_model
+from llm_trm_core.lm import LoadedLM, shared_language_model
 from llm_trm_core.metrics import ReconstructionMetrics
 from llm_trm_core.models.compressor import LinearCompressor, check_compatible
 from llm_trm_core.stages.keys import key_for, stage_config
-from llm_trm_core.stages.publish import cached, stage_writer, write_states_artifact
+from llm_trm_core.stages.publish import StateUnits, cached, stage_writer, write_states_artifact
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.tracking import Tracker
 from llm_trm_core.training.accel import get_accelerator
@@ -57,12 +58,7 @@ Phase = Literal["1a", "1b"]
 # hiddens
 
 
-def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
-    """Run the LM once over the corpus; store every real token's hidden state (padding excluded)."""
-    stage = "hiddens"
-    key, manifest = cached(cfg, store, stage)
-    if manifest is not None:
-        return manifest
+def _corpus_units(cfg: PipelineConfig, store: ArtifactStore, key: str) -> tuple[LoadedLM, StateUnits, int]:
     lm = shared_language_model(cfg.model, cfg.runtime)
     chunks, n_docs = chunk_documents(
         iter_corpus(cfg.corpus), lm.tokenizer, cfg.corpus.max_tokens, cfg.corpus.max_doc_tokens
@@ -72,7 +68,40 @@ def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
             f"the corpus ({cfg.corpus.source}, {n_docs} documents) produced no text to run the model on; "
             "check corpus.source and corpus.num_documents"
         )
-    return write_states_artifact(cfg, store, stage, key, lm, chunks, metrics={"documents": n_docs})
+    return lm, StateUnits.of(cfg, store, "hiddens", key, chunks), n_docs
+
+
+def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
+    """Run the LM once over the corpus; store every real token's hidden state (padding excluded). The pass is
+    committed unit by unit (`compressor.hidden_unit_sequences`): a rerun computes only the missing units."""
+    stage = "hiddens"
+    key, manifest = cached(cfg, store, stage)
+    if manifest is not None:
+        return manifest
+    lm, units, n_docs = _corpus_units(cfg, store, key)
+    manifest = write_states_artifact(
+        cfg, store, stage, key, lm, units.chunks, metrics={"documents": n_docs}, units=units
+    )
+    units.checkpoints.clear()
+    return manifest
+
+
+def run_corpus_hidden_units(cfg: PipelineConfig, store: ArtifactStore, part: int, parts: int) -> dict[str, Any]:
+    """Part `part` of `parts` of the corpus hidden-state pass: its contiguous range of units (graph
+    `shard_ranges`), each committed unless it is already; the unit of work of one fanned-out run. The
+    `hiddens` task then finds them committed and writes the artifact. Returns what was done."""
+    from llm_trm_core.stages.graph import shard_ranges
+
+    if not 0 <= part < parts:
+        raise UserError(f"hidden-state part {part} of {parts} does not exist: parts are 0..{parts - 1}")
+    key, manifest = cached(cfg, store, "hiddens")
+    if manifest is not None:
+        return {"key": key, "units": [], "computed": [], "committed": True}
+    lm, units, _ = _corpus_units(cfg, store, key)
+    ranges = shard_ranges(len(units.bounds), parts)
+    chosen = list(range(*ranges[part])) if part < len(ranges) else []  # more parts than units: nothing to do
+    computed = units.compute(lm, resolve_layer(cfg.compressor.layer, lm.info.num_layers), chosen)
+    return {"key": key, "units": chosen, "computed": computed, "committed": False}
 
 
 # ---------------------------------------------------------------------------------------------

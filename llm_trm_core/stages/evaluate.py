@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -152,18 +153,21 @@ def answer_arms(
     think_budget: int,
     train_questions: list[str],
     checkpoints: CheckpointManager | None = None,
+    chosen: tuple[int, int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every arm's graded answers on `test`, in its order (`train_questions`: for mean_latent's mean output).
     Questions go in chunks of similar length (`evaluate.batch_size`, less padding); per chunk the prompts are
     encoded and the TRM run once, and the prompt is prefilled once for every arm that continues it
-    (`LatentReasoner.generate_arms`). With `checkpoints`, every finished chunk is committed to the store
-    (its answers and the random arm's generator state), and a rerun decodes only the chunks not committed."""
+    (`LatentReasoner.generate_arms`). With `checkpoints`, every finished chunk is committed to the store as
+    its own checkpoint (step = chunk number), and a rerun decodes only the chunks not committed: the random
+    arm's generator is advanced over every chunk in order, decoded or not, so each chunk draws the same
+    noise whichever run decodes it. `chosen` = (first, end): decode and commit only chunks first..end-1 (a
+    fanned-out range run, `run_evaluate_chunks`); the result then holds only what was decoded."""
     ev = cfg.evaluate
     tok = reasoner.lm.tokenizer
     end_ids = reasoner.lm.chat.delimiters.end_ids
     model: Any = reasoner.lm.model
-    order = sorted(range(len(test)), key=lambda i: (len(test[i].question), i))
-    chunks = [order[i : i + ev.batch_size] for i in range(0, len(order), ev.batch_size)]
+    chunks = evaluation_chunks(test, ev.batch_size)
     needs_trm = any(a in arms for a in ("trm_latent", "random_latent", "shuffled_latent", "original_style"))
     outputs = torch.zeros(len(test), reasoner.compressor.d_prime)
     encoded = []
@@ -181,23 +185,17 @@ def answer_arms(
     shuffled = outputs[derangement(len(test), cfg.runtime.seed)] if "shuffled_latent" in arms else outputs
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
     results: dict[str, list[dict[str, Any] | None]] = {arm: [None] * len(test) for arm in arms}
-    resumed = checkpoints.load_latest() if checkpoints is not None else None
-    first = 0
-    if resumed is not None:
-        first, state = resumed
-        if state.get("arms") != arms or len(state.get("results", {}).get(arms[0], [])) != len(test):
-            raise UserError(
-                f"the evaluation checkpoint under {checkpoints.folder if checkpoints else ''} was written for other "
-                "arms or problems; delete it to evaluate from the start"
-            )
-        results = state["results"]
-        generator.set_state(state["generator"])
-        logger.info("evaluate: resuming after %d/%d committed chunks", first, len(chunks))
+    committed = committed_chunks(checkpoints, arms, test, chunks) if checkpoints is not None else {}
+    for number, records in committed.items():
+        for arm in arms:
+            for i, kept in zip(chunks[number - 1], records[arm], strict=True):
+                results[arm][i] = kept
+    wanted = range(1, len(chunks) + 1) if chosen is None else range(chosen[0] + 1, chosen[1] + 1)
+    if committed:
+        logger.info("evaluate: resuming after %d/%d committed chunks", len(committed), len(chunks))
     arm_of = {"no_think": "no_latent"}
     continued = [a for a in arms if a in ("no_think", *LATENT_ARMS)]
     for done, (chunk, batch) in enumerate(zip(chunks, encoded, strict=True), start=1):
-        if done <= first:
-            continue
         answers: dict[str, list[list[int]]] = {}
         seconds: dict[str, float] = {}
         with torch.no_grad():
@@ -210,6 +208,8 @@ def answer_arms(
                 )
                 for arm in continued
             }
+        if done in committed or done not in wanted:  # the generator has drawn this chunk's noise all the same
+            continue
         if continued:
             answers, seconds = reasoner.generate_arms(batch, latents, ev.max_answer_tokens, lm_only=LM_ONLY_ARMS)
         if "original_style" in arms:
@@ -234,10 +234,32 @@ def answer_arms(
                      "extracted": graded.extracted.value}
                 )  # fmt: skip
                 results[arm][i] = record
-        if checkpoints is not None and done < len(chunks):
-            checkpoints.save(done, {"arms": arms, "results": results, "generator": generator.get_state()})
+        if checkpoints is not None and (chosen is not None or done < len(chunks)):
+            checkpoints.save(done, {"arms": arms, "ids": [test[i].id for i in chunk],
+                                    "records": {arm: [results[arm][i] for i in chunk] for arm in arms}})  # fmt: skip
         logger.info("evaluated %d/%d chunks of %d problems", done, len(chunks), len(test))
     return {arm: [r for r in rows if r is not None] for arm, rows in results.items()}
+
+
+def evaluation_chunks(test: Sequence[Problem], batch_size: int) -> list[list[int]]:
+    """The test problems' indexes in chunks of `batch_size`, shortest questions first (less padding)."""
+    order = sorted(range(len(test)), key=lambda i: (len(test[i].question), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def committed_chunks(
+    checkpoints: CheckpointManager, arms: list[str], test: Sequence[Problem], chunks: list[list[int]]
+) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Chunk number (1-based) -> each arm's records, for every chunk committed for these arms and problems
+    (a checkpoint written for other arms, problems or batch size is not one of them: it is decoded again)."""
+    out = {}
+    for step in checkpoints.complete_steps():
+        if not 1 <= step <= len(chunks):
+            continue
+        state = checkpoints.load(step)
+        if state.get("arms") == arms and state.get("ids") == [test[i].id for i in chunks[step - 1]]:
+            out[step] = state["records"]
+    return out
 
 
 def _plot(rows: list[dict[str, Any]]) -> bytes:
@@ -265,49 +287,18 @@ def run_evaluate(
     grpo: Manifest | None = None,
     before: Manifest | None = None,
 ) -> Manifest:
-    """`grpo`: evaluate the GRPO-trained policy; `before`: the evaluation of the same problems before GRPO."""
-    upstream = {"problems": problems.key, "compressor": compressor.key, "trm": trm.key, "latent": latent.key}
-    if grpo is not None:
-        upstream["grpo"] = grpo.key
-    if before is not None:
-        upstream["before"] = before.key
+    """`grpo`: evaluate the GRPO-trained policy; `before`: the evaluation of the same problems before GRPO.
+    Chunks committed already (a preempted run, or fanned-out range runs: `run_evaluate_chunks`) are not
+    decoded again."""
+    upstream = evaluation_upstream(problems, compressor, trm, latent, grpo, before)
     key, manifest = cached(cfg, store, STAGE, upstream)
     if manifest is not None:
         return manifest
-    check_lineage(trm, compressor, store, latent)
     ev = cfg.evaluate
-    test = read_problems(store, problems).select_split("test", ev.num_problems)
-    if not test:
-        raise UserError("the problem set has no test problems to evaluate; raise problems.test_fraction")
-    if grpo is not None and grpo.upstream.get("latent") != latent.key:
-        raise UserError(
-            f"the GRPO artifact {grpo.uri} started from latent {grpo.upstream.get('latent')}, not {latent.key}"
-        )
-    if before is not None and (before.upstream.get("problems") != problems.key or "grpo" in before.upstream):
-        raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
-    reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
-    if grpo is not None:
-        reasoner = load_grpo(store, grpo, reasoner)
-    reasoner.trm.eval()
-    arms = [a for a in ARMS if a in ev.arms]
-    previous: dict[str, list[dict[str, Any]]] = {}
-    if before is not None:
-        previous = json.loads(store.open(STAGE, before.key).read_bytes("answers.json"))
-        first = next(iter(previous.values()), [])
-        if [r["id"] for r in first] != [p.id for p in test]:
-            raise UserError(
-                f"the 'before' evaluation {before.uri} covers other problems; evaluate.num_problems changed"
-            )
-    # LM-only arms run with adapters off, so GRPO (LoRA or not) cannot change them: reuse them
-    reused = {a for a in LM_ONLY_ARMS if a in arms and a in previous}
-    think_budget = (ev.think_tokens or cfg.datagen.max_new_tokens) + ev.max_answer_tokens
-    train_questions = [
-        p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)
-    ]
-    checkpoints = CheckpointManager(store, STAGE, key, keep_last=1)
-    results = answer_arms(
-        reasoner, cfg, test, [a for a in arms if a not in reused], think_budget, train_questions, checkpoints
-    )
+    e = _prepare(cfg, store, key, problems, compressor, trm, latent, reasoner, grpo, before)
+    test, arms, previous, reused = e.test, e.arms, e.previous, e.reused
+    checkpoints = e.checkpoints
+    results = answer_arms(e.reasoner, cfg, test, e.decoded, e.think_budget, e.train_questions, checkpoints)
     results = {arm: list(previous[arm]) if arm in reused else results[arm] for arm in arms}
     rows = [summarize_arm(arm, results[arm]) for arm in arms]
     compared = comparisons(results, ev.reference, ev.bootstrap, cfg.runtime.seed)
@@ -339,6 +330,122 @@ def run_evaluate(
         )
     checkpoints.clear()
     return committed
+
+
+def evaluation_upstream(
+    problems: Manifest,
+    compressor: Manifest,
+    trm: Manifest,
+    latent: Manifest,
+    grpo: Manifest | None = None,
+    before: Manifest | None = None,
+) -> dict[str, str]:
+    upstream = {"problems": problems.key, "compressor": compressor.key, "trm": trm.key, "latent": latent.key}
+    if grpo is not None:
+        upstream["grpo"] = grpo.key
+    if before is not None:
+        upstream["before"] = before.key
+    return upstream
+
+
+def held_out_problems(cfg: PipelineConfig, store: ArtifactStore, problems: Manifest) -> list[Problem]:
+    test = read_problems(store, problems).select_split("test", cfg.evaluate.num_problems)
+    if not test:
+        raise UserError("the problem set has no test problems to evaluate; raise problems.test_fraction")
+    return list(test)
+
+
+def evaluation_chunk_count(cfg: PipelineConfig, store: ArtifactStore, problems: Manifest) -> int:
+    """How many chunks the evaluation of `problems` decodes (what a fan-out cuts into ranges): no model loaded."""
+    return len(evaluation_chunks(held_out_problems(cfg, store, problems), cfg.evaluate.batch_size))
+
+
+@dataclass
+class _Evaluation:
+    test: list[Problem]
+    reasoner: LatentReasoner
+    arms: list[str]
+    previous: dict[str, list[dict[str, Any]]]
+    reused: set[str]
+    think_budget: int
+    train_questions: list[str]
+    checkpoints: CheckpointManager
+
+    @property
+    def decoded(self) -> list[str]:
+        return [a for a in self.arms if a not in self.reused]
+
+
+def _prepare(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    key: str,
+    problems: Manifest,
+    compressor: Manifest,
+    trm: Manifest,
+    latent: Manifest,
+    reasoner: LatentReasoner | None,
+    grpo: Manifest | None,
+    before: Manifest | None,
+) -> _Evaluation:
+    """What decoding the evaluation under `key` needs: its problems, policy, arms and chunk checkpoints."""
+    check_lineage(trm, compressor, store, latent)
+    ev = cfg.evaluate
+    test = held_out_problems(cfg, store, problems)
+    if grpo is not None and grpo.upstream.get("latent") != latent.key:
+        raise UserError(
+            f"the GRPO artifact {grpo.uri} started from latent {grpo.upstream.get('latent')}, not {latent.key}"
+        )
+    if before is not None and (before.upstream.get("problems") != problems.key or "grpo" in before.upstream):
+        raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
+    reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
+    if grpo is not None:
+        reasoner = load_grpo(store, grpo, reasoner)
+    reasoner.trm.eval()
+    arms = [a for a in ARMS if a in ev.arms]
+    previous: dict[str, list[dict[str, Any]]] = {}
+    if before is not None:
+        previous = json.loads(store.open(STAGE, before.key).read_bytes("answers.json"))
+        first = next(iter(previous.values()), [])
+        if [r["id"] for r in first] != [p.id for p in test]:
+            raise UserError(
+                f"the 'before' evaluation {before.uri} covers other problems; evaluate.num_problems changed"
+            )
+    # LM-only arms run with adapters off, so GRPO (LoRA or not) cannot change them: reuse them
+    reused = {a for a in LM_ONLY_ARMS if a in arms and a in previous}
+    think_budget = (ev.think_tokens or cfg.datagen.max_new_tokens) + ev.max_answer_tokens
+    train_questions = [
+        p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)
+    ]
+    checkpoints = CheckpointManager(store, STAGE, key, keep_last=0)  # one per chunk, cleared after the commit
+    return _Evaluation(test, reasoner, arms, previous, reused, think_budget, train_questions, checkpoints)
+
+
+def run_evaluate_chunks(
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    problems: Manifest,
+    compressor: Manifest,
+    trm: Manifest,
+    latent: Manifest,
+    first: int,
+    end: int,
+    grpo: Manifest | None = None,
+    before: Manifest | None = None,
+) -> dict[str, Any]:
+    """Decode and commit evaluation chunks `first`..`end`-1 (those not committed yet) of the evaluation
+    `run_evaluate` commits for the same arguments: the unit of work of one fanned-out run. `run_evaluate`
+    then finds them committed and writes the artifact. Returns what was done."""
+    upstream = evaluation_upstream(problems, compressor, trm, latent, grpo, before)
+    key, manifest = cached(cfg, store, STAGE, upstream)
+    if manifest is not None:
+        return {"key": key, "chunks": [], "committed": True}
+    count = evaluation_chunk_count(cfg, store, problems)
+    if not 0 <= first < end <= count:
+        raise UserError(f"evaluation chunk range {first}..{end - 1} is outside this evaluation's chunks 0..{count - 1}")
+    e = _prepare(cfg, store, key, problems, compressor, trm, latent, None, grpo, before)
+    answer_arms(e.reasoner, cfg, e.test, e.decoded, e.think_budget, e.train_questions, e.checkpoints, (first, end))
+    return {"key": key, "chunks": list(range(first, end)), "committed": False}
 
 
 def evaluation_report(

@@ -38,7 +38,7 @@ class Call(Protocol):
 
 
 def stage1a(call: Call, cfg: PipelineConfig) -> Manifests:
-    hiddens = call("hiddens", cfg)
+    hiddens = corpus_hiddens(call, cfg)
     basis = call("basis", cfg, hiddens)
     return {"hiddens": hiddens, "basis": basis, "compressor-1a": call("compressor", cfg, hiddens, basis, phase="1a")}
 
@@ -49,6 +49,62 @@ class ShardFanout(Protocol):
     call, flows/chain.py): `fan_out_shards` returns once every range has committed its shards."""
 
     def fan_out_shards(self, cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None: ...
+
+
+@runtime_checkable
+class HiddensFanout(Protocol):
+    """A `Call` that can run the corpus hidden-state pass as `parts` runs on other workers (flows/chain.py)."""
+
+    def fan_out_hiddens(self, cfg: PipelineConfig, parts: int) -> None: ...
+
+
+@runtime_checkable
+class EvaluationFanout(Protocol):
+    """A `Call` that can run ranges of evaluation chunks as runs on other workers (flows/chain.py): `inputs`
+    are the evaluation's upstream manifests by argument name (problems, compressor, trm, latent[, grpo, before])."""
+
+    def fan_out_evaluation(
+        self, cfg: PipelineConfig, inputs: dict[str, Any], ranges: list[tuple[int, int]]
+    ) -> None: ...
+
+
+def _fans_out(call: Call, cfg: PipelineConfig, setting: str, kind: type) -> bool:
+    """Whether `runtime.<setting>` is set and `call` can fan out (else a warning: the work runs here)."""
+    deployment = getattr(cfg.runtime, setting)
+    if deployment is None:
+        return False
+    if isinstance(call, kind):
+        return True
+    logger.warning(
+        "runtime.%s=%s applies to the Prefect flows only: the work runs in this process", setting, deployment
+    )
+    return False
+
+
+def corpus_hiddens(call: Call, cfg: PipelineConfig) -> dict[str, Any]:
+    """The corpus hidden states; with `runtime.fanout_hiddens_deployment` and a call that can fan out, the
+    pass's units are first computed by `runtime.fanout_workers` runs on other workers."""
+    if _fans_out(call, cfg, "fanout_hiddens_deployment", HiddensFanout):
+        call.fan_out_hiddens(cfg, cfg.runtime.fanout_workers)  # type: ignore[attr-defined]
+    return call("hiddens", cfg)
+
+
+def evaluation_chunk_count(cfg: PipelineConfig, problems: dict[str, Any]) -> int:
+    """The chunks the evaluation of `problems` decodes (no model loaded)."""
+    from llm_trm_core.stages.evaluate import evaluation_chunk_count as count
+
+    return count(cfg, ArtifactStore(cfg.store.root), Manifest.model_validate(problems))
+
+
+def evaluation(call: Call, task: str, cfg: PipelineConfig, *policy: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """Evaluation task `task` on `policy` (problems, compressor, trm, latent); with
+    `runtime.fanout_evaluate_deployment` and a call that can fan out, its chunks are first decoded by
+    `runtime.fanout_workers` range runs on other workers, and the task then finds them committed."""
+    if _fans_out(call, cfg, "fanout_evaluate_deployment", EvaluationFanout):
+        count = evaluation_chunk_count(cfg, policy[0])
+        inputs = dict(zip(("problems", "compressor", "trm", "latent"), policy, strict=True)) | options
+        call.fan_out_evaluation(cfg, inputs, shard_ranges(count, cfg.runtime.fanout_workers))  # type: ignore[attr-defined]
+    return call(task, cfg, *policy, **options)
 
 
 def _shard_specs(cfg: PipelineConfig, problems: dict[str, Any]) -> list[Any]:
@@ -123,7 +179,7 @@ def sweep(call: Call, cfg: PipelineConfig) -> Manifests:
     from llm_trm_core.stages.compressor import with_compressor
     from llm_trm_core.stages.sweep import sweep_points
 
-    hiddens = call("hiddens", cfg)
+    hiddens = corpus_hiddens(call, cfg)
     basis = call("basis", cfg, hiddens)
     points = [
         call("compressor", with_compressor(cfg, d_prime=d, solver=solver), hiddens, basis)
@@ -171,7 +227,7 @@ def _policy(out: Manifests) -> tuple[dict[str, Any], ...]:
 def through_evaluate(call: Call, cfg: PipelineConfig) -> Manifests:
     """End-task accuracy on held-out problems: no-think, think, TRM-latent, random-latent, original-style."""
     out = through_latent(call, cfg)
-    out["evaluate"] = call("evaluate", cfg, *_policy(out))
+    out["evaluate"] = evaluation(call, "evaluate", cfg, *_policy(out))
     return out
 
 
@@ -182,10 +238,12 @@ def through_grpo(call: Call, cfg: PipelineConfig) -> Manifests:
     from llm_trm_core.stages.grpo import grpo_problem_config
 
     out = through_latent(call, cfg)
-    out["evaluate-before"] = call("evaluate-before-grpo", cfg, *_policy(out))
+    out["evaluate-before"] = evaluation(call, "evaluate-before-grpo", cfg, *_policy(out))
     out["grpo-problems"] = call("problems", grpo_problem_config(cfg))
     out["grpo"] = call("grpo", cfg, out["grpo-problems"], *_policy(out)[1:])
-    out["evaluate"] = call("evaluate-after-grpo", cfg, *_policy(out), grpo=out["grpo"], before=out["evaluate-before"])
+    out["evaluate"] = evaluation(
+        call, "evaluate-after-grpo", cfg, *_policy(out), grpo=out["grpo"], before=out["evaluate-before"]
+    )
     return out
 
 

@@ -82,7 +82,7 @@ class CheckpointManager:
         self.store.publish(tmp, f"{folder}/{STATE_FILE}")
         fs.pipe(f"{folder}/{COMPLETE}", b"")
         logger.debug("checkpoint step %d saved (%d bytes)", step, buffer.tell())
-        for old in self.complete_steps()[: -self.keep_last]:
+        for old in self.complete_steps()[: -self.keep_last] if self.keep_last else []:  # 0: keep every one
             fs.rm(self._dir(old), recursive=True)
         kill_if_requested("checkpoint", step)
 
@@ -91,10 +91,15 @@ class CheckpointManager:
         if not steps:
             return None
         step = steps[-1]
-        with self.store.fs.open(f"{self._dir(step)}/{STATE_FILE}", "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), weights_only=True)
+        state = self.load(step)
         logger.info("resuming from checkpoint step %d", step)
         return step, state
+
+    def load(self, step: int) -> dict[str, Any]:
+        """The state of complete checkpoint `step` (one of `complete_steps()`)."""
+        with self.store.fs.open(f"{self._dir(step)}/{STATE_FILE}", "rb") as f:
+            state: dict[str, Any] = torch.load(io.BytesIO(f.read()), weights_only=True)
+        return state
 
     def restore(self, module: Stateful, state: Mapping[str, Any], step: int) -> None:
         """Load a checkpointed state dict, or explain why it does not fit."""
