@@ -1,6 +1,7 @@
 """Fault injection for tests: a process kills itself (SIGKILL) at a named point, as a preempted VM dies.
 
-    LLM_TRM_FAULT_KILL=checkpoint:8        after training checkpoint 8 is complete
+    LLM_TRM_FAULT_KILL=checkpoint:8        after checkpoint 8 of any stage is complete
+    LLM_TRM_FAULT_KILL=trm-checkpoint:2    after checkpoint 2 of the trm stage is complete
     LLM_TRM_FAULT_KILL=datagen-part:2      after the 2nd generation part of a shard is published
 Unset (the default), nothing happens. With LLM_TRM_FAULT_ONCE=<path> as well, the kill happens only if
 <path> does not exist yet (it is created first): a retried run with the same environment (a Prefect

@@ -39,7 +39,8 @@ def test_deploy_worker_preempted_run_is_resumed_by_retry(server, tmp_path: Path)
 
     prefect_cli(env, "work-pool", "create", "llm-trm-local", "--type", "process")
     prefect_cli(env, "--no-prompt", "deploy", "--name", "pipeline-local")
-    fault = {"LLM_TRM_FAULT_KILL": "checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once")}
+    # the TRM's checkpoint 2 (the hidden-state pass and evaluation checkpoint per unit too)
+    fault = {"LLM_TRM_FAULT_KILL": "trm-checkpoint:2", "LLM_TRM_FAULT_ONCE": str(tmp_path / "killed-once")}
     with worker(env, tmp_path / "worker.log", "--limit", "1", **fault):
         # what the UI's "Run" form posts: a partial config merged onto the preset
         run_id = create_run(api, "pipeline/pipeline-local", {"cfg": {"preset": "tiny", "store": {"root": root}}})

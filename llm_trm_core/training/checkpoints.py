@@ -53,6 +53,7 @@ class ParameterSubset:
 class CheckpointManager:
     def __init__(self, store: ArtifactStore, stage: str, key: str, keep_last: int = 2) -> None:
         self.store = store
+        self.stage = stage
         self.folder = store.path(stage, key, CHECKPOINTS_DIR)
         self.keep_last = keep_last
 
@@ -85,6 +86,7 @@ class CheckpointManager:
         for old in self.complete_steps()[: -self.keep_last] if self.keep_last else []:  # 0: keep every one
             fs.rm(self._dir(old), recursive=True)
         kill_if_requested("checkpoint", step)
+        kill_if_requested(f"{self.stage}-checkpoint", step)
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
         steps = self.complete_steps()
