@@ -282,10 +282,27 @@ def test_gradient_reaches_the_trm_and_never_the_lm(chain) -> None:
         assert metrics[key] is not None and math.isfinite(metrics[key]), key
 
 
+def _first_step_gradient(chain, questions, reward, **grpo) -> tuple[dict, torch.Tensor]:
+    """One learner step (lr 0, 3-token answers) on a fresh policy: its metrics and the projector's gradient."""
+    cfg = chain[0]
+    policy, reference = _policy(chain)
+    params = list(policy.projector.parameters())
+    g = cfg.grpo.model_copy(update={**grpo, "max_completion_tokens": 3})
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    learner = GRPOLearner(
+        policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 1, 0)),
+        [(reward, 1.0)], seed=0,
+    )  # fmt: skip
+    captured: dict[str, torch.Tensor] = {}
+    optimizer.register_step_pre_hook(lambda *_: captured.update(w=params[0].grad.clone()))
+    metrics = learner.step(0, questions, {})
+    return metrics, captured["w"]
+
+
 def test_skipping_zero_variance_groups_keeps_the_step_size(chain) -> None:
     """Two questions, the second one's group always rewarded 1 (no signal): the gradient is the same whether
     that group is computed (advantage 0) or skipped, because the normaliser counts every sequence (TRL)."""
-    cfg, store, problems, *_ = chain
+    _, store, problems, *_ = chain
     questions = [p.question for p in read_problems(store, problems).split("train")[:2]]
 
     def reward(completions, completion_ids, prompts, **_):
@@ -293,18 +310,8 @@ def test_skipping_zero_variance_groups_keeps_the_step_size(chain) -> None:
 
     grads = {}
     for skip in (True, False):
-        policy, reference = _policy(chain)
-        params = list(policy.projector.parameters())
-        g = cfg.grpo.model_copy(update={"skip_zero_variance": skip, "beta": 0.0, "max_completion_tokens": 3})
-        optimizer = torch.optim.SGD(params, lr=0.0)
-        learner = GRPOLearner(
-            policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 1, 0)),
-            [(reward, 1.0)], seed=0,
-        )  # fmt: skip
-        captured: dict[str, torch.Tensor] = {}
-        optimizer.register_step_pre_hook(lambda *_: captured.update(w=params[0].grad.clone()))  # noqa: B023
-        metrics = learner.step(0, questions, {})
-        grads[skip] = (captured["w"], metrics)
+        metrics, grad = _first_step_gradient(chain, questions, reward, skip_zero_variance=skip, beta=0.0)
+        grads[skip] = (grad, metrics)
     (with_skip, m1), (without, m2) = grads[True], grads[False]
     assert m1["skipped_groups"] >= 1 and m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
     torch.testing.assert_close(with_skip, without, atol=1e-6, rtol=1e-5)
@@ -314,25 +321,14 @@ def test_on_policy_step_without_the_no_grad_pass_equals_the_full_computation(cha
     """beta = 0 and one update per rollout: the old log-probs are the gradient pass's own (detached) and no
     reference pass runs. At the first step the policy equals the reference, so beta > 0 (which runs the
     no-grad pass over every sample and the reference pass) must give the same gradient, loss and entropy."""
-    cfg, store, problems, *_ = chain
+    _, store, problems, *_ = chain
     questions = [p.question for p in read_problems(store, problems).split("train")[:2]]
 
     def reward(completions, completion_ids, **_):
         return [float(ids[0] % 2) if ids else 0.0 for ids in completion_ids]
 
-    runs = {}
-    for beta in (0.0, 0.04):
-        policy, reference = _policy(chain)
-        params = list(policy.projector.parameters())
-        g = cfg.grpo.model_copy(update={"skip_zero_variance": False, "beta": beta, "max_completion_tokens": 3})
-        optimizer = torch.optim.SGD(params, lr=0.0)
-        learner = GRPOLearner(
-            policy, reference, g, params, optimizer, make_scheduler(optimizer, lr_multiplier("constant", 1, 0)),
-            [(reward, 1.0)], seed=0,
-        )  # fmt: skip
-        captured: dict[str, torch.Tensor] = {}
-        optimizer.register_step_pre_hook(lambda *_: captured.update(w=params[0].grad.clone()))  # noqa: B023
-        runs[beta] = (learner.step(0, questions, {}), captured["w"])
+    runs = {beta: _first_step_gradient(chain, questions, reward, skip_zero_variance=False, beta=beta)
+            for beta in (0.0, 0.04)}  # fmt: skip
     (fast, fast_grad), (full, full_grad) = runs[0.0], runs[0.04]
     assert fast["kl"] is None and full["kl"] == pytest.approx(0.0, abs=1e-6)
     assert float(fast_grad.abs().sum()) > 0.0  # a real gradient, not two zeros
