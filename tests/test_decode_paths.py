@@ -58,13 +58,16 @@ def test_a_prefix_continued_twice_is_not_changed_by_the_first_continuation(tiny)
     assert all(torch.equal(a, b) for a, b in zip(before, prefix.keys, strict=True))
 
 
-def test_batch_selection_is_adopted_and_writes_continue_after_it(tiny) -> None:
+def test_batch_selection_keeps_the_room_and_writes_continue_after_it(tiny) -> None:
     layer = ReservedLayer(8)
     keys = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
     layer.update(keys, keys + 100)
-    layer.batch_select_indices(torch.tensor([1]))  # transformers replaces keys/values with a selection
+    layer.batch_select_indices(torch.tensor([1]))  # what decode does when rows finish
+    assert layer.keys is not None
+    room = layer.keys.data_ptr()
     step = torch.full((1, 1, 1, 2), -1.0)
     k, v = layer.update(step, step)
+    assert k.data_ptr() == room  # written into the kept room, not a new buffer
     assert torch.equal(k, torch.cat([keys[1:], step], dim=2))
     assert torch.equal(v, torch.cat([keys[1:] + 100, step], dim=2))
 

@@ -31,17 +31,6 @@ def pick_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
-def keep_rows(cache: DynamicCache, index: torch.Tensor) -> None:
-    """Keep only the batch rows `index` of every cache layer (reserved room kept where a layer has it)."""
-    keeps = [getattr(layer, "keep_rows", None) for layer in cache.layers]
-    if any(keep is None for keep in keeps):
-        cache.batch_select_indices(index)
-        return
-    for keep in keeps:
-        assert keep is not None
-        keep(index)
-
-
 @torch.no_grad()
 def decode(
     model: PreTrainedModel,
@@ -79,7 +68,7 @@ def decode(
         if int(finished.sum()) >= max(1, int(COMPACT_FRACTION * len(carried))):
             keep = (~finished).nonzero().squeeze(1)
             device_keep = keep.to(mask.device)
-            keep_rows(cache, device_keep)
+            cache.batch_select_indices(device_keep)  # ReservedLayer keeps its room
             carried, tokens, finished = carried[keep], tokens[keep], finished[keep]
             mask, next_position = mask.index_select(0, device_keep), next_position.index_select(0, device_keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

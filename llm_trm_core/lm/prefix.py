@@ -83,8 +83,8 @@ class ReservedLayer(DynamicLayer):
     128 rows and a few hundred positions that copy costs more than the step's attention. This layer keeps
     `keys`/`values` as views of a larger buffer and writes each step's states in place. The first update
     allocates room for `positions` (or what it brings, if more); it reallocates (at least doubling) only when
-    the buffer is full or when something outside `update` replaced `keys` (batch selection), whose result it
-    then adopts."""
+    the buffer is full or when something outside `update` replaced `keys`, whose result it then adopts; batch
+    selection keeps the room."""
 
     def __init__(self, positions: int) -> None:
         super().__init__()
@@ -113,14 +113,14 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = keys[:, :, :end], values[:, :, :end]
         return keys[:, :, :end], values[:, :, :end]
 
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows `index`, with the room reserved ahead of them (one copy)."""
-        if self._key_room is None or self._value_room is None or self.keys is None or self.values is None:
-            self.batch_select_indices(index)
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows `indices`, with the room reserved ahead of them (one copy)."""
+        if self._key_room is None or self._value_room is None:
+            super().batch_select_indices(indices)
             return
         length = self.get_seq_length()
-        self._key_room = self._key_room.index_select(0, index)
-        self._value_room = self._value_room.index_select(0, index)
+        self._key_room = self._key_room.index_select(0, indices)
+        self._value_room = self._value_room.index_select(0, indices)
         self.keys, self.values = self._key_room[:, :, :length], self._value_room[:, :, :length]
 
     def _extends(self, room: torch.Tensor, length: int, end: int, rows: int) -> bool:
