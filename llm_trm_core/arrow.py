@@ -73,9 +73,9 @@ def read_parquet(
     page_checksums=False skips the pages' CRC32 (vector shards: the whole-file digest covers them)."""
     data = source.read_buffer(relpath)  # size + digest against the manifest: every byte of the file
     try:  # decoding copies what the table keeps: nothing refers to the (mapped) file afterwards
-        return pq.read_table(
-            pa.BufferReader(pa.py_buffer(data)), columns=columns, page_checksum_verification=page_checksums
-        )
+        # ParquetFile.read on one thread: half the fixed cost of pq.read_table (its dataset layer) on a few MB
+        parquet = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)), page_checksum_verification=page_checksums)
+        return parquet.read(columns=columns, use_threads=False)
     except (OSError, pa.ArrowException) as exc:  # a page checksum mismatch is an OSError
         raise _corrupt(source, relpath, exc) from exc
 

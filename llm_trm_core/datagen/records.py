@@ -107,5 +107,4 @@ def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
         posts = vector_rows(chunk.column("post"), dim).unbind(0)  # views, made in one call
         flat, offsets = sequence_rows(chunk.column("pre"), dim, dtype)
         pres = flat.split(np.diff(offsets).tolist())
-        for i in range(chunk.num_rows):
-            yield PairStates(ids[i], splits[i], pres[i], posts[i])
+        yield from map(PairStates, ids, splits, pres, posts)
