@@ -47,6 +47,11 @@ class PromptPrefix:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
     def select(self, rows: Sequence[int]) -> PromptPrefix:
         """The prefix of `rows` (indices into this batch, repeats allowed), sharing no cache storage."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)

@@ -5,8 +5,9 @@ projection turns the TRM output into k input embeddings placed after the prompt;
 cross-entropy of the gold answer (`#### N` + end of turn) teacher-forced after them, through the
 frozen LM. Trained: the projection (and the TRM with `latent.train_trm`), by
 `llm_trm_core/latent/train.py` in the shared training loop (checkpoints between batches, exact resume).
-The artifact holds the projection (and TRM) as safetensors + config, and validation answer NLL per
-token with TRM latents vs random latents of matched norm vs no latents.
+The artifact holds the projection (and TRM) as safetensors + config, the TRM's mean output over the
+training questions (the mean_latent control's vector, reused by the evaluation), and validation answer NLL
+per token with TRM latents vs every control.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def run_latent(
                 save_safetensors({k: v.detach().cpu().contiguous() for k, v in reasoner.trm.state_dict().items()}),
             )
         w.write_json("history.json", result.history)
+        if reasoner.mean_output is not None:  # fitted by the validation: mean_latent's vector for later stages
+            w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": reasoner.mean_output.cpu()}))
         manifest = w.commit(
             {
                 "val_answer_nll": val_nll,
