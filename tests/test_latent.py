@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -250,6 +251,43 @@ def test_latent_training_resumes_exactly_and_evaluation_reports_every_arm(chain,
     text = store.open("evaluate", report.key).read_bytes("report.md").decode()
     assert "Paired comparisons with trm_latent" in text and "Power:" in text and "graded on the text after" in text
     assert report.metrics["arms"]["think"]["unfinished"] >= 0
+
+
+def test_latent_training_from_prompts_encoded_once_matches_encoding_every_batch(chain, monkeypatch) -> None:
+    cfg, store, problems, compressor, trm = chain
+    train = read_problems(store, problems).select_split("train", cfg.latent.num_problems)
+    lat = cfg.latent.model_copy(update={"epochs": 2, "batch_size": 3})
+    runs = {}
+    for kept in (True, False):
+        torch.manual_seed(0)
+        reasoner = build_reasoner(cfg, store, compressor, trm)
+        prompts = latent_train.encode_training_prompts(reasoner, train, lat) if kept else None
+        encoded = []
+        monkeypatch.setattr(LatentReasoner, "encode_prompts", _counting(LatentReasoner.encode_prompts, encoded))
+        result = latent_train.train_latent(reasoner, train, lat, seed=0, prompts=prompts)
+        monkeypatch.undo()
+        runs[kept] = ([h["loss"] for h in result.history], reasoner.projector.state_dict(), len(encoded), prompts)
+    (kept_losses, kept_weights, kept_encodes, prompts), (losses, weights, encodes, _) = runs[True], runs[False]
+    assert kept_encodes == 0 and encodes == 2 * math.ceil(len(train) / 3)  # no prompt encoded during training
+    assert kept_losses == pytest.approx(losses, rel=1e-4)
+    assert all(torch.allclose(kept_weights[k], weights[k], atol=1e-5) for k in weights)
+    # the mean output from the kept encodings is the one a fresh pass over the training questions fits
+    assert prompts is not None
+    fitted = build_reasoner(cfg, store, compressor, trm).fit_mean_output([p.question for p in train], 3)
+    assert torch.equal(prompts.mean_output(), fitted)
+    # what trains the LM or the TRM, or too little memory, encodes per batch
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    assert latent_train.encode_training_prompts(reasoner, train, lat.model_copy(update={"train_trm": True})) is None
+    monkeypatch.setattr(latent_train, "KEPT_PROMPT_BYTES", 1000)
+    assert latent_train.encode_training_prompts(reasoner, train, lat) is None
+
+
+def _counting(method, calls: list):
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return method(self, *args, **kwargs)
+
+    return counted
 
 
 def test_evaluation_reuses_the_latent_mean_and_the_first_pass_prompt_caches(chain, monkeypatch) -> None:

@@ -22,7 +22,7 @@ from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage
-from llm_trm_core.latent.train import train_latent, validation_nll
+from llm_trm_core.latent.train import encode_training_prompts, train_latent, validation_nll
 from llm_trm_core.plan import latent_val_count
 from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.store import ArtifactStore, Manifest
@@ -55,10 +55,12 @@ def run_latent(
         torch.manual_seed(cfg.runtime.seed)
         reasoner = build_reasoner(cfg, store, compressor, trm)
     checkpoints = CheckpointManager(store, STAGE, key)
-    result = train_latent(reasoner, train, lat, seed=cfg.runtime.seed, checkpoints=checkpoints)
+    prompts = encode_training_prompts(reasoner, train, lat)
+    result = train_latent(reasoner, train, lat, seed=cfg.runtime.seed, checkpoints=checkpoints, prompts=prompts)
 
     with torch.no_grad():
-        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed)
+        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed, prompts)
+    del prompts
     projector_bytes = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in reasoner.projector.state_dict().items()}
     )
