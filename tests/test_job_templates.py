@@ -254,7 +254,8 @@ def test_docker_job_variables_override_gpus_and_cache(monkeypatch: pytest.Monkey
 
 
 def test_gpu_deployments_request_one_gpu_in_both_pools() -> None:
-    """The same job variable, the same default, in both pools: what the code uses (cuda:0)."""
+    """The same job variable, the same default, in both pools: one GPU per run unless a run asks for more
+    (the code then uses them all: test_the_gpus_a_run_gets_are_the_processes_its_generation_stages_start)."""
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     gpu_pools = {d["work_pool"]["name"]: d["work_pool"]["job_variables"] for d in spec["deployments"]}
     for pool, path in (("llm-trm-gpu", DOCKER_TEMPLATE), ("llm-trm-gpu-k8s", K8S_TEMPLATE)):
@@ -304,3 +305,35 @@ def test_server_takes_the_gpu_pools_deployments_and_runs_job_variables(tmp_path:
         flow_run = FlowRun.model_validate(run.json())
         config = _render_k8s(pool["base_job_template"], flow_run, k8s["job_variables"], run.json()["job_variables"])
         assert _pod_spec(config)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_the_gpus_a_run_gets_are_the_processes_its_generation_stages_start(
+    gpus: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every GPU deployment's run, rendered with `gpus` by its pool's plugin, asks for that many GPUs; its
+    config (the deployment's `cfg`, generation_processes left at auto) then starts one generation process
+    per GPU the container sees (llm_trm_core/stages/spread.py), so what is requested is what is used."""
+    import torch
+
+    from llm_trm_core.config import PipelineConfig
+    from llm_trm_core.launch import generation_processes
+
+    monkeypatch.setenv("LLM_TRM_STORE", "gs://llm-trm-test/gpu")
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    gpu_deployments = [d for d in spec["deployments"] if d["work_pool"]["name"] in GPU_POOLS]
+    assert len(gpu_deployments) >= 5
+    for d in gpu_deployments:
+        deployment = _deployment_job_variables(d["name"], monkeypatch)
+        if d["work_pool"]["name"] == "llm-trm-gpu":
+            body = _container_create_body(_template(DOCKER_TEMPLATE), _flow_run(), deployment, {"gpus": gpus})
+            (requested,) = [r["Count"] for r in body["HostConfig"]["DeviceRequests"]]
+        else:
+            config = _render_k8s(_template(K8S_TEMPLATE), _flow_run(), deployment, {"gpus": gpus})
+            requested = _pod_spec(config)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert requested == gpus, d["name"]
+        cfg = PipelineConfig.model_validate(apply_values(d["parameters"]["cfg"], {}, remove_notset=False))
+        assert cfg.runtime.generation_processes == "auto", d["name"]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda seen=requested: seen)  # what the container sees
+        assert generation_processes(cfg.runtime) == gpus, d["name"]
