@@ -93,28 +93,25 @@ def test_ranks_share_the_units_out_in_turn() -> None:
 def test_a_failed_worker_is_named_in_one_line() -> None:
     from llm_trm_core.launch import failure_summary
 
-    torchrun = """error: the store is gone
+    def worker(rank: int, pid: int, number: int, name: str) -> str:  # one worker in torchrun's summary
+        return f"""[0]:
+      time      : 2026-12-02_15:40:00
+      host      : box
+      rank      : {rank} (local_rank: {rank})
+      exitcode  : -{number} (pid: {pid})  ({name})
+      error_file: <N/A>
+      traceback : Signal {number} ({name}) received by PID {pid}"""
+
+    torchrun = f"""error: the store is gone
     torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
     ============================================================
     flows.cli FAILED
     ------------------------------------------------------------
     Failures:
-    [1]:
-      time      : 2026-12-02_15:40:00
-      host      : box
-      rank      : 0 (local_rank: 0)
-      exitcode  : -15 (pid: 4241)  (SIGTERM)
-      error_file: <N/A>
-      traceback : Signal 15 (SIGTERM) received by PID 4241
+    {worker(0, 4241, 15, "SIGTERM")}
     ------------------------------------------------------------
     Root Cause (first observed failure):
-    [0]:
-      time      : 2026-12-02_15:40:00
-      host      : box
-      rank      : 1 (local_rank: 1)
-      exitcode  : -9 (pid: 4242)  (SIGKILL)
-      error_file: <N/A>
-      traceback : Signal 9 (SIGKILL) received by PID 4242
+    {worker(1, 4242, 9, "SIGKILL")}
     ============================================================"""
     line = failure_summary(torchrun.splitlines())
     assert "\n" not in line
