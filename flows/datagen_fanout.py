@@ -22,7 +22,8 @@ from prefect import flow
 from flows import fanout
 from flows.chain import Manifests, prefect_call
 from llm_trm_core.config import PipelineConfig
-from llm_trm_core.stages import graph, spread
+from llm_trm_core.stages import graph
+from llm_trm_core.stages.spread import shards_committed, spread_shards
 from tasks.attempts import flow_guard
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def datagen_shards_flow(cfg: PipelineConfig, first: int = 0, end: int | None = N
     store (resumable): the unit one worker runs when datagen is fanned out, spread over the worker's GPUs
     (`runtime.generation_processes`, llm_trm_core/stages/spread.py)."""
     with flow_guard(cfg, "datagen"):
-        spread.spread_shards(cfg, prefect_call("problems", cfg), first, end)
+        spread_shards(cfg, prefect_call("problems", cfg), first, end)
         return graph.datagen_shard_range(prefect_call, cfg, first, end)
 
 
@@ -47,6 +48,6 @@ def fan_out_shards(cfg: PipelineConfig, problems: dict[str, Any], ranges: list[t
     units = [
         fanout.Unit(f"shards {first}..{end - 1}", f"datagen-shards-{first}-{end - 1}", {"first": first, "end": end})
         for first, end in ranges
-        if not spread.shards_committed(cfg, problems, first, end)
+        if not shards_committed(cfg, problems, first, end)
     ]
     fanout.fan_out(cfg, "datagen", "shard ranges", units, len(ranges) - len(units))
