@@ -90,6 +90,16 @@ def test_ranks_share_the_units_out_in_turn() -> None:
         share_of(range(4), (2, 2))
 
 
+def test_listing_a_commands_stages_launches_nothing(tmp_path: Path) -> None:
+    """The graph spreads only for a call that runs the stages (the Prefect call, `plain_call`): recording
+    the stages a command runs (`stages_of`, stand-in manifests) starts no process."""
+    from llm_trm_core.stages.graph import stages_of
+
+    cfg = load_config("tiny", [f"store.root=file://{tmp_path}", TWO])
+    assert {"hiddens", "datagen-shard", "evaluate"} <= set(stages_of(cfg, "pipeline"))
+    assert not (tmp_path / "hiddens").exists()
+
+
 def test_a_failed_worker_is_named_in_one_line() -> None:
     from llm_trm_core.launch import failure_summary
 
