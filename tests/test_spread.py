@@ -67,6 +67,21 @@ def test_auto_is_every_cuda_device_and_one_on_cpu(monkeypatch: pytest.MonkeyPatc
         generation_processes(load_config("tiny", ["runtime.generation_processes=8"]).runtime)
 
 
+def test_preflight_refuses_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from llm_trm_core.config import RuntimeConfig
+    from llm_trm_core.preflight import check_runtime
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_runtime(RuntimeConfig(device="cuda"))  # auto: both GPUs
+    check_runtime(RuntimeConfig(device="cuda", generation_processes=2))
+    with pytest.raises(ConfigError, match="generation_processes=3 but this process sees 2 CUDA device"):
+        check_runtime(RuntimeConfig(device="cuda", generation_processes=3))
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "many", "1.5"])
 def test_a_bad_count_is_one_config_error(value: str) -> None:
     with pytest.raises(ConfigError, match="generation_processes"):
