@@ -303,6 +303,8 @@ def through(call: Call, cfg: PipelineConfig, name: str) -> Manifests:
     """A declared stage after its declared upstream stages: by a command above when one exists, else generic."""
     if name in COMMANDS:
         return COMMANDS[name](call, cfg)
+    if name == "hiddens":  # fanned out or spread over local GPUs first, as in every command
+        return {"hiddens": corpus_hiddens(call, cfg)}
     declared = stage(name)
     out: Manifests = {}
     for upstream in declared.upstream:
