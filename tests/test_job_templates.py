@@ -147,7 +147,7 @@ def test_k8s_job_renders_one_gpu_on_spot_nodes_with_the_hf_cache(monkeypatch: py
     pod = _pod_spec(config)
     (container,) = pod["containers"]
     assert container["image"] == IMAGE
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # what the stages use: cuda:0
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # the default: one GPU, one process
     spot_h100 = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "cloud.google.com/gke-spot": "true"}
     assert pod["nodeSelector"] == spot_h100
     tolerated = {(t["key"], t["effect"]) for t in pod["tolerations"]}
@@ -231,7 +231,7 @@ def test_docker_container_requests_one_gpu_with_the_hf_cache(monkeypatch: pytest
     host = body["HostConfig"]
     assert host["DeviceRequests"] == [
         {"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
-    ]  # one GPU, the cuda:0 the stages use; not Count -1 (every GPU of the host)
+    ]  # the default: one GPU, not Count -1 (every GPU of the host)
     assert host["ShmSize"] == 16 * 1024**3
     assert host["Binds"] == [f"llm-trm-hf-cache:{HF_HOME}"]
     assert host["AutoRemove"] is True
