@@ -63,6 +63,9 @@ COMPARISON_COLUMNS = (
 )  # fmt: skip
 CHANGE_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
 LM_ONLY_ARMS = ("no_think", "think")
+# prompt caches kept from the first pass (the TRM's inputs) for decoding, at most this many bytes; beyond it a
+# chunk's prompts are prefilled again when it is decoded (identical results either way)
+KEPT_PREFIX_BYTES = 1 << 30
 
 
 def bootstrap_ci(correct: Sequence[float], reps: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -170,28 +173,33 @@ def answer_arms(
     model: Any = reasoner.lm.model
     chunks = evaluation_chunks(test, ev.batch_size)
     needs_trm = any(a in arms for a in ("trm_latent", "random_latent", "shuffled_latent", "original_style"))
+    committed = committed_chunks(checkpoints, arms, test, chunks) if checkpoints is not None else {}
+    wanted = range(1, len(chunks) + 1) if chosen is None else {c + 1 for c in chosen}
     outputs = torch.zeros(len(test), reasoner.compressor.d_prime)
     encoded = []
+    kept_bytes = 0
     with torch.no_grad():
-        for chunk in chunks:
+        for number, chunk in enumerate(chunks, start=1):
             batch = reasoner.encode_prompts([test[i].question for i in chunk])
             if needs_trm:
                 outputs[chunk] = reasoner.trm_output(batch).float().cpu()
-            batch.prefix = None  # memory stays flat in the number of problems: prefilled again below
+            size = batch.prefix.nbytes if batch.prefix is not None else 0
+            if number in committed or number not in wanted or kept_bytes + size > KEPT_PREFIX_BYTES:
+                batch.prefix = None  # memory stays bounded in the number of problems: prefilled again below
+            else:
+                kept_bytes += size  # the same prefill the decoding would make: kept instead of repeated
             encoded.append(batch)
-    if "mean_latent" in arms:
+    if "mean_latent" in arms and reasoner.mean_output is None:  # else the latent artifact's, same questions
         if not train_questions:
             raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
         reasoner.fit_mean_output(train_questions, ev.batch_size)
     shuffled = outputs[derangement(len(test), cfg.runtime.seed)] if "shuffled_latent" in arms else outputs
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
     results: dict[str, list[dict[str, Any] | None]] = {arm: [None] * len(test) for arm in arms}
-    committed = committed_chunks(checkpoints, arms, test, chunks) if checkpoints is not None else {}
     for number, records in committed.items():
         for arm in arms:
             for i, kept in zip(chunks[number - 1], records[arm], strict=True):
                 results[arm][i] = kept
-    wanted = range(1, len(chunks) + 1) if chosen is None else {c + 1 for c in chosen}
     if committed:
         logger.info("evaluate: resuming after %d/%d committed chunks", len(committed), len(chunks))
     arm_of = {"no_think": "no_latent"}
@@ -400,6 +408,8 @@ def _prepare(
     if before is not None and (before.upstream.get("problems") != problems.key or "grpo" in before.upstream):
         raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
     reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
+    if latent.upstream.get("problems") != problems.key:
+        reasoner.mean_output = None  # fitted on another problem set's training questions: fit again
     if grpo is not None:
         reasoner = load_grpo(store, grpo, reasoner)
     reasoner.trm.eval()
