@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -226,6 +226,14 @@ class RuntimeConfig(Section):
         1,
         ge=1,
         description="Processes per training stage (compressor, TRM): above 1 the task launches torchrun.",
+        json_schema_extra=NOT_KEYED,
+    )
+    generation_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Local processes for the generation work (datagen shards, corpus hidden-state units, "
+        "evaluation chunks), one per GPU: above 1 the work is split over that many torchrun ranks on this "
+        "machine (rank r on cuda:r); auto = every CUDA device this process sees, 1 on CPU (README 'GPU "
+        "workers').",
         json_schema_extra=NOT_KEYED,
     )
     fanout_deployment: str | None = Field(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
+from llm_trm_core.launch import share_of
 from llm_trm_core.lm.prefix import reserved_cache
 from llm_trm_core.lm.tokens import cut_at_eos, left_pad
 from llm_trm_core.reporting import markdown_table, png_bytes
@@ -156,7 +157,7 @@ def answer_arms(
     think_budget: int,
     train_questions: list[str],
     checkpoints: CheckpointManager | None = None,
-    chosen: tuple[int, int] | None = None,
+    chosen: Collection[int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every arm's graded answers on `test`, in its order (`train_questions`: for mean_latent's mean output).
     Questions go in chunks of similar length (`evaluate.batch_size`, less padding); per chunk the prompts are
@@ -164,8 +165,8 @@ def answer_arms(
     (`LatentReasoner.generate_arms`). With `checkpoints`, every finished chunk is committed to the store as
     its own checkpoint (step = chunk number), and a rerun decodes only the chunks not committed: the random
     arm's generator is advanced over every chunk in order, decoded or not, so each chunk draws the same
-    noise whichever run decodes it. `chosen` = (first, end): decode and commit only chunks first..end-1 (a
-    fanned-out range run, `run_evaluate_chunks`); the result then holds only what was decoded."""
+    noise whichever run decodes it. `chosen`: decode and commit only these chunks (0-based; a fanned-out
+    range run or one rank's share of it, `run_evaluate_chunks`); the result then holds only what was decoded."""
     ev = cfg.evaluate
     tok = reasoner.lm.tokenizer
     end_ids = reasoner.lm.chat.delimiters.end_ids
@@ -173,7 +174,7 @@ def answer_arms(
     chunks = evaluation_chunks(test, ev.batch_size)
     needs_trm = any(a in arms for a in ("trm_latent", "random_latent", "shuffled_latent", "original_style"))
     committed = committed_chunks(checkpoints, arms, test, chunks) if checkpoints is not None else {}
-    wanted = range(1, len(chunks) + 1) if chosen is None else range(chosen[0] + 1, chosen[1] + 1)
+    wanted = range(1, len(chunks) + 1) if chosen is None else {c + 1 for c in chosen}
     outputs = torch.zeros(len(test), reasoner.compressor.d_prime)
     encoded = []
     kept_bytes = 0
@@ -442,10 +443,13 @@ def run_evaluate_chunks(
     end: int,
     grpo: Manifest | None = None,
     before: Manifest | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Decode and commit evaluation chunks `first`..`end`-1 (those not committed yet) of the evaluation
-    `run_evaluate` commits for the same arguments: the unit of work of one fanned-out run. `run_evaluate`
-    then finds them committed and writes the artifact. Returns what was done."""
+    `run_evaluate` commits for the same arguments: the unit of work of one fanned-out run. `share` = (rank,
+    ranks): only every ranks-th chunk of the range from its rank-th (one local process's share,
+    llm_trm_core/stages/spread.py). `run_evaluate` then finds them committed and writes the artifact.
+    Returns what was done."""
     upstream = evaluation_upstream(problems, compressor, trm, latent, grpo, before)
     key, manifest = cached(cfg, store, STAGE, upstream)
     if manifest is not None:
@@ -453,9 +457,12 @@ def run_evaluate_chunks(
     count = evaluation_chunk_count(cfg, store, problems)
     if not 0 <= first < end <= count:
         raise UserError(f"evaluation chunk range {first}..{end - 1} is outside this evaluation's chunks 0..{count - 1}")
+    chosen = share_of(range(first, end), share)
+    if not chosen:  # more ranks than chunks
+        return {"key": key, "chunks": [], "committed": False}
     e = _prepare(cfg, store, key, problems, compressor, trm, latent, None, grpo, before)
-    answer_arms(e.reasoner, cfg, e.test, e.decoded, e.think_budget, e.train_questions, e.checkpoints, (first, end))
-    return {"key": key, "chunks": list(range(first, end)), "committed": False}
+    answer_arms(e.reasoner, cfg, e.test, e.decoded, e.think_budget, e.train_questions, e.checkpoints, chosen)
+    return {"key": key, "chunks": chosen, "committed": False}
 
 
 def evaluation_report(
