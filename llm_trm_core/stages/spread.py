@@ -44,6 +44,9 @@ def processes(cfg: PipelineConfig) -> int:
 
 def _launch(cfg: PipelineConfig, kind: str, what: str, inputs: dict[str, Any], nproc: int) -> dict[str, Any]:
     logger.info("%s: %s on %d local processes (runtime.generation_processes)", kind, what, nproc)
+    from llm_trm_core.lm import release_shared_language_model
+
+    release_shared_language_model()  # the ranks load their own copies: GPU 0 need not hold this one too
     launch_stage(ENTRY, cfg, nproc, args=("units", kind), inputs=inputs)
     logger.info("%s: %s committed by %d local processes", kind, what, nproc)
     return {"kind": kind, "processes": nproc, **{k: v for k, v in inputs.items() if k in ("first", "end", "part")}}
