@@ -89,6 +89,15 @@ def write_pairs(root: str, d: int, counts: dict[str, int], pre_len: int) -> Pair
     return PairData(PairsReader(store, manifest))
 
 
+def real_pairs(uri: str) -> PairData:
+    """A committed pairs artifact, `<store root>/pairs/<key>`."""
+    root, _, key = uri.rstrip("/").rpartition(f"/{PAIRS_STAGE}/")
+    manifest = ArtifactStore(root).read_manifest(PAIRS_STAGE, key)
+    if manifest is None:
+        raise SystemExit(f"no committed pairs artifact at {uri}")
+    return PairData(PairsReader(ArtifactStore(root), manifest))
+
+
 class OriginalBlock(nn.Module):
     def __init__(self, d: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -225,6 +234,11 @@ def main() -> None:
     parser.add_argument("--pre-len", type=int, default=80, help="mean pre length")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pairs", default=None, metavar="ROOT/pairs/KEY",
+        help="a committed pairs artifact (e.g. file:///path/artifacts/pairs/<key> of a local run): its real pairs "
+        "instead of synthetic ones (--train and --pre-len are then ignored)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset_epochs = load_config(args.preset).trm.epochs
@@ -241,7 +255,9 @@ def main() -> None:
         log(f"parameter counts differ: ours {ours_params}, original {original_params}")
     with tempfile.TemporaryDirectory(prefix="bench-trm-") as tmp:
         counts = {"train": args.train, "val": val, "test": test}
-        data = write_pairs(f"file://{Path(tmp)}", d, counts, args.pre_len)
+        data = real_pairs(args.pairs) if args.pairs else write_pairs(f"file://{Path(tmp)}", d, counts, args.pre_len)
+        if args.pairs:
+            shape.update(source=args.pairs, train_pairs=data.count("train"), pre_len=None)
         best_original, best_ours = math.inf, math.inf
         ours: dict[str, float] = {}
         for _ in range(args.repeats):

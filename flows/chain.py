@@ -22,6 +22,8 @@ __all__ = ["Manifests", "PrefectCall", "prefect_call"]
 class PrefectCall:
     """The graph's `Call` inside a flow: each stage as its cached Prefect task; fanned-out units as flow runs."""
 
+    spreads_locally = True  # generation work may go to this machine's other GPUs first (graph `_spreads`)
+
     def __call__(self, task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
         """Run Prefect task `task` (of its declared stage) on `cfg`, cached by its store key."""
         return cached(stage_task(task), cfg)(cfg, *inputs, **options)

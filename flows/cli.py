@@ -359,6 +359,26 @@ def stage_command(
     sys.stdout.write(json.dumps({**line, "world_size": world_size}) + "\n")
 
 
+@app.command(name="units", hidden=True)
+def units_command(
+    kind: Annotated[str, typer.Argument(help="datagen, hiddens or evaluate.")],
+    config_json: Annotated[str, typer.Option("--config-json", help="The resolved config as JSON.")],
+    inputs_json: Annotated[str, typer.Option("--inputs-json", help="The units to share out, as JSON.")],
+) -> None:
+    """One torchrun rank's share of the generation units launched by llm_trm_core/stages/spread.py (rank r of
+    N computes units r, r+N, ... on GPU r); prints what it did as one JSON line."""
+    from llm_trm_core.launch import DIE_WITH_PARENT_ENV, bind_local_gpu, die_with_parent, rank_and_world
+    from llm_trm_core.stages.spread import run_share
+
+    if os.environ.get(DIE_WITH_PARENT_ENV) == "1":
+        die_with_parent()
+    cfg = _run_guarded(lambda: _stage_config(DEFAULT_PRESET, None, None, config_json))
+    _run_guarded(lambda: bind_local_gpu(cfg.runtime))
+    inputs = json.loads(Path(inputs_json).read_text())
+    result = _run_guarded(lambda: run_share(cfg, kind, inputs, rank_and_world()))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
 def _stage_config(
     preset: str, store: str | None, overrides: list[str] | None, config_json: str | None
 ) -> PipelineConfig:

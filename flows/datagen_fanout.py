@@ -23,7 +23,7 @@ from flows import fanout
 from flows.chain import Manifests, prefect_call
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.stages import graph
-from llm_trm_core.store import ArtifactStore, Manifest
+from llm_trm_core.stages.spread import shards_committed, spread_shards
 from tasks.attempts import flow_guard
 
 logger = logging.getLogger(__name__)
@@ -32,20 +32,11 @@ logger = logging.getLogger(__name__)
 @flow(name="datagen-shards")
 def datagen_shards_flow(cfg: PipelineConfig, first: int = 0, end: int | None = None) -> Manifests:
     """Datagen shards `first`..`end`-1 (every shard from `first` when `end` is unset), each committed to the
-    store (resumable): the unit one worker runs when datagen is fanned out."""
+    store (resumable): the unit one worker runs when datagen is fanned out, spread over the worker's GPUs
+    (`runtime.generation_processes`, llm_trm_core/stages/spread.py)."""
     with flow_guard(cfg, "datagen"):
+        spread_shards(cfg, prefect_call("problems", cfg), first, end)
         return graph.datagen_shard_range(prefect_call, cfg, first, end)
-
-
-def committed(cfg: PipelineConfig, problems: dict[str, Any], first: int, end: int) -> bool:
-    """Whether every shard of range `first`..`end`-1 is committed to the store already."""
-    from llm_trm_core.datagen.artifacts import SHARD_STAGE
-    from llm_trm_core.stages.datagen import plan_shards, shard_key
-
-    manifest = Manifest.model_validate(problems)
-    store = ArtifactStore(cfg.store.root)
-    specs = plan_shards(cfg, min(cfg.datagen.num_problems, int(manifest.metrics["total"])))[first:end]
-    return all(store.read_manifest(SHARD_STAGE, shard_key(cfg, manifest, s)) is not None for s in specs)
 
 
 def fan_out_shards(cfg: PipelineConfig, problems: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
@@ -57,6 +48,6 @@ def fan_out_shards(cfg: PipelineConfig, problems: dict[str, Any], ranges: list[t
     units = [
         fanout.Unit(f"shards {first}..{end - 1}", f"datagen-shards-{first}-{end - 1}", {"first": first, "end": end})
         for first, end in ranges
-        if not committed(cfg, problems, first, end)
+        if not shards_committed(cfg, problems, first, end)
     ]
     fanout.fan_out(cfg, "datagen", "shard ranges", units, len(ranges) - len(units))

@@ -35,6 +35,7 @@ from prefect.exceptions import ObjectNotFound
 
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
+from llm_trm_core.stages.spread import evaluation_committed, spread_evaluation, spread_hiddens
 from llm_trm_core.store import ArtifactStore, Manifest
 from tasks.attempts import flow_guard
 
@@ -55,11 +56,13 @@ SETTINGS = {
 @flow(name="hiddens-parts")
 def hidden_parts_flow(cfg: PipelineConfig, part: int = 0, parts: int = 1) -> dict[str, Any]:
     """Part `part` of `parts` of the corpus hidden-state pass, each of its units committed to the store
-    (resumable): the unit one worker runs when the pass is fanned out."""
+    (resumable): the unit one worker runs when the pass is fanned out, spread over the worker's GPUs
+    (`runtime.generation_processes`, llm_trm_core/stages/spread.py)."""
     with flow_guard(cfg, "compressor"):
         from llm_trm_core.stages.compressor import run_corpus_hidden_units
 
-        return run_corpus_hidden_units(cfg, ArtifactStore(cfg.store.root), part, parts)
+        spread = spread_hiddens(cfg, part, parts)
+        return spread or run_corpus_hidden_units(cfg, ArtifactStore(cfg.store.root), part, parts)
 
 
 @flow(name="evaluate-chunks")
@@ -75,7 +78,8 @@ def evaluate_chunks_flow(
     before: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluation chunks `first`..`end`-1 of the evaluation of these upstream manifests (as the graph passes
-    them), each committed to the store (resumable): the unit one worker runs when evaluation is fanned out."""
+    them), each committed to the store (resumable): the unit one worker runs when evaluation is fanned out,
+    spread over the worker's GPUs (`runtime.generation_processes`, llm_trm_core/stages/spread.py)."""
     with flow_guard(cfg, "evaluate"):
         from llm_trm_core.stages.evaluate import run_evaluate_chunks
 
@@ -85,6 +89,9 @@ def evaluate_chunks_flow(
             raise UserError(
                 f"evaluate-chunks needs the upstream manifests {', '.join(missing)} (the graph passes them)"
             )
+        spread = spread_evaluation(cfg, {**given, "grpo": grpo, "before": before}, first, end)
+        if spread is not None:
+            return spread
         m = {name: Manifest.model_validate(value) for name, value in given.items()}
         return run_evaluate_chunks(
             cfg, ArtifactStore(cfg.store.root), m["problems"], m["compressor"], m["trm"], m["latent"], first, end,
@@ -231,21 +238,6 @@ def fan_out_hiddens(cfg: PipelineConfig, parts: int) -> None:
         for i in range(parts)
     ]
     fan_out(cfg, "hiddens", "hidden-state parts", units)
-
-
-def evaluation_committed(cfg: PipelineConfig, inputs: dict[str, Any], first: int, end: int) -> bool:
-    """Whether the evaluation of `inputs` is committed, or every chunk of `first`..`end`-1 is."""
-    from llm_trm_core.stages.evaluate import STAGE, evaluation_upstream
-    from llm_trm_core.stages.keys import key_for
-    from llm_trm_core.training.checkpoints import CheckpointManager
-
-    store = ArtifactStore(cfg.store.root)
-    manifests = {name: None if value is None else Manifest.model_validate(value) for name, value in inputs.items()}
-    key = key_for(cfg, STAGE, evaluation_upstream(**manifests))  # type: ignore[arg-type]
-    if store.read_manifest(STAGE, key) is not None:
-        return True
-    steps = set(CheckpointManager(store, STAGE, key).complete_steps())
-    return all(chunk + 1 in steps for chunk in range(first, end))
 
 
 def fan_out_evaluation(cfg: PipelineConfig, inputs: dict[str, Any], ranges: list[tuple[int, int]]) -> None:

@@ -445,6 +445,9 @@ def check_runtime(runtime: RuntimeConfig) -> None:
         warnings.simplefilter("always")
         available = torch.cuda.is_available() and torch.cuda.device_count() > 0
     if available:
+        from llm_trm_core.launch import generation_processes
+
+        generation_processes(runtime)  # more generation processes than GPUs: one line now, not mid-run
         return
     said = " ".join(" ".join(str(w.message).split()) for w in caught)[:300]
     driver = "the NVIDIA driver is too old for it" if "too old" in said.lower() else "no CUDA device is usable"

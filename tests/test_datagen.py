@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,14 @@ def test_one_row_per_problem_and_post_is_the_end_of_thinking_state_for_every_sam
     summary = report.metrics
     assert summary["problems"] == len(rows) == summary["succeeded"] + sum(summary["failures"].values())
     assert store.open("datagen", report.key).read_bytes("think_length.png")[:4] == b"\x89PNG"
+    # the token after the span, read from the traces and named by the tokenizer
+    following = summary["token_after_span"]
+    first = Counter(int(r["answer_ids"][0]) if len(r["answer_ids"]) else -1 for r in ok)
+    assert following["spans"] == len(ok) and sum(first.values()) == len(ok)
+    top = following["top"][0]
+    assert top["share"] == first.most_common(1)[0][1] / len(ok)
+    assert top["text"] == (repr(tiny_lm.tokenizer.decode([top["id"]])) if top["id"] >= 0 else "(none)")
+    assert f"{top['text']} {top['share']:.0%}" in store.open("datagen", report.key).read_bytes("report.md").decode()
 
 
 def test_seeded_sampling_is_reproducible(tiny_lm) -> None:

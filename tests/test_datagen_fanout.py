@@ -185,7 +185,7 @@ def test_fan_out_keeps_the_limit_and_gives_up_after_the_resubmissions(monkeypatc
     monkeypatch.setattr(fanout, "get_client", lambda sync_client: Client())
     monkeypatch.setattr(fanout, "check_deployment", lambda client, name, setting: "llm-trm-local")
     monkeypatch.setattr(fanout, "POLL_SECONDS", 0.0)
-    monkeypatch.setattr(datagen_fanout, "committed", lambda cfg, problems, first, end: first == 3)  # 3..3 is done
+    monkeypatch.setattr(datagen_fanout, "shards_committed", lambda cfg, problems, first, end: first == 3)  # 3 done
     cfg = load_config("tiny", [f"runtime.fanout_deployment={DEPLOYMENT}", "runtime.fanout_workers=2"])
     with pytest.raises(UserError, match=r"3 shard ranges did not complete after runtime.fanout_resubmits=2"):
         datagen_fanout.fan_out_shards(cfg, {}, [(0, 1), (1, 2), (2, 3), (3, 4)])

@@ -21,11 +21,11 @@ TINY_KEYS = {
     ("compressor", "1b"): "43f7c72fa9771a5b2c0add9cd5d983a81959a6d617f7a2b273cb163630121e94",
     ("sweep", None): "3333be77468ef852b5ed597024bb3f90b825a5521cfe71bf847d95761bd7fc65",
     ("datagen-shard", None): "8f76c830548da2ac867ccd8298ccd60c02fe8af7bf593e083a3924815987fcd2",
-    ("datagen", None): "78ec8bb8c1969db9e5ffc10a32de90acd951cf440186b4fab2f3128c8ccdc7f3",
+    ("datagen", None): "7a5bfbc46122f77cd853819e0a203e3f061f4bfcd5acd4c0d62bc6483a8a0c04",  # code version 3
     ("trace-hiddens", None): "8688783931c2f0f55c3e20502745f190e6cca0b091530644bb97a501bc80e69b",
     ("pairs", None): "93df7927d5c51501a91d7b2986a71d263e8076b30af3503be0344e5a3a6de7db",
-    ("trm", None): "0823bcbc40ecbb1f6eef93139d02db922dc69bea54485d24418d9a09f173946a",  # code version 4
-    ("latent", None): "3c4b8eb2532d564631986f4e30ca73eced925b2fe9a56b597659c5872e5ea3e3",
+    ("trm", None): "79486d2d309708da6935b17b495297d10b1ac72bcfa5eb06d0277bac391e6688",  # code version 5
+    ("latent", None): "12650fe354b9abae06d10c48c0c32b003f96b8f64af8ab906fc6ae0e54cba51b",  # code version 3
     ("evaluate", None): "29278dfe1e9b244b3f1822b3cac08005e92b6490215b28a1c43d4c882d709e91",
     ("grpo", None): "8790634255b5b2545c521ec20f5440998edeb8c2565b9ca40bcdb81d515f8233",
 }

@@ -11,7 +11,7 @@ from llm_trm_core.config import load_config
 from llm_trm_core.lm import decode as decode_module
 from llm_trm_core.lm import load_language_model
 from llm_trm_core.lm.loader import WideHeadLinear
-from llm_trm_core.lm.prefix import ReservedLayer, generate_after, prefill, reserved_cache
+from llm_trm_core.lm.prefix import PromptPrefix, ReservedLayer, forward_suffix, generate_after, prefill, reserved_cache
 from llm_trm_core.lm.tokens import left_pad
 
 
@@ -122,3 +122,31 @@ def test_greedy_decode_dropping_finished_rows_equals_generate(tiny, monkeypatch)
     assert [s.shape[0] for s in states["dropping"]] == [len(prompts)] + [len(left)] * 9
     for dropped, kept in zip(states["dropping"][1:], states["keeping"][1:], strict=True):
         torch.testing.assert_close(dropped, kept[left], rtol=1e-4, atol=1e-5)
+
+
+def test_prompts_cached_in_different_batches_stack_into_a_batch_that_continues_as_one_prefill(tiny) -> None:
+    """`unpadded` rows from two separate prefills, joined by `stack` in another order and padding, continue
+    (teacher-forced and decoded) as the same prompts prefilled together."""
+    model, pad = tiny.model, int(tiny.tokenizer.pad_token_id or 0)
+    first, second = prefill(model, PROMPTS[:2], pad), prefill(model, PROMPTS[2:], pad)
+    rows = [second.unpadded(0), first.unpadded(1), first.unpadded(0)]
+    stacked = PromptPrefix.stack(rows)
+    order = [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    together = prefill(model, order, pad)
+    assert stacked.ids == together.ids and torch.equal(stacked.mask, together.mask)
+    answers = [[3, 4, 5], [6], [7, 8]]
+    with torch.no_grad():
+        a, starts_a = forward_suffix(model, stacked, None, answers)
+        b, starts_b = forward_suffix(model, together, None, answers)
+    assert starts_a == starts_b
+    for row, answer in enumerate(answers):  # the real positions; padding differs by design
+        span = slice(0, starts_a[row] + len(answer))
+        torch.testing.assert_close(a[row, span], b[row, span], atol=1e-5, rtol=1e-4)
+    eos, pad_id = int(tiny.tokenizer.eos_token_id), pad
+    assert torch.equal(
+        generate_after(model, stacked, None, 6, eos, pad_id), generate_after(model, together, None, 6, eos, pad_id)
+    )
+    # a row owns its storage: changing the batch it came from leaves it alone
+    kept = rows[1].keys[0].clone()
+    first.keys[0].zero_()
+    assert torch.equal(rows[1].keys[0], kept)

@@ -6,6 +6,7 @@ units, which the `hiddens` stage then finds committed."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 UNITS = "compressor.hidden_unit_sequences=64"  # the tiny corpus's 359 sequences: 6 units
 
 
-def _hiddens(root: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+def _hiddens(
+    root: Path, *overrides: str, fault: str | None = None, stage: str = "hiddens"
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "LLM_TRM_FAULT_KILL"}
     if fault:
         env["LLM_TRM_FAULT_KILL"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "hiddens", "--preset", "tiny", "--store", f"file://{root}",
+        [sys.executable, "-m", "flows.cli", "stage", stage, "--preset", "tiny", "--store", f"file://{root}",
          *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
-def _digests(root: Path) -> dict[str, dict[str, str]]:
+def _digests(root: Path, stage: str = "hiddens") -> dict[str, dict[str, str]]:
     store = ArtifactStore(f"file://{root}")
     out = {}
-    for key in store.list_keys("hiddens"):
-        manifest = store.read_manifest("hiddens", key)
+    for key in store.list_keys(stage):
+        manifest = store.read_manifest(stage, key)
         assert manifest is not None
         out[key] = {name: entry.sha256 for name, entry in manifest.files.items()}
     return out
@@ -63,6 +66,23 @@ def test_hidden_states_killed_mid_way_compute_only_the_units_not_committed(tmp_p
     reference = _digests(tmp_path / "whole")
     assert reference and _digests(tmp_path / "killed") == reference  # same key, same bytes
     assert not list((tmp_path / "killed" / "hiddens").glob("*/checkpoints*"))  # cleared after the commit
+
+
+def test_trace_hidden_states_killed_mid_way_compute_only_the_units_not_committed(tmp_path: Path) -> None:
+    small = "compressor.hidden_unit_sequences=4"  # the tiny preset's traces in units of one batch
+    whole = _hiddens(tmp_path / "whole", small, stage="trace-hiddens")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _hiddens(tmp_path / "killed", small, fault="trace-hiddens-checkpoint:2", stage="trace-hiddens")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not list((tmp_path / "killed" / "trace-hiddens").glob("*/_MANIFEST.json"))
+    resumed = _hiddens(tmp_path / "killed", small, stage="trace-hiddens")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"2 of \d+ units committed already", resumed.stderr), resumed.stderr[-3000:]
+    reference = _digests(tmp_path / "whole", "trace-hiddens")
+    assert reference and _digests(tmp_path / "killed", "trace-hiddens") == reference  # same key, same bytes
+    # one unit per batch gives the bytes of the default (one unit here): the units never change the artifact
+    default = _hiddens(tmp_path / "default", stage="trace-hiddens")
+    assert default.returncode == 0 and _digests(tmp_path / "default", "trace-hiddens") == reference
 
 
 def test_a_fanned_out_part_computes_only_its_units(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -147,7 +147,7 @@ def test_k8s_job_renders_one_gpu_on_spot_nodes_with_the_hf_cache(monkeypatch: py
     pod = _pod_spec(config)
     (container,) = pod["containers"]
     assert container["image"] == IMAGE
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # what the stages use: cuda:0
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # the default: one GPU, one process
     spot_h100 = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "cloud.google.com/gke-spot": "true"}
     assert pod["nodeSelector"] == spot_h100
     tolerated = {(t["key"], t["effect"]) for t in pod["tolerations"]}
@@ -231,7 +231,7 @@ def test_docker_container_requests_one_gpu_with_the_hf_cache(monkeypatch: pytest
     host = body["HostConfig"]
     assert host["DeviceRequests"] == [
         {"Driver": "nvidia", "Count": 1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
-    ]  # one GPU, the cuda:0 the stages use; not Count -1 (every GPU of the host)
+    ]  # the default: one GPU, not Count -1 (every GPU of the host)
     assert host["ShmSize"] == 16 * 1024**3
     assert host["Binds"] == [f"llm-trm-hf-cache:{HF_HOME}"]
     assert host["AutoRemove"] is True
@@ -254,7 +254,8 @@ def test_docker_job_variables_override_gpus_and_cache(monkeypatch: pytest.Monkey
 
 
 def test_gpu_deployments_request_one_gpu_in_both_pools() -> None:
-    """The same job variable, the same default, in both pools: what the code uses (cuda:0)."""
+    """The same job variable, the same default, in both pools: one GPU per run unless a run asks for more
+    (the code then uses them all: test_the_gpus_a_run_gets_are_the_processes_its_generation_stages_start)."""
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     gpu_pools = {d["work_pool"]["name"]: d["work_pool"]["job_variables"] for d in spec["deployments"]}
     for pool, path in (("llm-trm-gpu", DOCKER_TEMPLATE), ("llm-trm-gpu-k8s", K8S_TEMPLATE)):
@@ -304,3 +305,35 @@ def test_server_takes_the_gpu_pools_deployments_and_runs_job_variables(tmp_path:
         flow_run = FlowRun.model_validate(run.json())
         config = _render_k8s(pool["base_job_template"], flow_run, k8s["job_variables"], run.json()["job_variables"])
         assert _pod_spec(config)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_the_gpus_a_run_gets_are_the_processes_its_generation_stages_start(
+    gpus: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every GPU deployment's run, rendered with `gpus` by its pool's plugin, asks for that many GPUs; its
+    config (the deployment's `cfg`, generation_processes left at auto) then starts one generation process
+    per GPU the container sees (llm_trm_core/stages/spread.py), so what is requested is what is used."""
+    import torch
+
+    from llm_trm_core.config import PipelineConfig
+    from llm_trm_core.launch import generation_processes
+
+    monkeypatch.setenv("LLM_TRM_STORE", "gs://llm-trm-test/gpu")
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    gpu_deployments = [d for d in spec["deployments"] if d["work_pool"]["name"] in GPU_POOLS]
+    assert len(gpu_deployments) >= 5
+    for d in gpu_deployments:
+        deployment = _deployment_job_variables(d["name"], monkeypatch)
+        if d["work_pool"]["name"] == "llm-trm-gpu":
+            body = _container_create_body(_template(DOCKER_TEMPLATE), _flow_run(), deployment, {"gpus": gpus})
+            (requested,) = [r["Count"] for r in body["HostConfig"]["DeviceRequests"]]
+        else:
+            config = _render_k8s(_template(K8S_TEMPLATE), _flow_run(), deployment, {"gpus": gpus})
+            requested = _pod_spec(config)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert requested == gpus, d["name"]
+        cfg = PipelineConfig.model_validate(apply_values(d["parameters"]["cfg"], {}, remove_notset=False))
+        assert cfg.runtime.generation_processes == "auto", d["name"]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda seen=requested: seen)  # what the container sees
+        assert generation_processes(cfg.runtime) == gpus, d["name"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,11 +16,14 @@ import pytest
 import torch
 
 import llm_trm_core.latent.train as latent_train
+import llm_trm_core.stages.evaluate as evaluate_stage
 from llm_trm_core.config import load_config
+from llm_trm_core.data.problems import read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, load_latent
-from llm_trm_core.latent.reasoner import LatentProjector
-from llm_trm_core.stages.evaluate import ARMS, bootstrap_ci, run_evaluate, summarize_arm
+from llm_trm_core.latent.reasoner import LatentProjector, LatentReasoner
+from llm_trm_core.lm import load_language_model
+from llm_trm_core.stages.evaluate import ARMS, bootstrap_ci, held_out_problems, run_evaluate, summarize_arm
 from llm_trm_core.stages.latent import run_latent
 from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
@@ -248,6 +253,91 @@ def test_latent_training_resumes_exactly_and_evaluation_reports_every_arm(chain,
     assert report.metrics["arms"]["think"]["unfinished"] >= 0
 
 
+def test_latent_training_from_prompts_encoded_once_matches_encoding_every_batch(chain, monkeypatch) -> None:
+    cfg, store, problems, compressor, trm = chain
+    train = read_problems(store, problems).select_split("train", cfg.latent.num_problems)
+    lat = cfg.latent.model_copy(update={"epochs": 2, "batch_size": 3})
+    runs = {}
+    for kept in (True, False):
+        torch.manual_seed(0)
+        reasoner = build_reasoner(cfg, store, compressor, trm)
+        prompts = latent_train.encode_training_prompts(reasoner, train, lat) if kept else None
+        encoded = []
+        monkeypatch.setattr(LatentReasoner, "encode_prompts", _counting(LatentReasoner.encode_prompts, encoded))
+        result = latent_train.train_latent(reasoner, train, lat, seed=0, prompts=prompts)
+        monkeypatch.undo()
+        runs[kept] = ([h["loss"] for h in result.history], reasoner.projector.state_dict(), len(encoded), prompts)
+    (kept_losses, kept_weights, kept_encodes, prompts), (losses, weights, encodes, _) = runs[True], runs[False]
+    assert kept_encodes == 0 and encodes == 2 * math.ceil(len(train) / 3)  # no prompt encoded during training
+    assert kept_losses == pytest.approx(losses, rel=1e-4)
+    assert all(torch.allclose(kept_weights[k], weights[k], atol=1e-5) for k in weights)
+    # the mean output from the kept encodings is the one a fresh pass over the training questions fits
+    assert prompts is not None
+    fitted = build_reasoner(cfg, store, compressor, trm).fit_mean_output([p.question for p in train], 3)
+    assert torch.equal(prompts.mean_output(), fitted)
+    # what trains the LM or the TRM, or too little memory, encodes per batch
+    reasoner = build_reasoner(cfg, store, compressor, trm)
+    assert latent_train.encode_training_prompts(reasoner, train, lat.model_copy(update={"train_trm": True})) is None
+    monkeypatch.setattr(latent_train, "KEPT_PROMPT_BYTES", 1000)
+    assert latent_train.encode_training_prompts(reasoner, train, lat) is None
+
+
+def _counting(method, calls: list):
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return method(self, *args, **kwargs)
+
+    return counted
+
+
+def test_evaluation_reuses_the_latent_mean_and_the_first_pass_prompt_caches(chain, monkeypatch) -> None:
+    cfg, store, problems, compressor, trm = chain
+    latent = run_latent(cfg, store, problems, compressor, trm)
+    artifact = store.open("latent", latent.key)
+    assert "mean_output.safetensors" in artifact.manifest.files
+    reasoner = load_latent(store, latent, build_reasoner(cfg, store, compressor, trm))
+    stored = reasoner.mean_output
+    train = read_problems(store, problems).select_split("train", cfg.latent.num_problems)
+    refit = reasoner.fit_mean_output([p.question for p in train], batch_size=3)  # another batching: rounding only
+    assert stored is not None and torch.allclose(stored, refit, atol=1e-5)
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("the latent artifact's mean output should have been used")
+
+    test = held_out_problems(cfg, store, problems)
+    arms = ["no_think", "trm_latent", "mean_latent", "shuffled_latent"]
+    prefills = []
+    original_prefix = LatentReasoner.prefix
+
+    def counted(self, ids, grad=False):
+        prefills.append(len(ids))
+        return original_prefix(self, ids, grad)
+
+    answers = {}
+    for budget in (evaluate_stage.KEPT_PREFIX_BYTES, 0):
+        reasoner = load_latent(store, latent, build_reasoner(cfg, store, compressor, trm))
+        monkeypatch.setattr(LatentReasoner, "fit_mean_output", no_refit)
+        monkeypatch.setattr(LatentReasoner, "prefix", counted)
+        monkeypatch.setattr(evaluate_stage, "KEPT_PREFIX_BYTES", budget)
+        prefills.clear()
+        result = evaluate_stage.answer_arms(reasoner, cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+            update={"batch_size": 2})}), test, arms, 8, [])  # fmt: skip
+        answers[budget] = ({a: [(r["id"], r["text"]) for r in rows] for a, rows in result.items()}, len(prefills))
+        monkeypatch.undo()
+    (kept, kept_prefills), (again, again_prefills) = answers.values()
+    assert kept == again  # the kept caches are the prefill decoding would have made
+    assert kept_prefills == 0 and again_prefills == len(evaluate_stage.evaluation_chunks(test, 2))
+
+
+def test_trm_report_names_the_token_its_targets_predict(chain) -> None:
+    cfg, store, _, _, trm = chain
+    report = store.open("trm", trm.key).read_bytes("report.md").decode()
+    named = re.search(r"LM-head fidelity: the LM head of the test targets puts token (.+) \(id (\d+)\) first", report)
+    assert named is not None, report
+    tokenizer = load_language_model(cfg.model, cfg.runtime).tokenizer
+    assert named.group(1) == repr(tokenizer.decode([int(named.group(2))]))
+
+
 def test_bad_inputs(chain) -> None:
     cfg, store, problems, compressor, trm = chain
     reasoner = build_reasoner(cfg, store, compressor, trm)
@@ -287,6 +377,20 @@ def test_optional_lora_trains_adapters_and_is_restored_on_load(chain) -> None:
         without = tuned.lm.model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
         tuned.lm.model.enable_adapters()
     assert not torch.allclose(with_lora, without)  # the adapters change how the answer is read
+
+    # the original-style arm is the original's method, with a frozen LM: adapters off, as in the LM-only arms
+    with torch.no_grad():
+        for name, weight in tuned.lm.model.named_parameters():
+            if "lora_B" in name:
+                weight.mul_(1e3)  # adapters that decide every token, so using them would show
+    questions = ["What is 2 + 3?", "How many legs do 3 spiders and 2 cats have together?"]
+    outputs = plain.trm_output(plain.encode_prompts(questions))
+    expected = plain.generate_original_style(plain.encode_prompts(questions), 6, outputs)
+    batch = tuned.encode_prompts(questions)
+    with torch.no_grad():
+        adapters_on = tuned._original_style_answers(batch, 6, outputs)
+    assert adapters_on != expected  # the check below can fail
+    assert tuned.generate_original_style(batch, 6, outputs) == expected
 
 
 def _evaluate_stage(root: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:

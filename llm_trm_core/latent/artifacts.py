@@ -98,6 +98,8 @@ def load_latent(store: ArtifactStore, manifest: Manifest, reasoner: LatentReason
     reasoner.projector = projector.eval()
     if "trm.safetensors" in artifact.manifest.files:
         reasoner.trm.load_state_dict(load_safetensors(artifact.read_bytes("trm.safetensors")))
+    if "mean_output.safetensors" in artifact.manifest.files:
+        reasoner.mean_output = load_safetensors(artifact.read_bytes("mean_output.safetensors"))["mean_output"]
     return reasoner
 
 
@@ -111,4 +113,5 @@ def load_grpo(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner
         reasoner.projector.load_state_dict(load_safetensors(artifact.read_bytes("projector.safetensors")))
     if "trm.safetensors" in files:
         reasoner.trm.load_state_dict(load_safetensors(artifact.read_bytes("trm.safetensors")))
+        reasoner.mean_output = None  # the latent stage's mean output was the previous TRM's
     return reasoner

@@ -316,9 +316,14 @@ class LatentReasoner:
         """The original's arm: the decompressed TRM output (`outputs`, else the TRM runs on `batch`) replaces
         the state AT `</think>` (`think_end`, the position the pairs' post state was taken at), so the LM head
         of it picks the token that follows `</think>`; the answer is then generated from the prompt cut after
-        `</think>` plus that token (all questions decoded together, left-padded)."""
+        `</think>` plus that token (all questions decoded together, left-padded). The original method has a
+        frozen LM, so LoRA adapters are off here as in the LM-only arms."""
         self.check_context(batch, max_new_tokens)
         out = self.trm_output(batch) if outputs is None else outputs
+        with adapters_off(self.lm.model):
+            return self._original_style_answers(batch, max_new_tokens, out)
+
+    def _original_style_answers(self, batch: PromptBatch, max_new_tokens: int, out: torch.Tensor) -> list[list[int]]:
         post = self.compressor.decompress(out.float().cpu())
         head = self.lm.model.get_output_embeddings()
         first = head(post.to(self.device).to(head.weight.dtype)).argmax(-1).tolist()

@@ -88,15 +88,80 @@ def answer_nll(
     )
 
 
+# training prompts kept encoded between epochs up to this many bytes of prompt cache (estimated from the first
+# batch); beyond it every batch is encoded again
+KEPT_PROMPT_BYTES = 1 << 30
+
+
+@dataclass
+class EncodedPrompts:
+    """The training questions run once through the frozen LM and the frozen TRM: each question's prompt cache
+    (unpadded) and TRM output (raw scale, CPU), by problem id. Valid while neither changes: no LoRA adapters,
+    `latent.train_trm` off. Encoded in the training set's order in batches of `batch_size`, the same batches
+    `LatentReasoner.fit_mean_output` makes, so the mean output is the same to the bit, and a resumed run
+    encodes exactly what an uninterrupted one did."""
+
+    prefixes: dict[str, PromptPrefix]
+    outputs: dict[str, torch.Tensor]
+    order: list[str]
+
+    def mean_output(self) -> torch.Tensor:
+        return torch.stack([self.outputs[i] for i in self.order]).mean(0)
+
+    def answer_nll(self, reasoner: LatentReasoner, problems: list[Problem]) -> torch.Tensor:
+        """`answer_nll` of the trm_latent arm from the kept encodings (differentiable in the projector)."""
+        prefix = PromptPrefix.stack([self.prefixes[p.id] for p in problems])
+        outputs = torch.stack([self.outputs[p.id] for p in problems])
+        latents = reasoner.arm_latents("trm_latent", len(problems), outputs)
+        return nll_after(reasoner, prefix, latents, gold_answers(reasoner, problems))
+
+
+@torch.no_grad()
+def encode_training_prompts(reasoner: LatentReasoner, train: list[Problem], lat: LatentConfig) -> EncodedPrompts | None:
+    """The training prompts encoded once for every epoch (docs/performance.md), or None when they cannot be
+    kept: the LM or the TRM trains, the problem ids repeat, or the caches would exceed KEPT_PROMPT_BYTES."""
+    if lat.train_trm or lat.lora_rank or len({p.id for p in train}) != len(train):
+        return None
+    reasoner.trm.train(False)  # as in training and validation: no dropout in the TRM's outputs
+    kept = EncodedPrompts({}, {}, [p.id for p in train])
+    held = 0
+    for start in range(0, len(train), lat.batch_size):
+        chunk = train[start : start + lat.batch_size]
+        batch = reasoner.encode_prompts([p.question for p in chunk])
+        if batch.prefix is None:
+            return None
+        outputs = reasoner.trm_output(batch).float().cpu()
+        for row, problem in enumerate(chunk):
+            kept.prefixes[problem.id] = batch.prefix.unpadded(row)
+            kept.outputs[problem.id] = outputs[row]
+            held += kept.prefixes[problem.id].nbytes
+        if start == 0 and held / len(chunk) * len(train) > KEPT_PROMPT_BYTES:
+            logger.info(
+                "latent: the training prompts' caches would exceed %d bytes: encoded per batch", KEPT_PROMPT_BYTES
+            )
+            return None
+    logger.info("latent: %d training prompts encoded once (%.0f MiB of prompt cache)", len(train), held / 2**20)
+    return kept
+
+
 @torch.no_grad()
 def validation_nll(
-    reasoner: LatentReasoner, train: list[Problem], val: list[Problem], batch_size: int, seed: int
+    reasoner: LatentReasoner,
+    train: list[Problem],
+    val: list[Problem],
+    batch_size: int,
+    seed: int,
+    prompts: EncodedPrompts | None = None,
 ) -> dict[str, float]:
     """Answer NLL per token on val for the TRM latents and every control (docs/evaluation.md): random
     directions of matched norm, the TRM's training-mean output (mean_latent), other questions' TRM outputs
     (shuffled_latent, seeded derangement), and no latents. Each val batch is encoded, run through the TRM
-    and prefilled once; every arm continues from that prefill."""
-    reasoner.fit_mean_output([p.question for p in train], batch_size)
+    and prefilled once; every arm continues from that prefill. `prompts`: the training questions' kept
+    encodings, whose TRM outputs give the mean output without encoding them again."""
+    if prompts is not None:
+        reasoner.mean_output = prompts.mean_output()
+    else:
+        reasoner.fit_mean_output([p.question for p in train], batch_size)
     chunks = list(problem_batches(val, batch_size, None, 0))
     batches = [reasoner.encode_prompts([p.question for p in chunk]) for chunk in chunks]
     outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in batches])
@@ -130,8 +195,10 @@ def train_latent(
     *,
     seed: int,
     checkpoints: CheckpointManager | None = None,
+    prompts: EncodedPrompts | None = None,
 ) -> LatentResult:
-    """Train the projection (+ TRM, + LoRA as configured) in place on answer NLL of the training problems."""
+    """Train the projection (+ TRM, + LoRA as configured) in place on answer NLL of the training problems
+    (`prompts`: their kept encodings, from `encode_training_prompts`, else each batch is encoded)."""
     reasoner.trm.requires_grad_(lat.train_trm)
     reasoner.trm.train(False)
     params = list(reasoner.projector.parameters()) + (list(reasoner.trm.parameters()) if lat.train_trm else [])
@@ -154,7 +221,7 @@ def train_latent(
     loop.resume()
 
     def step(batch: list[Problem], index: int) -> None:
-        loss = answer_nll(reasoner, batch, "trm_latent")
+        loss = answer_nll(reasoner, batch, "trm_latent") if prompts is None else prompts.answer_nll(reasoner, batch)
         loop.finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

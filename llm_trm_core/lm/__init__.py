@@ -7,6 +7,7 @@ from llm_trm_core.lm.loader import (
     load_language_model,
     release_shared_language_model,
     shared_language_model,
+    token_texts,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "load_language_model",
     "release_shared_language_model",
     "shared_language_model",
+    "token_texts",
 ]

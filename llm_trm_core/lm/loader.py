@@ -164,6 +164,32 @@ def shared_language_model(cfg: ModelConfig, runtime: RuntimeConfig) -> LoadedLM:
     return load_language_model(cfg, runtime)
 
 
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(cfg: ModelConfig, runtime: RuntimeConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone, without its weights (reports that name token ids)."""
+    if cfg.source == "tiny-random":
+        return build_tiny_tokenizer(cfg.tiny.vocab_size)
+    if cfg.source == "smollm2-gguf":
+        cache = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+        path, revision, local_only = str(ensure_smollm2_folder(cache)), None, True
+    elif cfg.source == "folder":
+        path, revision, local_only = cfg.name_or_path, None, True
+    else:
+        path, revision, local_only = cfg.name_or_path, cfg.revision, not hub_reachable()
+    return AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local_only)
+
+
+def token_texts(cfg: ModelConfig, runtime: RuntimeConfig, ids: list[int]) -> list[str]:
+    """Each token id as its text (Python repr, so whitespace shows), or `id N` when the tokenizer cannot be
+    loaded (logged): a report is never lost over a label."""
+    try:
+        tokenizer = load_tokenizer(cfg, runtime)
+    except (OSError, ValueError, UserError) as exc:
+        logger.warning("cannot load the tokenizer to name token ids (%s); showing ids", exc)
+        return [f"id {i}" for i in ids]
+    return [repr(tokenizer.decode([i])) for i in ids]
+
+
 def release_shared_language_model() -> None:
     """Drop the shared model (frees its memory once no caller holds it)."""
     shared_language_model.cache_clear()

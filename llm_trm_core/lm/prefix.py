@@ -47,6 +47,11 @@ class PromptPrefix:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
     def select(self, rows: Sequence[int]) -> PromptPrefix:
         """The prefix of `rows` (indices into this batch, repeats allowed), sharing no cache storage."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
@@ -57,6 +62,34 @@ class PromptPrefix:
             [k.index_select(0, index) for k in self.keys],
             [v.index_select(0, index) for v in self.values],
         )
+
+    def unpadded(self, row: int) -> PromptPrefix:
+        """Row `row` alone, without its left padding, in storage of its own (for `stack`)."""
+        start = self.width - len(self.ids[row])
+        return PromptPrefix(
+            [list(self.ids[row])],
+            self.mask[row : row + 1, start:].clone(),
+            self.last[row : row + 1].clone(),
+            [k[row : row + 1, :, start:].clone() for k in self.keys],
+            [v[row : row + 1, :, start:].clone() for v in self.values],
+        )
+
+    @staticmethod
+    def stack(prompts: Sequence[PromptPrefix]) -> PromptPrefix:
+        """Single unpadded prompts (`unpadded`) joined into one left-padded batch. Padding columns hold zeros:
+        they are masked, so what they hold does not reach any real position."""
+        width = max(p.width for p in prompts)
+        first = prompts[0]
+        mask = first.mask.new_zeros(len(prompts), width)
+        keys = [k.new_zeros(len(prompts), k.shape[1], width - 1, k.shape[3]) for k in first.keys]
+        values = [v.new_zeros(len(prompts), v.shape[1], width - 1, v.shape[3]) for v in first.values]
+        for row, p in enumerate(prompts):
+            start = width - p.width
+            mask[row, start:] = p.mask[0]
+            for layer, (k, v) in enumerate(zip(p.keys, p.values, strict=True)):
+                keys[layer][row, :, start:] = k[0]
+                values[layer][row, :, start:] = v[0]
+        return PromptPrefix([p.ids[0] for p in prompts], mask, torch.cat([p.last for p in prompts]), keys, values)
 
     def cache(self, reserve: int = 0) -> DynamicCache:
         """A new cache holding the prefix (extended in place by whoever runs on it), with room for `reserve`

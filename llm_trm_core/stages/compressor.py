@@ -86,10 +86,15 @@ def run_corpus_hiddens(cfg: PipelineConfig, store: ArtifactStore) -> Manifest:
     return manifest
 
 
-def run_corpus_hidden_units(cfg: PipelineConfig, store: ArtifactStore, part: int, parts: int) -> dict[str, Any]:
+def run_corpus_hidden_units(
+    cfg: PipelineConfig, store: ArtifactStore, part: int, parts: int, share: tuple[int, int] = (0, 1)
+) -> dict[str, Any]:
     """Part `part` of `parts` of the corpus hidden-state pass: its contiguous range of units (graph
-    `shard_ranges`), each committed unless it is already; the unit of work of one fanned-out run. The
-    `hiddens` task then finds them committed and writes the artifact. Returns what was done."""
+    `shard_ranges`), each committed unless it is already; the unit of work of one fanned-out run. `share` =
+    (rank, ranks): only every ranks-th unit of the part from its rank-th (one local process's share,
+    llm_trm_core/stages/spread.py). The `hiddens` task then finds them committed and writes the artifact.
+    Returns what was done."""
+    from llm_trm_core.launch import share_of
     from llm_trm_core.stages.graph import shard_ranges
 
     if not 0 <= part < parts:
@@ -99,7 +104,7 @@ def run_corpus_hidden_units(cfg: PipelineConfig, store: ArtifactStore, part: int
         return {"key": key, "units": [], "computed": [], "committed": True}
     lm, units, _ = _corpus_units(cfg, store, key)
     ranges = shard_ranges(len(units.bounds), parts)
-    chosen = list(range(*ranges[part])) if part < len(ranges) else []  # more parts than units: nothing to do
+    chosen = share_of(range(*ranges[part]), share) if part < len(ranges) else []  # more parts than units: none
     computed = units.compute(lm, resolve_layer(cfg.compressor.layer, lm.info.num_layers), chosen)
     return {"key": key, "units": chosen, "computed": computed, "committed": False}
 

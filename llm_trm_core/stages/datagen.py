@@ -13,6 +13,7 @@ problems per split, failure and end-of-span breakdown, think-mode accuracy, thin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from llm_trm_core.datagen.records import pairs_to_table, parse_part, part_name, 
 from llm_trm_core.errors import ArtifactCorruptError, UserError
 from llm_trm_core.faults import kill_if_requested
 from llm_trm_core.hidden_states import resolve_layer
-from llm_trm_core.lm import LoadedLM, shared_language_model
+from llm_trm_core.lm import LoadedLM, shared_language_model, token_texts
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.keys import key_for
 from llm_trm_core.stages.publish import cached, stage_writer
@@ -184,6 +185,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def tokens_after_span(cfg: PipelineConfig, rows: list[dict[str, Any]], top: int = 5) -> dict[str, Any]:
+    """Which token follows the thinking span in the successful traces (the first answer token; `(none)` when
+    the answer is empty): the `top` most frequent with their text and share, and the entropy in nats."""
+    counts = Counter(int(r["answer_ids"][0]) if len(r["answer_ids"]) else -1 for r in rows if r["failure"] is None)
+    total = sum(counts.values())
+    common = counts.most_common(top)
+    texts = token_texts(cfg.model, cfg.runtime, [i for i, _ in common if i >= 0])
+    names = iter(texts)
+    shown = [{"id": i, "text": next(names) if i >= 0 else "(none)", "share": c / total} for i, c in common]
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+    return {"spans": total, "top": shown, "entropy_nats": entropy}
+
+
 def run_datagen_report(
     cfg: PipelineConfig, store: ArtifactStore, problems: Manifest, shards: list[Manifest]
 ) -> Manifest:
@@ -204,6 +218,14 @@ def run_datagen_report(
     report = "# Thinking generation\n\n" + markdown_table(table) + "\n"
     if errors:
         report += "\nErrors:\n\n" + "\n".join(f"- {count} × {message}" for message, count in errors.items()) + "\n"
+    following = tokens_after_span(cfg, rows)
+    if following["spans"]:
+        summary["token_after_span"] = following
+        shown = ", ".join(f"{t['text']} {t['share']:.0%}" for t in following["top"])
+        report += (
+            f"\nToken after the thinking span in the traces (the post state's next token, what its LM head should "
+            f"predict), over {following['spans']} spans: {shown}; entropy {following['entropy_nats']:.3f} nats.\n"
+        )
     lengths = [int(r["think_tokens"]) for r in rows if r["failure"] is None]
     with stage_writer(cfg, store, STAGE, key, upstream) as w:
         w.write_bytes("report.md", report.encode())

@@ -265,7 +265,7 @@ declare(
 declare(
     Stage(
         "datagen",
-        version="2",
+        version="3",  # 3: the report names the token that follows the thinking span
         reads=("datagen",),
         upstream=("problems", "datagen-shard"),
         run=run_datagen_report,
@@ -296,7 +296,7 @@ declare(
 declare(
     Stage(
         "trm",
-        version="4",  # 4: cheaper attention-dropout draws, fused EMA update, larger evaluation batches
+        version="5",  # 5: the report names the LM head's top token (4: cheaper dropout draws, fused EMA, ...)
         reads=("trm", "runtime.seed", "runtime.device", "evaluate.bootstrap"),
         upstream=("pairs", "compressor"),
         run=trm.run_trm,
@@ -314,7 +314,7 @@ declare(
 declare(
     Stage(
         "latent",
-        version="2",
+        version="3",  # 3: the TRM's training-mean output is part of the artifact
         reads=("latent", *LATENT_INPUTS),
         upstream=("problems", "compressor", "trm"),
         run=run_latent,

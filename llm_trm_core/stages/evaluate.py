@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
+from llm_trm_core.launch import share_of
 from llm_trm_core.lm.prefix import reserved_cache
 from llm_trm_core.lm.tokens import cut_at_eos, left_pad
 from llm_trm_core.reporting import markdown_table, png_bytes
@@ -62,6 +63,9 @@ COMPARISON_COLUMNS = (
 )  # fmt: skip
 CHANGE_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
 LM_ONLY_ARMS = ("no_think", "think")
+# prompt caches kept from the first pass (the TRM's inputs) for decoding, at most this many bytes; beyond it a
+# chunk's prompts are prefilled again when it is decoded (identical results either way)
+KEPT_PREFIX_BYTES = 1 << 30
 
 
 def bootstrap_ci(correct: Sequence[float], reps: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -153,7 +157,7 @@ def answer_arms(
     think_budget: int,
     train_questions: list[str],
     checkpoints: CheckpointManager | None = None,
-    chosen: tuple[int, int] | None = None,
+    chosen: Collection[int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every arm's graded answers on `test`, in its order (`train_questions`: for mean_latent's mean output).
     Questions go in chunks of similar length (`evaluate.batch_size`, less padding); per chunk the prompts are
@@ -161,36 +165,41 @@ def answer_arms(
     (`LatentReasoner.generate_arms`). With `checkpoints`, every finished chunk is committed to the store as
     its own checkpoint (step = chunk number), and a rerun decodes only the chunks not committed: the random
     arm's generator is advanced over every chunk in order, decoded or not, so each chunk draws the same
-    noise whichever run decodes it. `chosen` = (first, end): decode and commit only chunks first..end-1 (a
-    fanned-out range run, `run_evaluate_chunks`); the result then holds only what was decoded."""
+    noise whichever run decodes it. `chosen`: decode and commit only these chunks (0-based; a fanned-out
+    range run or one rank's share of it, `run_evaluate_chunks`); the result then holds only what was decoded."""
     ev = cfg.evaluate
     tok = reasoner.lm.tokenizer
     end_ids = reasoner.lm.chat.delimiters.end_ids
     model: Any = reasoner.lm.model
     chunks = evaluation_chunks(test, ev.batch_size)
     needs_trm = any(a in arms for a in ("trm_latent", "random_latent", "shuffled_latent", "original_style"))
+    committed = committed_chunks(checkpoints, arms, test, chunks) if checkpoints is not None else {}
+    wanted = range(1, len(chunks) + 1) if chosen is None else {c + 1 for c in chosen}
     outputs = torch.zeros(len(test), reasoner.compressor.d_prime)
     encoded = []
+    kept_bytes = 0
     with torch.no_grad():
-        for chunk in chunks:
+        for number, chunk in enumerate(chunks, start=1):
             batch = reasoner.encode_prompts([test[i].question for i in chunk])
             if needs_trm:
                 outputs[chunk] = reasoner.trm_output(batch).float().cpu()
-            batch.prefix = None  # memory stays flat in the number of problems: prefilled again below
+            size = batch.prefix.nbytes if batch.prefix is not None else 0
+            if number in committed or number not in wanted or kept_bytes + size > KEPT_PREFIX_BYTES:
+                batch.prefix = None  # memory stays bounded in the number of problems: prefilled again below
+            else:
+                kept_bytes += size  # the same prefill the decoding would make: kept instead of repeated
             encoded.append(batch)
-    if "mean_latent" in arms:
+    if "mean_latent" in arms and reasoner.mean_output is None:  # else the latent artifact's, same questions
         if not train_questions:
             raise UserError("the mean_latent arm needs train problems (the TRM's mean output over them)")
         reasoner.fit_mean_output(train_questions, ev.batch_size)
     shuffled = outputs[derangement(len(test), cfg.runtime.seed)] if "shuffled_latent" in arms else outputs
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
     results: dict[str, list[dict[str, Any] | None]] = {arm: [None] * len(test) for arm in arms}
-    committed = committed_chunks(checkpoints, arms, test, chunks) if checkpoints is not None else {}
     for number, records in committed.items():
         for arm in arms:
             for i, kept in zip(chunks[number - 1], records[arm], strict=True):
                 results[arm][i] = kept
-    wanted = range(1, len(chunks) + 1) if chosen is None else range(chosen[0] + 1, chosen[1] + 1)
     if committed:
         logger.info("evaluate: resuming after %d/%d committed chunks", len(committed), len(chunks))
     arm_of = {"no_think": "no_latent"}
@@ -399,6 +408,8 @@ def _prepare(
     if before is not None and (before.upstream.get("problems") != problems.key or "grpo" in before.upstream):
         raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
     reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
+    if latent.upstream.get("problems") != problems.key:
+        reasoner.mean_output = None  # fitted on another problem set's training questions: fit again
     if grpo is not None:
         reasoner = load_grpo(store, grpo, reasoner)
     reasoner.trm.eval()
@@ -432,10 +443,13 @@ def run_evaluate_chunks(
     end: int,
     grpo: Manifest | None = None,
     before: Manifest | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Decode and commit evaluation chunks `first`..`end`-1 (those not committed yet) of the evaluation
-    `run_evaluate` commits for the same arguments: the unit of work of one fanned-out run. `run_evaluate`
-    then finds them committed and writes the artifact. Returns what was done."""
+    `run_evaluate` commits for the same arguments: the unit of work of one fanned-out run. `share` = (rank,
+    ranks): only every ranks-th chunk of the range from its rank-th (one local process's share,
+    llm_trm_core/stages/spread.py). `run_evaluate` then finds them committed and writes the artifact.
+    Returns what was done."""
     upstream = evaluation_upstream(problems, compressor, trm, latent, grpo, before)
     key, manifest = cached(cfg, store, STAGE, upstream)
     if manifest is not None:
@@ -443,9 +457,12 @@ def run_evaluate_chunks(
     count = evaluation_chunk_count(cfg, store, problems)
     if not 0 <= first < end <= count:
         raise UserError(f"evaluation chunk range {first}..{end - 1} is outside this evaluation's chunks 0..{count - 1}")
+    chosen = share_of(range(first, end), share)
+    if not chosen:  # more ranks than chunks
+        return {"key": key, "chunks": [], "committed": False}
     e = _prepare(cfg, store, key, problems, compressor, trm, latent, None, grpo, before)
-    answer_arms(e.reasoner, cfg, e.test, e.decoded, e.think_budget, e.train_questions, e.checkpoints, (first, end))
-    return {"key": key, "chunks": list(range(first, end)), "committed": False}
+    answer_arms(e.reasoner, cfg, e.test, e.decoded, e.think_budget, e.train_questions, e.checkpoints, chosen)
+    return {"key": key, "chunks": chosen, "committed": False}
 
 
 def evaluation_report(

@@ -68,6 +68,13 @@ class EvaluationFanout(Protocol):
     ) -> None: ...
 
 
+def _spreads(call: Call) -> bool:
+    """Whether the graph may first spread generation work over this machine's processes for `call`
+    (llm_trm_core/stages/spread.py): the Prefect call and `plain_call` run the stages; a call that only
+    records them (`stages_of`) or a test's stand-in does not."""
+    return bool(getattr(call, "spreads_locally", False))
+
+
 def _fans_out(call: Call, cfg: PipelineConfig, setting: str, kind: type) -> bool:
     """Whether `runtime.<setting>` is set and `call` can fan out (else a warning: the work runs here)."""
     deployment = getattr(cfg.runtime, setting)
@@ -83,9 +90,14 @@ def _fans_out(call: Call, cfg: PipelineConfig, setting: str, kind: type) -> bool
 
 def corpus_hiddens(call: Call, cfg: PipelineConfig) -> dict[str, Any]:
     """The corpus hidden states; with `runtime.fanout_hiddens_deployment` and a call that can fan out, the
-    pass's units are first computed by `runtime.fanout_workers` runs on other workers."""
+    pass's units are first computed by `runtime.fanout_workers` runs on other workers, else by this
+    machine's GPUs (`runtime.generation_processes`, llm_trm_core/stages/spread.py)."""
+    from llm_trm_core.stages.spread import spread_hiddens
+
     if _fans_out(call, cfg, "fanout_hiddens_deployment", HiddensFanout):
         call.fan_out_hiddens(cfg, cfg.runtime.fanout_workers)  # type: ignore[attr-defined]
+    elif _spreads(call):
+        spread_hiddens(cfg)
     return call("hiddens", cfg)
 
 
@@ -99,11 +111,16 @@ def evaluation_chunk_count(cfg: PipelineConfig, problems: dict[str, Any]) -> int
 def evaluation(call: Call, task: str, cfg: PipelineConfig, *policy: dict[str, Any], **options: Any) -> dict[str, Any]:
     """Evaluation task `task` on `policy` (problems, compressor, trm, latent); with
     `runtime.fanout_evaluate_deployment` and a call that can fan out, its chunks are first decoded by
-    `runtime.fanout_workers` range runs on other workers, and the task then finds them committed."""
+    `runtime.fanout_workers` range runs on other workers, else by this machine's GPUs
+    (`runtime.generation_processes`, llm_trm_core/stages/spread.py), and the task then finds them committed."""
+    from llm_trm_core.stages.spread import spread_evaluation
+
+    inputs = dict(zip(("problems", "compressor", "trm", "latent"), policy, strict=True)) | options
     if _fans_out(call, cfg, "fanout_evaluate_deployment", EvaluationFanout):
         count = evaluation_chunk_count(cfg, policy[0])
-        inputs = dict(zip(("problems", "compressor", "trm", "latent"), policy, strict=True)) | options
         call.fan_out_evaluation(cfg, inputs, shard_ranges(count, cfg.runtime.fanout_workers))  # type: ignore[attr-defined]
+    elif _spreads(call):
+        spread_evaluation(cfg, inputs)
     return call(task, cfg, *policy, **options)
 
 
@@ -124,30 +141,34 @@ def stage2_data(call: Call, cfg: PipelineConfig, problems: dict[str, Any]) -> di
     """Datagen: one task per shard (resumable), then the report.
 
     With `runtime.fanout_deployment` and a call that can fan out, the shards are first run as
-    `runtime.fanout_workers` ranges on other workers; the shard tasks below then find them committed."""
+    `runtime.fanout_workers` ranges on other workers, else over this machine's GPUs
+    (`runtime.generation_processes`, llm_trm_core/stages/spread.py); the shard tasks below then find them
+    committed."""
+    from llm_trm_core.stages.spread import spread_shards
+
     specs = _shard_specs(cfg, problems)
-    if cfg.runtime.fanout_deployment is not None:
-        if isinstance(call, ShardFanout):
-            call.fan_out_shards(cfg, problems, shard_ranges(len(specs), cfg.runtime.fanout_workers))
-        else:
-            logger.warning(
-                "runtime.fanout_deployment=%s applies to the Prefect flows only: the shards run in this process",
-                cfg.runtime.fanout_deployment,
-            )
+    if _fans_out(call, cfg, "fanout_deployment", ShardFanout):
+        call.fan_out_shards(cfg, problems, shard_ranges(len(specs), cfg.runtime.fanout_workers))  # type: ignore[attr-defined]
+    elif _spreads(call):
+        spread_shards(cfg, problems, 0, len(specs))
     shards = [call("datagen-shard", cfg, problems, s.index, s.start, s.end) for s in specs]
     return call("datagen-report", cfg, problems, shards)
 
 
-def datagen_shard_range(call: Call, cfg: PipelineConfig, first: int, end: int | None = None) -> Manifests:
+def datagen_shard_range(
+    call: Call, cfg: PipelineConfig, first: int, end: int | None = None, share: tuple[int, int] = (0, 1)
+) -> Manifests:
     """Datagen shards `first`..`end`-1 (all from `first` when `end` is None), each committed as its own artifact:
-    the unit of work of one fanned-out run (`stage2_data`)."""
+    the unit of work of one fanned-out run (`stage2_data`). `share` = (rank, ranks): only every ranks-th shard
+    of the range from its rank-th (one local process's share, llm_trm_core/stages/spread.py)."""
+    from llm_trm_core.launch import share_of
+
     problems = call("problems", cfg)
     specs = _shard_specs(cfg, problems)
-    chosen = specs[first:end]
-    if not chosen:
+    if not specs[first:end]:
         raise ConfigError(f"shard range {first}..{end} is empty: this config has shards 0..{len(specs) - 1}")
     out: Manifests = {"problems": problems}
-    for s in chosen:
+    for s in share_of(specs[first:end], share):
         out[f"datagen-shard-{s.index:04d}"] = call("datagen-shard", cfg, problems, s.index, s.start, s.end)
     return out
 
@@ -282,6 +303,8 @@ def through(call: Call, cfg: PipelineConfig, name: str) -> Manifests:
     """A declared stage after its declared upstream stages: by a command above when one exists, else generic."""
     if name in COMMANDS:
         return COMMANDS[name](call, cfg)
+    if name == "hiddens":  # fanned out or spread over local GPUs first, as in every command
+        return {"hiddens": corpus_hiddens(call, cfg)}
     declared = stage(name)
     out: Manifests = {}
     for upstream in declared.upstream:
@@ -334,13 +357,18 @@ def _as_manifests(value: Any) -> Any:
 StageHook = Callable[[str, PipelineConfig, Callable[[], Manifest]], Manifest]
 
 
-def plain_call(store: ArtifactStore, hook: StageHook | None = None) -> Call:
+class PlainCall:
     """A `Call` that runs each stage's declared run function in this process.
 
     `hook(stage, cfg, run)` (tests) wraps every stage run: it must call `run()` and return its manifest.
     """
 
-    def call(task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
+    spreads_locally = True  # generation work may go to this machine's other GPUs first (`_spreads`)
+
+    def __init__(self, store: ArtifactStore, hook: StageHook | None = None) -> None:
+        self.store, self.hook = store, hook
+
+    def __call__(self, task: str, cfg: PipelineConfig, /, *inputs: Any, **options: Any) -> dict[str, Any]:
         declared = stage_of_task(task)
         if declared is None or declared.run is None:
             raise KeyError(f"no declared stage runs task {task!r}")
@@ -349,12 +377,15 @@ def plain_call(store: ArtifactStore, hook: StageHook | None = None) -> Call:
         kwargs = {k: _as_manifests(v) for k, v in options.items()}
 
         def once() -> Manifest:
-            return run(cfg, store, *args, **kwargs)
+            return run(cfg, self.store, *args, **kwargs)
 
-        manifest = hook(declared.name, cfg, once) if hook else once()
+        manifest = self.hook(declared.name, cfg, once) if self.hook else once()
         return manifest.model_dump(mode="json")
 
-    return call
+
+def plain_call(store: ArtifactStore, hook: StageHook | None = None) -> Call:
+    """A `Call` that runs each stage's declared run function in this process (`PlainCall`)."""
+    return PlainCall(store, hook)
 
 
 def run_plain(cfg: PipelineConfig, name: str, hook: StageHook | None = None) -> Manifests:

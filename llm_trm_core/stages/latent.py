@@ -5,8 +5,9 @@ projection turns the TRM output into k input embeddings placed after the prompt;
 cross-entropy of the gold answer (`#### N` + end of turn) teacher-forced after them, through the
 frozen LM. Trained: the projection (and the TRM with `latent.train_trm`), by
 `llm_trm_core/latent/train.py` in the shared training loop (checkpoints between batches, exact resume).
-The artifact holds the projection (and TRM) as safetensors + config, and validation answer NLL per
-token with TRM latents vs random latents of matched norm vs no latents.
+The artifact holds the projection (and TRM) as safetensors + config, the TRM's mean output over the
+training questions (the mean_latent control's vector, reused by the evaluation), and validation answer NLL
+per token with TRM latents vs every control.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import read_problems
 from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage
-from llm_trm_core.latent.train import train_latent, validation_nll
+from llm_trm_core.latent.train import encode_training_prompts, train_latent, validation_nll
 from llm_trm_core.plan import latent_val_count
 from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.store import ArtifactStore, Manifest
@@ -54,10 +55,12 @@ def run_latent(
         torch.manual_seed(cfg.runtime.seed)
         reasoner = build_reasoner(cfg, store, compressor, trm)
     checkpoints = CheckpointManager(store, STAGE, key)
-    result = train_latent(reasoner, train, lat, seed=cfg.runtime.seed, checkpoints=checkpoints)
+    prompts = encode_training_prompts(reasoner, train, lat)
+    result = train_latent(reasoner, train, lat, seed=cfg.runtime.seed, checkpoints=checkpoints, prompts=prompts)
 
     with torch.no_grad():
-        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed)
+        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed, prompts)
+    del prompts
     projector_bytes = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in reasoner.projector.state_dict().items()}
     )
@@ -75,6 +78,8 @@ def run_latent(
                 save_safetensors({k: v.detach().cpu().contiguous() for k, v in reasoner.trm.state_dict().items()}),
             )
         w.write_json("history.json", result.history)
+        if reasoner.mean_output is not None:  # fitted by the validation: mean_latent's vector for later stages
+            w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": reasoner.mean_output.cpu()}))
         manifest = w.commit(
             {
                 "val_answer_nll": val_nll,

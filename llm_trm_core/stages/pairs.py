@@ -36,7 +36,7 @@ from llm_trm_core.datagen.records import pairs_dim, pairs_to_table
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import TextChunk
 from llm_trm_core.lm import shared_language_model
-from llm_trm_core.stages.publish import cached, stage_writer, write_states_artifact
+from llm_trm_core.stages.publish import StateUnits, cached, stage_writer, write_states_artifact
 from llm_trm_core.store import ArtifactStore, Manifest
 from llm_trm_core.trm.pairs import META_FILE, PAIRS_STAGE, SCHEMA_NAME, SCHEMA_VERSION, pairs_schema
 
@@ -155,4 +155,7 @@ def run_trace_hiddens(cfg: PipelineConfig, store: ArtifactStore, datagen: Manife
             f"the datagen artifact {datagen.uri} has no successful generations: no traces for compressor 1b"
         )
     lm = shared_language_model(cfg.model, cfg.runtime)
-    return write_states_artifact(cfg, store, stage, key, lm, chunks, upstream=upstream, metrics={"traces": len(chunks)})
+    units = StateUnits.of(cfg, store, stage, key, chunks)  # committed unit by unit: a preemption loses one unit
+    return write_states_artifact(
+        cfg, store, stage, key, lm, chunks, upstream=upstream, metrics={"traces": len(chunks)}, units=units
+    )

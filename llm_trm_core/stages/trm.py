@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 
 from llm_trm_core.config import PipelineConfig, TRMConfig
 from llm_trm_core.errors import UserError
-from llm_trm_core.lm.loader import resolve_device
+from llm_trm_core.lm.loader import resolve_device, token_texts
 from llm_trm_core.metrics import ReconstructionMetrics
 from llm_trm_core.models.trm import SequenceTRM
 from llm_trm_core.reporting import markdown_table, png_bytes
@@ -135,6 +135,7 @@ def evaluate_test(
     return per_step, raw, torch.cat(predictions)
 
 
+@torch.no_grad()
 def target_distribution(head: Head | None, targets: torch.Tensor) -> dict[str, Any] | None:
     """What the LM head reads from the post states: the token it puts first (the token that follows `</think>`
     in the pairs, as the LM predicts it), how often that is one token, and the next-token entropy."""
@@ -239,6 +240,8 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
         ablation_verdict = verdict(a_low, a_high)
         ablation_test = {"difference": a_diff, "ci_low": a_low, "ci_high": a_high, "verdict": ablation_verdict}
     fidelity = target_distribution(head, test.target)
+    if fidelity is not None:
+        fidelity["top_token"] = token_texts(cfg.model, cfg.runtime, [fidelity["top_token_id"]])[0]
 
     rows = [{"name": f"baseline: {name}", **values} for name, values in baselines.items()]
     rows += [{"name": f"TRM step {row['step']}" + (" (EMA)" if ema else ""), **row} for row in per_step]
@@ -267,7 +270,8 @@ def run_trm(cfg: PipelineConfig, store: ArtifactStore, pairs: Manifest, compress
     fidelity_text = ""
     if fidelity is not None:
         fidelity_text = (
-            f"\n\nLM-head fidelity: the LM head of the test targets puts token id {fidelity['top_token_id']} first "
+            f"\n\nLM-head fidelity: the LM head of the test targets puts token {fidelity['top_token']} (id "
+            f"{fidelity['top_token_id']}) first "
             f"for {fidelity['top_token_share']:.0%} of pairs ({fidelity['distinct_top_tokens']} distinct first "
             f"tokens; mean next-token entropy {fidelity['entropy_nats']:.3f} nats): this is the token that follows "
             f"`</think>`. Mean baseline: top-1 {baselines['mean'].get('lm_top1', float('nan')):.3f}, KL "
