@@ -1,30 +1,28 @@
-"""Shard read throughput beside `torch.load` on the same tensors, and peak memory while streaming.
+"""Shard read throughput beside `torch.load` on the same tensors, peak memory while streaming, and the
+decoding speed of the vector layouts the shard format was chosen from.
 
     ./run python -m bench.shard_io [--hidden-size 576] [--rows-per-shard 8192] [--d-prime 64] [--pre-len 80]
 
 Two artifacts are written into a temporary file:// store with the project's own writers, in the
-project's format (zstd, page checksums): a hidden-states artifact (`ShardedStatesWriter`, 8 shards of
---rows-per-shard rows of D = --hidden-size float32) and a pairs artifact (8 files of 256 pairs, pre of
---pre-len positions and post, D' = --d-prime). The same tensors are also `torch.save`d, one file per
-shard (hidden states: one (rows, D) tensor; pairs: the flat pre tensor, its lengths and the post
-tensor), so `torch.load` reads exactly the bytes of float data that our readers return.
+project's format (llm_trm_core.arrow: vectors as uncompressed fixed_size_binary, sequences as binary,
+page checksums): a hidden-states artifact (`ShardedStatesWriter`, 8 shards of --rows-per-shard rows of
+D = --hidden-size float32) and a pairs artifact (8 files of 256 pairs, pre of --pre-len positions and post,
+D' = --d-prime). The same tensors are also `torch.save`d, one file per shard (hidden states: one
+(rows, D) tensor; pairs: the flat pre tensor, its lengths and the post tensor), so `torch.load` reads
+exactly the bytes of float data that our readers return.
 
 Figures (MB/s of float32 tensor bytes returned, 1 MB = 1e6 bytes, fastest of --repeats passes, files in
-the page cache):
+the page cache; the passes of the compared readers are interleaved, so a busy machine slows them alike):
 - torch_load: `torch.load` of every shard file;
-- hidden_read: `HiddenStates.read_shard` of every shard, verified (sha256 of the whole file against the
-  manifest, then Parquet page checksums) and unverified (the file read straight from the filesystem,
-  no page checksums, the same table-to-tensor conversion);
-- pair_read: every pair of every file through `PairsReader.iter_pairs`, verified and unverified likewise;
-- sha256 alone over the same files, to show what verification costs.
-What limits the Parquet figures (measured on this 2-core machine, one 37.7 MB shard of D = 576 float32):
-the table-to-tensor step is a zero-copy view now (`llm_trm_core.arrow.column_rows`), so nearly all the time
-is Parquet decoding. Reading the `state` column alone runs at ~530-650 MB/s as written (zstd, a list column:
-a repetition and a definition level are decoded per float); without compression ~1200 MB/s; as
-fixed_size_binary(4·D) with no compression ~9800 MB/s unverified and ~3200 MB/s with page checksums. sha256
-of the file runs at ~1000-1900 MB/s. So verified reads stay bounded by sha256 below torch.load whatever the
-layout, and unverified ones would need another written format (a store-key change for every stage that
-writes states) to reach torch.load.
+- hidden_read: `HiddenStates.read_shard` of every shard, verified (the whole file against the manifest's
+  xxh3-128 digest, then parsed) and unverified (the file read straight from the filesystem by Parquet);
+- pair_read: every pair of every file through `PairsReader.iter_pairs` (one PairStates per pair, what
+  training consumes), verified and unverified likewise; pair_arrays: the same verified reads returning
+  just the tensors torch.load returns (flat pre, lengths, post), without per-pair objects;
+- sha256_only / xxh3_only: each digest alone over the same files, to show what verification costs;
+- layout_decode: `pyarrow.parquet.read_table` of one hidden-state shard (and one pairs file) held in
+  memory, in each candidate layout: list<float> (the former format) and fixed_size_binary, with zstd or
+  none, with and without page-checksum verification; and the file size of each.
 Peak RSS: a fresh process streams 1 and then 8 shards through `HiddenStates.iter_batches` and
 `PairData.iter_batches`; flat memory means the 8-shard peak is close to the 1-shard peak.
 """
@@ -43,11 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import xxhash
 
 from bench.common import emit, log
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, column_rows, read_parquet, sequence_rows
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import pairs_to_table, table_to_pairs
 from llm_trm_core.hidden_states import META_FILE as HIDDEN_META
@@ -62,12 +62,59 @@ PAIRS_PER_FILE = 256
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
-    times = []
+    return interleaved(repeats, {"": fn})[""]
+
+
+def interleaved(repeats: int, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Fastest of `repeats` passes of each function, passes taken in turn (noise hits all of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def layout_figures(args: argparse.Namespace, config: dict[str, object]) -> None:
+    """Decoding speed and file size of each candidate vector layout (one shard held in memory)."""
+    rng = np.random.default_rng(2)
+    rows, dim = args.rows_per_shard, args.hidden_size
+    states = rng.standard_normal((rows, dim), dtype=np.float32)
+    flat = pa.array(states.reshape(-1))
+    vectors = {
+        "list<float>": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "fixed_size_binary": pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(dim * 4), rows, [None, pa.py_buffer(states)]
+        ),
+    }
+    lengths = rng.integers(args.pre_len // 2, args.pre_len * 3 // 2 + 1, PAIRS_PER_FILE)
+    pre = rng.standard_normal((int(lengths.sum()), args.d_prime), dtype=np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    sequences = {
+        "list<list<float>>": pa.ListArray.from_arrays(
+            pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(pre.reshape(-1)), args.d_prime)
+        ),
+        "binary": pa.BinaryArray.from_buffers(
+            pa.binary(), PAIRS_PER_FILE, [None, pa.py_buffer(offsets * args.d_prime * 4), pa.py_buffer(pre)]
+        ),
+    }
+    cases = [("hidden", name, array, states.nbytes) for name, array in vectors.items()]
+    cases += [("pairs_pre", name, array, pre.nbytes) for name, array in sequences.items()]
+    for data, layout, array, nbytes in cases:
+        for compression in ("zstd", "none"):
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table({"v": array}), sink, compression=compression, use_dictionary=False,
+                           write_statistics=False, write_page_checksum=True)  # fmt: skip
+            buffer = sink.getvalue()
+            fns = {
+                str(crc): lambda crc=crc, b=buffer: pq.read_table(pa.BufferReader(b), page_checksum_verification=crc)
+                for crc in (False, True)
+            }
+            for crc, seconds in interleaved(args.repeats, fns).items():
+                emit("layout_decode", nbytes / 1e6 / seconds, "MB/s", data=data, layout=layout,
+                     compression=compression, page_checksums=crc == "True", file_mb=round(buffer.size / 1e6, 2),
+                     float_mb=round(nbytes / 1e6, 2), **config)  # fmt: skip
 
 
 def write_hidden(store: ArtifactStore, hidden_size: int, rows: int, tmp: Path) -> tuple[Artifact, list[Path]]:
@@ -138,21 +185,33 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         out = []
         for name in hidden.shards("train"):
             with store.fs.open(hidden_art.path(name), "rb") as f:
-                out.append(states_from_table(pq.read_table(f, columns=["state"]), args.hidden_size))
+                table = pq.ParquetFile(f).read(columns=["state"], use_threads=False)  # as read_parquet does
+                out.append(states_from_table(table, args.hidden_size))
         return out
 
     def pairs_unverified() -> list[PairStates]:
         out: list[PairStates] = []
         for name in pairs.meta["files"]["train"]:
             with store.fs.open(pairs.artifact.path(name), "rb") as f:
-                out.extend(table_to_pairs(pq.read_table(f)))
+                out.extend(table_to_pairs(pq.ParquetFile(f).read(use_threads=False)))
         return out
 
-    def sha_all(art: Artifact) -> None:
+    def pair_arrays() -> list[torch.Tensor]:
+        """The same tensors torch.load returns (flat pre, lengths, post), verified, without per-pair objects."""
+        out = []
+        for name in pairs.meta["files"]["train"]:
+            table = read_parquet(pairs.artifact, name, page_checksums=False)
+            for chunk in table.column("pre").chunks:
+                pre, offsets = sequence_rows(chunk, args.d_prime, "float32")
+                out += [pre, torch.from_numpy(np.diff(offsets))]
+            out.append(column_rows(table.column("post"), args.d_prime))
+        return out
+
+    def digest_all(art: Artifact, digest: Callable[[bytes], object]) -> None:
         for name in art.files():
             if name.endswith(".parquet"):
                 with store.fs.open(art.path(name), "rb") as f:
-                    hashlib.sha256(f.read()).digest()
+                    digest(f.read())
 
     hidden_mb = float_bytes([hidden.read_shard(n) for n in hidden.shards("train")]) / 1e6
     pair_list = list(pairs.iter_pairs("train"))
@@ -162,21 +221,33 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         "pairs": sum(pairs.artifact.manifest.files[n].size for n in pairs.meta["files"]["train"]) / 1e6,
     }
     r = args.repeats
+    hidden_times = interleaved(r, {
+        "torch_load": lambda: [torch.load(p) for p in hidden_pt],
+        "xxh3": lambda: [hidden.read_shard(n) for n in hidden.shards("train")],
+        "none": hidden_unverified,
+    })  # fmt: skip
+    pair_times = interleaved(r, {
+        "torch_load": lambda: [torch.load(p) for p in pairs_pt],
+        "xxh3": lambda: list(pairs.iter_pairs("train")),
+        "none": pairs_unverified,
+        "arrays": pair_arrays,
+    })  # fmt: skip
     figures = {
-        ("torch_load", "hidden", "-"): (hidden_mb, best_of(r, lambda: [torch.load(p) for p in hidden_pt])),
-        ("torch_load", "pairs", "-"): (pairs_mb, best_of(r, lambda: [torch.load(p) for p in pairs_pt])),
-        ("hidden_read", "hidden", "sha256+page_crc"): (
-            hidden_mb,
-            best_of(r, lambda: [hidden.read_shard(n) for n in hidden.shards("train")]),
-        ),
-        ("hidden_read", "hidden", "none"): (hidden_mb, best_of(r, hidden_unverified)),
-        ("pair_read", "pairs", "sha256+page_crc"): (pairs_mb, best_of(r, lambda: list(pairs.iter_pairs("train")))),
-        ("pair_read", "pairs", "none"): (pairs_mb, best_of(r, pairs_unverified)),
-        ("sha256_only", "hidden", "-"): (file_mb["hidden"], best_of(r, lambda: sha_all(hidden_art))),
-        ("sha256_only", "pairs", "-"): (file_mb["pairs"], best_of(r, lambda: sha_all(pairs.artifact))),
+        ("torch_load", "hidden", "-"): (hidden_mb, hidden_times["torch_load"]),
+        ("hidden_read", "hidden", "xxh3"): (hidden_mb, hidden_times["xxh3"]),
+        ("hidden_read", "hidden", "none"): (hidden_mb, hidden_times["none"]),
+        ("torch_load", "pairs", "-"): (pairs_mb, pair_times["torch_load"]),
+        ("pair_read", "pairs", "xxh3"): (pairs_mb, pair_times["xxh3"]),
+        ("pair_read", "pairs", "none"): (pairs_mb, pair_times["none"]),
+        ("pair_arrays", "pairs", "xxh3"): (pairs_mb, pair_times["arrays"]),
     }
+    for kind, art in (("hidden", hidden_art), ("pairs", pairs.artifact)):
+        for name, digest in (("sha256_only", lambda b: hashlib.sha256(b).digest()),
+                             ("xxh3_only", xxhash.xxh3_128_digest)):  # fmt: skip
+            figures[(name, kind, "-")] = (file_mb[kind], best_of(r, lambda art=art, d=digest: digest_all(art, d)))
     for (name, data, verify), (mb, seconds) in figures.items():
-        emit(name, mb / seconds, "MB/s", data=data, verify=verify, mb=round(mb, 1), **config)
+        emit(name, mb / seconds, "MB/s", data=data, verify=verify, mb=round(mb, 1), file_mb=round(file_mb[data], 1),
+             **config)  # fmt: skip
     for kind in ("hidden", "pairs"):
         peaks = {}
         for n in (1, SHARDS):
@@ -229,6 +300,7 @@ def main() -> None:
     parser.add_argument("--d-prime", type=int, default=64, help="D' (the local preset: 64)")
     parser.add_argument("--pre-len", type=int, default=80, help="mean pre length of the pairs")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-layouts", action="store_true", help="only the project's format, not the alternatives")
     parser.add_argument("--child", nargs=5, metavar=("KIND", "N", "ROOT", "STAGE", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -238,6 +310,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-shard-io-") as tmp:
         log(f"writing {SHARDS} hidden-state shards and {SHARDS} pair files under {tmp}")
         measure(args, Path(tmp))
+    if not args.skip_layouts:
+        layout_figures(args, {"rows_per_shard": args.rows_per_shard, "hidden_size": args.hidden_size,
+                              "d_prime": args.d_prime, "pre_len": args.pre_len})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Layout inside an artifact:
     hidden_states.json                 {hidden_size, layer, dtype, tokens: {split: n}, shards: {split: [...]}}
     lm_head.safetensors                the LM's output head (+ final norm gain for inner layers), for metrics
-    states/{split}/part-00000.parquet  rows: doc_id, position, state (fixed-size list of D floats)
+    states/{split}/part-00000.parquet  rows: doc_id, position, state (D floats as fixed_size_binary,
+                                       uncompressed: llm_trm_core.arrow)
 Only real tokens are stored: padding never reaches a loss or a metric.
 """
 
@@ -25,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_trm_core.arrow import FLOAT_TYPES, STATE_WRITE_OPTIONS, column_rows, read_parquet
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, column_rows, read_parquet, vector_array, vector_type
 from llm_trm_core.errors import UserError
 from llm_trm_core.metrics import LMHead
 from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter
@@ -33,7 +34,7 @@ from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter
 logger = logging.getLogger(__name__)
 
 SCHEMA_NAME = "llm-trm/hidden-states"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: state as fixed_size_binary, uncompressed (was a zstd list<float>)
 META_FILE = "hidden_states.json"
 HEAD_FILE = "lm_head.safetensors"
 NP_DTYPES: dict[str, Any] = {"float16": np.float16, "float32": np.float32}
@@ -44,7 +45,7 @@ def states_schema(hidden_size: int, dtype: str) -> pa.Schema:
         [
             pa.field("doc_id", pa.string(), nullable=False),
             pa.field("position", pa.int32(), nullable=False),
-            pa.field("state", pa.list_(pa.field("element", FLOAT_TYPES[dtype], nullable=False), hidden_size)),
+            pa.field("state", vector_type(hidden_size, dtype), nullable=False),
         ],
         metadata={"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "dtype": dtype},
     )
@@ -128,13 +129,11 @@ class ShardedStatesWriter:
             else:
                 buffer[0] = (doc_id, pos[n:], arr[n:])
         self._buffered[split] -= taken
-        flat = np.concatenate(states).reshape(-1)
-        values = pa.array(flat, type=FLOAT_TYPES[self.dtype])
         table = pa.table(
             {
                 "doc_id": pa.array(ids, pa.string()),
                 "position": pa.array(np.concatenate(positions), pa.int32()),
-                "state": pa.FixedSizeListArray.from_arrays(values, self.hidden_size),
+                "state": vector_array(np.concatenate(states), self.dtype, self.hidden_size),
             },
             schema=self.schema,
         )
@@ -236,10 +235,10 @@ class HiddenStates:
 
     def read_shard(self, name: str) -> torch.Tensor:
         """All states of one shard as a float32 (rows, D) tensor."""
-        states = states_from_table(read_parquet(self.artifact, name, columns=["state"]), self.hidden_size)
-        if not torch.isfinite(states).all():
-            raise UserError(f"{self.artifact.file_uri(name)} contains NaN or Inf hidden states; recompute the artifact")
-        return states
+        # No finiteness pass here: the writer refuses NaN/Inf (`cast_states`) and the digest proves these are
+        # its bytes.
+        table = read_parquet(self.artifact, name, columns=["state"], page_checksums=False)  # digest-verified
+        return states_from_table(table, self.hidden_size)
 
     def iter_rows(self, split: str) -> Iterator[torch.Tensor]:
         """Every shard of a split in order (memory: one shard at a time)."""
@@ -264,17 +263,31 @@ class HiddenStates:
         if seed is not None:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+        # Memory: one shard (as read) plus one batch. Shuffled rows are gathered batch by batch instead of
+        # permuting the whole shard, and the remainder carried into the next shard is copied out, so the
+        # previous shard is freed before the next one is read.
         carry: torch.Tensor | None = None
         for name in names:
             rows = self.read_shard(name)
-            if generator is not None:
-                rows = rows[torch.randperm(rows.shape[0], generator=generator)]
+            n = rows.shape[0]
+            order = torch.randperm(n, generator=generator) if generator is not None else None
+
+            def take(a: int, b: int, rows: torch.Tensor = rows, order: torch.Tensor | None = order) -> torch.Tensor:
+                return rows[a:b] if order is None else rows[order[a:b]]
+
+            start = 0
             if carry is not None:
-                rows = torch.cat([carry, rows])
-            full = rows.shape[0] // batch_tokens * batch_tokens
-            for start in range(0, full, batch_tokens):
-                yield rows[start : start + batch_tokens][rank::world_size]
-            carry = rows[full:] if full < rows.shape[0] else None
+                start = min(batch_tokens - carry.shape[0], n)
+                carry = torch.cat([carry, take(0, start)])
+                if carry.shape[0] < batch_tokens:
+                    continue
+                yield carry[rank::world_size]
+                carry = None
+            full = start + (n - start) // batch_tokens * batch_tokens
+            for a in range(start, full, batch_tokens):
+                yield take(a, a + batch_tokens)[rank::world_size]
+            carry = take(full, n).clone() if full < n else None
+            del rows, order, take
         if carry is not None and carry.shape[0]:
             yield carry[rank::world_size]
 

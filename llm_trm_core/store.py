@@ -20,9 +20,14 @@ Integrity: what is verified, and when.
   metric or a manifest copied into another folder is refused with an error naming the manifest.
 - `open` checks that every listed file exists with its recorded size (one listing; nothing is read).
 - every byte handed out is verified first: `Artifact.read_bytes` (and `read_json`, `open`) reads the
-  whole file once and compares its size and sha256 with the manifest before returning it. Parquet goes
-  through `llm_trm_core.arrow.read_parquet`, which parses those verified bytes, so the footer, page
-  headers and pages are all covered; the pages' own CRC32 checksums are verified as well while decoding.
+  whole file once and compares its size and digest with the manifest before returning it. Each file's
+  entry records two digests of the same bytes: sha256 (provenance, `open(verify="sha256")`) and
+  xxh3-128, which reads check: it runs at memory speed (~25 GB/s against sha256's ~1-2 GB/s on one core),
+  so verifying costs little beside parsing, and it detects any accidental corruption (it is not meant
+  to resist someone forging a file; the manifest's own sha256 still guards the recorded digests).
+  Manifests written before xxh3-128 was recorded are checked with sha256. Parquet goes through
+  `llm_trm_core.arrow.read_parquet`, which parses those verified bytes, so the footer, page headers and
+  pages are all covered (small tables also verify the pages' own CRC32 checksums while decoding).
 - any mismatch raises ArtifactCorruptError with one line: the file, what differs, and "delete <folder>
   and re-run; it will be recomputed". `open(verify="sha256")` hashes every file up front.
 Not covered: training checkpoints under `checkpoints/` (resume state, never listed in a manifest).
@@ -34,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import uuid
 from collections.abc import Iterator, Mapping
@@ -41,9 +47,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, overload
 
 import fsspec
+import xxhash
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict
 
@@ -91,6 +99,7 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     size: int
     sha256: str
+    xxh3_128: str | None = None  # what reads verify; None in manifests written before it was recorded
 
 
 class Manifest(BaseModel):
@@ -301,6 +310,12 @@ class Artifact:
         self._require(relpath)
         return _read_verified(self.store, self.stage, self.key, relpath, self.manifest.files[relpath])
 
+    def read_buffer(self, relpath: str) -> memoryview:
+        """Like `read_bytes`, without copying a local file: a read-only view of the file mapped into memory
+        (verified the same way). For parsers that copy what they keep (Parquet decoding)."""
+        self._require(relpath)
+        return _read_verified(self.store, self.stage, self.key, relpath, self.manifest.files[relpath], mapped=True)
+
     def read_json(self, relpath: str) -> Any:
         return json.loads(self.read_bytes(relpath))
 
@@ -347,6 +362,7 @@ class _HashingFile(io.RawIOBase):
         super().__init__()
         self.inner = inner
         self.sha = hashlib.sha256()
+        self.xxh = xxhash.xxh3_128()
         self.size = 0
 
     def writable(self) -> bool:
@@ -359,11 +375,15 @@ class _HashingFile(io.RawIOBase):
         return self.size
 
     def write(self, b: Any) -> int:
-        data = bytes(b)
+        data = memoryview(b).cast("B")
         self.inner.write(data)
         self.sha.update(data)
+        self.xxh.update(data)
         self.size += len(data)
         return len(data)
+
+    def entry(self) -> FileEntry:
+        return FileEntry(size=self.size, sha256=self.sha.hexdigest(), xxh3_128=self.xxh.hexdigest())
 
     def flush(self) -> None:
         self.inner.flush()
@@ -420,6 +440,13 @@ class ArtifactWriter:
             raise ArtifactError(f"{self.file_uri(relpath)} was not written by this writer; it cannot be read back")
         return _read_verified(self.store, self.stage, self.key, relpath, entry)
 
+    def read_buffer(self, relpath: str) -> memoryview:
+        """`read_bytes` as a mapped view for local files (see `Artifact.read_buffer`)."""
+        entry = self.files.get(relpath)
+        if entry is None:
+            raise ArtifactError(f"{self.file_uri(relpath)} was not written by this writer; it cannot be read back")
+        return _read_verified(self.store, self.stage, self.key, relpath, entry, mapped=True)
+
     @contextmanager
     def open(self, relpath: str) -> Iterator[IO[bytes]]:
         """Binary file to write `relpath`; published under its final name when the block exits cleanly."""
@@ -432,7 +459,7 @@ class ArtifactWriter:
             hashing = _HashingFile(raw)
             yield hashing  # type: ignore[misc]
         self.store.publish(tmp, final)
-        self.files[relpath] = FileEntry(size=hashing.size, sha256=hashing.sha.hexdigest())
+        self.files[relpath] = hashing.entry()
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         with self.open(relpath) as f:
@@ -453,8 +480,7 @@ class ArtifactWriter:
         fs = self.store.fs
         if not fs.exists(final):
             raise ArtifactError(f"cannot adopt {self.store.fs.unstrip_protocol(final)}: it does not exist")
-        size = int(fs.info(final)["size"])
-        self.files[relpath] = FileEntry(size=size, sha256=_sha256_of(fs, final))
+        self.files[relpath] = _entry_of(fs, final)
 
     def commit(self, metrics: Mapping[str, Any] | None = None) -> Manifest:
         """Write `_MANIFEST.json` last: from now on the artifact exists for every reader."""
@@ -507,19 +533,51 @@ def _check_relpath(relpath: str) -> None:
         raise ArtifactError(f"artifact file name {relpath!r} is reserved")
 
 
-def _read_verified(store: ArtifactStore, stage: str, key: str, relpath: str, entry: FileEntry) -> bytes:
-    """Read a whole file once; refuse it unless its size and sha256 are the recorded ones."""
+@overload
+def _read_verified(
+    store: ArtifactStore, stage: str, key: str, relpath: str, entry: FileEntry, mapped: Literal[False] = False
+) -> bytes: ...
+@overload
+def _read_verified(
+    store: ArtifactStore, stage: str, key: str, relpath: str, entry: FileEntry, mapped: Literal[True]
+) -> memoryview: ...
+def _read_verified(
+    store: ArtifactStore, stage: str, key: str, relpath: str, entry: FileEntry, mapped: bool = False
+) -> bytes | memoryview:
+    """Read a whole file once; refuse it unless its size and digest (xxh3-128, or sha256 for entries
+    without one) are the recorded ones. mapped: a local file is mapped read-only instead of copied (a
+    fresh multi-megabyte copy costs more than hashing it); other stores read it."""
     where, fix = store.uri(stage, key, relpath), recompute_hint(store.uri(stage, key))
+    path = store.path(stage, key, relpath)
+    data: bytes | memoryview
     try:
-        with store.reachable(), store.fs.open(store.path(stage, key, relpath), "rb") as f:
-            data = f.read()
+        if mapped and isinstance(store.fs, LocalFileSystem) and entry.size > 0:
+            with open(path, "rb") as raw:  # the mapping outlives the descriptor
+                data = memoryview(mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ))
+        else:
+            with store.reachable(), store.fs.open(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise ArtifactCorruptError(f"{where} is listed in the manifest but missing; {fix}") from None
     if len(data) != entry.size:
         raise ArtifactCorruptError(f"{where} has {len(data)} bytes, the manifest says {entry.size}; {fix}")
-    if hashlib.sha256(data).hexdigest() != entry.sha256:
+    if entry.xxh3_128 is not None:
+        if xxhash.xxh3_128_hexdigest(data) != entry.xxh3_128:
+            raise ArtifactCorruptError(f"{where} does not match its xxh3-128 digest in the manifest (corrupted); {fix}")
+    elif hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ArtifactCorruptError(f"{where} does not match its sha256 in the manifest (corrupted); {fix}")
     return data
+
+
+def _entry_of(fs: AbstractFileSystem, path: str) -> FileEntry:
+    """Size and both digests of a published file, read once."""
+    sha, xxh, size = hashlib.sha256(), xxhash.xxh3_128(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+            xxh.update(chunk)
+            size += len(chunk)
+    return FileEntry(size=size, sha256=sha.hexdigest(), xxh3_128=xxh.hexdigest())
 
 
 def _sha256_of(fs: AbstractFileSystem, path: str) -> str:

@@ -11,6 +11,8 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -182,16 +184,20 @@ def test_pairs_shards_schema_readers_and_values(tmp_path: Path) -> None:
     assert len(files) >= 4  # train is split into several files of 3 pairs
 
     schema = pq.read_schema(files[0])
-    assert schema.metadata[b"schema_version"] == b"1" and schema.metadata[b"layer"] == b"-1"
-    assert schema.field("post").type.list_size == 16
+    assert schema.metadata[b"schema_version"] == b"2" and schema.metadata[b"layer"] == b"-1"
+    assert schema.field("post").type == pa.binary(16 * 4) and schema.field("pre").type == pa.binary()
     table = pads.dataset(files, format="parquet").to_table()
     assert table.num_rows == sum(meta["pairs"].values())
 
     from datasets import load_dataset
 
     streamed = load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
-    first = next(iter(streamed))
-    assert len(first["post"]) == 16 and len(first["pre"]) == first["pre_len"] and len(first["pre"][0]) == 16
+    first = next(iter(streamed))  # vectors are little-endian float32 bytes: one frombuffer away from numbers
+    pre, post = np.frombuffer(first["pre"], "<f4").reshape(-1, 16), np.frombuffer(first["post"], "<f4")
+    assert post.shape == (16,) and pre.shape == (first["pre_len"], 16)
+    by_id = {p.id: p for p in reader.iter_pairs("train")}
+    np.testing.assert_array_equal(post, by_id[first["id"]].post.numpy())
+    np.testing.assert_array_equal(pre, by_id[first["id"]].pre.numpy())
 
     # values: compressed exactly as the compressor does, without the shared system-prompt prefix
     model = load_compressor(store, compressor)
@@ -210,10 +216,9 @@ def test_pairs_shards_schema_readers_and_values(tmp_path: Path) -> None:
     )
     first_half = next(PairsReader(store, half).iter_pairs("train"))
     assert first_half.pre.shape[0] == rows[first_half.id]["think_start"]
-    assert (
-        pq.read_schema(PairsReader(store, half).files("train")[0].removeprefix("file://")).field("post").type.value_type
-        == "halffloat"
-    )
+    half_schema = pq.read_schema(PairsReader(store, half).files("train")[0].removeprefix("file://"))
+    assert half_schema.metadata[b"dtype"] == b"float16" and half_schema.field("post").type == pa.binary(16 * 2)
+    assert first_half.post.dtype == torch.float32 and first_half.post.shape == (16,)
 
 
 def test_pairs_refuse_a_compressor_of_another_model() -> None:

@@ -105,6 +105,38 @@ def test_shards_round_trip_and_stream(tmp_path) -> None:
         assert torch.equal(torch.cat([a, b]).sort(0).values, whole.sort(0).values)
 
 
+def _batches_permuting_whole_shards(states: HiddenStates, batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The batches of `iter_batches`, computed the plain way: each shard permuted whole, then concatenated."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    names = states.shards("train")
+    names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+    rows = torch.cat([(r := states.read_shard(n))[torch.randperm(r.shape[0], generator=generator)] for n in names])
+    return list(rows.split(batch))
+
+
+def test_shards_store_raw_vectors_read_as_aligned_views_and_stream_the_plain_batches(tmp_path) -> None:
+    """The state column is uncompressed fixed_size_binary (D float32 each); a shard reads as one aligned
+    view of the decoded buffer; streaming (one shard plus one batch in memory) yields exactly the batches
+    of permuting every shard whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = ArtifactStore(f"file://{tmp_path}")
+    data = _write(store, rows_per_shard=32)
+    states = HiddenStates.open(store.open("hiddens", "k"))
+    path = states.artifact.path(states.shards("train")[0])
+    schema, meta = pq.read_schema(path), pq.read_metadata(path)
+    assert schema.field("state").type == pa.binary(8 * 4) and schema.metadata[b"dtype"] == b"float32"
+    assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns)} == {"UNCOMPRESSED"}
+    shard = states.read_shard(states.shards("train")[0])
+    assert shard.dtype == torch.float32 and shard.is_contiguous() and shard.data_ptr() % 64 == 0
+    torch.testing.assert_close(shard, data[:32], rtol=0, atol=0)
+    for batch in (25, 40, 70, 200):
+        expected = _batches_permuting_whole_shards(states, batch, seed=5, epoch=2)
+        got = list(states.iter_batches("train", batch, seed=5, epoch=2))
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_float16_cache_and_non_finite_states_are_refused(tmp_path) -> None:
     store = ArtifactStore(f"file://{tmp_path}")
     data = _write(store, rows_per_shard=64, dtype="float16")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, read_parquet
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, adopt_parquet, read_parquet
 from llm_trm_core.errors import ArtifactCorruptError, UserError
 from llm_trm_core.hidden_states import HiddenStates, ShardedStatesWriter
 from llm_trm_core.models.compressor import LinearCompressor
@@ -43,7 +43,8 @@ def _assert_clear(exc: pytest.ExceptionInfo[ArtifactCorruptError], culprit: str,
 
 
 def _hidden_states(store: ArtifactStore) -> tuple[HiddenStates, str]:
-    """A committed hidden-states artifact with one ~2 MiB float32 shard (real Parquet, zstd, page checksums)."""
+    """A committed hidden-states artifact with one ~2 MiB float32 shard (real Parquet, uncompressed vectors, page
+    checksums)."""
     states = torch.randn(1000, 512, generator=torch.Generator().manual_seed(0))
     with store.writer("hiddens", "k", config={}, code_version="test") as w:
         shards = ShardedStatesWriter(w, 512, "float32", rows_per_shard=1000)
@@ -65,7 +66,7 @@ def test_same_size_corruption_inside_a_large_parquet_shard_is_refused_before_use
 
     _flip_middle(store, path)
     corrupted = HiddenStates.open(store.open("hiddens", "k"))  # opening lists sizes only: still the same
-    with pytest.raises(ArtifactCorruptError, match="does not match its sha256") as exc:
+    with pytest.raises(ArtifactCorruptError, match="does not match its xxh3-128 digest") as exc:
         corrupted.read_shard(shard)
     _assert_clear(exc, hidden.artifact.file_uri(shard), hidden.artifact.uri)
     with pytest.raises(ArtifactCorruptError, match="sha256"):
@@ -98,6 +99,17 @@ def test_a_page_corrupted_before_adoption_is_caught_by_the_parquet_page_checksum
         read_parquet(store.open("demo", "k"), "part.parquet")
     _assert_clear(exc, store.uri("demo", "k", "part.parquet"), store.uri("demo", "k"))
 
+    # vector shards skip page checksums on reads (the whole-file digest covers them), so a resumed writer
+    # checks them when it adopts a part instead: the damaged part is refused, never recorded
+    store.fs.makedirs(store.path("demo", "k2"), exist_ok=True)
+    store.fs.pipe_file(store.path("demo", "k2", "part.parquet"), bytes(data))
+    with store.writer("demo", "k2", config={}, code_version="test") as w:
+        with pytest.raises(ArtifactCorruptError, match="(?i)checksum|crc") as exc:
+            adopt_parquet(w, "part.parquet")
+        _assert_clear(exc, w.file_uri("part.parquet"), w.uri)
+        assert "part.parquet" not in w.files
+        w.commit()
+
 
 def test_same_size_corruption_of_a_safetensors_file_is_refused(tmp_path: Path) -> None:
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
@@ -114,7 +126,7 @@ def test_same_size_corruption_of_a_safetensors_file_is_refused(tmp_path: Path) -
     _flip_middle(store, path)
     # safetensors itself loads the damaged tensor data without a word
     assert not torch.equal(load_safetensors(store.fs.cat_file(path))["weight"], model.weight.detach())
-    with pytest.raises(ArtifactCorruptError, match="does not match its sha256") as exc:
+    with pytest.raises(ArtifactCorruptError, match="does not match its xxh3-128 digest") as exc:
         load_compressor(store, manifest)
     _assert_clear(exc, store.uri("compressor", "k", WEIGHTS_FILE), store.uri("compressor", "k"))
 

@@ -73,7 +73,7 @@ def test_size_mismatch_and_missing_file_are_refused(store_root: str) -> None:
     _write_demo(store, "k2")
     store.fs.pipe(store.path("demo", "k2", "meta.json"), original.replace(b"3", b"4"))  # same size, other bytes
     art = store.open("demo", "k2")  # opening checks sizes; the bytes are checked when they are read
-    with pytest.raises(ArtifactCorruptError, match="meta.json does not match its sha256") as info:
+    with pytest.raises(ArtifactCorruptError, match="meta.json does not match its xxh3-128 digest") as info:
         art.read_json("meta.json")
     assert str(info.value).endswith(f"delete {art.uri} and re-run; it will be recomputed")
     with pytest.raises(ArtifactCorruptError, match="sha256"):
@@ -83,6 +83,31 @@ def test_size_mismatch_and_missing_file_are_refused(store_root: str) -> None:
     store.fs.rm(store.path("demo", "k3", "shards/part-0.parquet"))
     with pytest.raises(ArtifactCorruptError, match="missing"):
         store.open("demo", "k3")
+
+
+def test_each_file_records_sha256_and_xxh3_and_older_manifests_are_read_with_sha256(store_root: str) -> None:
+    """Reads check xxh3-128 (fast); manifests written before it was recorded still verify with sha256."""
+    import hashlib
+
+    import xxhash
+
+    store = ArtifactStore(store_root)
+    _write_demo(store, "k")
+    data = store.fs.cat(store.path("demo", "k", "meta.json"))
+    entry = store.read_manifest("demo", "k").files["meta.json"]  # type: ignore[union-attr]
+    assert entry.sha256 == hashlib.sha256(data).hexdigest() and entry.xxh3_128 == xxhash.xxh3_128_hexdigest(data)
+
+    path = store.path("demo", "k", MANIFEST_NAME)
+    fields = json.loads(store.fs.cat(path))
+    for file_entry in fields["files"].values():
+        del file_entry["xxh3_128"]  # as an older llm-trm wrote it
+    fields["manifest_sha256"] = manifest_digest(fields)
+    store.fs.pipe(path, json.dumps(fields).encode())
+    art = store.open("demo", "k")
+    assert art.manifest.files["meta.json"].xxh3_128 is None and art.read_json("meta.json") == {"rows": 3}
+    store.fs.pipe(store.path("demo", "k", "meta.json"), data.replace(b"3", b"4"))
+    with pytest.raises(ArtifactCorruptError, match="meta.json does not match its sha256"):
+        store.open("demo", "k").read_json("meta.json")
 
 
 def test_writer_rules(store_root: str) -> None:

@@ -43,4 +43,4 @@ def iter_pair_states(store: ArtifactStore, datagen: Manifest) -> Iterator[PairSt
     for shard in shard_manifests(store, datagen):
         artifact = store.open(SHARD_STAGE, shard.key)
         for name in artifact.files("states/"):
-            yield from table_to_pairs(read_parquet(artifact, name))
+            yield from table_to_pairs(read_parquet(artifact, name, page_checksums=False))

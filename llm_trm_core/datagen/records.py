@@ -11,12 +11,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from llm_trm_core.arrow import pair_schema, sequence_array, vector_array, vector_rows
+from llm_trm_core.arrow import (
+    FLOAT_DTYPES,
+    pair_schema,
+    schema_dtype,
+    sequence_array,
+    sequence_rows,
+    vector_array,
+    vector_rows,
+)
 from llm_trm_core.datagen.generate import PairStates
 
 ROWS_SCHEMA_NAME = "llm-trm/datagen-rows"
 STATES_SCHEMA_NAME = "llm-trm/datagen-states"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "1"  # the rows table
+STATES_SCHEMA_VERSION = "2"  # 2: vectors as fixed_size_binary / binary, uncompressed (llm_trm_core.arrow)
 PART_RE = re.compile(r"part-(\d{6})-(\d{6})\.parquet$")
 ROWS_SCHEMA = pa.schema(
     [
@@ -62,7 +71,7 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def states_schema(hidden_size: int, dtype: str, metadata: dict[str, str] | None = None) -> pa.Schema:
-    return pair_schema(hidden_size, dtype, STATES_SCHEMA_NAME, SCHEMA_VERSION, metadata)
+    return pair_schema(hidden_size, dtype, STATES_SCHEMA_NAME, STATES_SCHEMA_VERSION, metadata)
 
 
 def pairs_to_table(
@@ -72,8 +81,8 @@ def pairs_to_table(
     metadata: dict[str, str] | None = None,
     schema: pa.Schema | None = None,
 ) -> pa.Table:
-    """(pre sequence, post vector) rows; pre is a list of fixed-size float lists."""
-    np_dtype = np.float16 if dtype == "float16" else np.float32
+    """(pre sequence, post vector) rows: pre is one binary value of pre_len vectors, post one vector."""
+    np_dtype = FLOAT_DTYPES[dtype]
     schema = schema or states_schema(hidden_size, dtype, metadata)
     if not pairs:
         return schema.empty_table()
@@ -84,15 +93,18 @@ def pairs_to_table(
     return pa.Table.from_arrays([ids, splits, pa.array(lengths), pre, post], schema=schema)
 
 
+def pairs_dim(schema: pa.Schema) -> int:
+    """D of a pairs/states table: the width of its post vectors."""
+    return int(schema.field("post").type.byte_width // FLOAT_DTYPES[schema_dtype(schema)].itemsize)
+
+
 def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
     """Inverse of `pairs_to_table`: float32 tensors that are zero-copy views into the table's buffers (one
     float buffer per chunk for pre, one for post); no per-row conversion."""
-    dim = table.schema.field("post").type.list_size
+    dtype, dim = schema_dtype(table.schema), pairs_dim(table.schema)
     for chunk in table.to_batches():
         ids, splits = chunk.column("id").to_pylist(), chunk.column("split").to_pylist()
-        post = vector_rows(chunk.column("post"), dim)
-        pre_col = chunk.column("pre")
-        offsets = pre_col.offsets.to_numpy().tolist()  # absolute into the child positions
-        flat = vector_rows(pre_col.values, dim)
-        for i in range(chunk.num_rows):
-            yield PairStates(ids[i], splits[i], flat[offsets[i] : offsets[i + 1]], post[i])
+        posts = vector_rows(chunk.column("post"), dim).unbind(0)  # views, made in one call
+        flat, offsets = sequence_rows(chunk.column("pre"), dim, dtype)
+        pres = flat.split(np.diff(offsets).tolist())
+        yield from map(PairStates, ids, splits, pres, posts)

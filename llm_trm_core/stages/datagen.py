@@ -25,13 +25,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pyarrow.parquet as pq
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, TABLE_WRITE_OPTIONS
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, TABLE_WRITE_OPTIONS, adopt_parquet
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.datagen.artifacts import SHARD_STAGE, iter_shard_rows
 from llm_trm_core.datagen.generate import ThinkingGenerator
 from llm_trm_core.datagen.records import pairs_to_table, parse_part, part_name, rows_table
-from llm_trm_core.errors import UserError
+from llm_trm_core.errors import ArtifactCorruptError, UserError
 from llm_trm_core.faults import kill_if_requested
 from llm_trm_core.hidden_states import resolve_layer
 from llm_trm_core.lm import LoadedLM, shared_language_model, token_texts
@@ -90,8 +90,13 @@ def _completed_parts(writer: ArtifactWriter, shard: ShardSpec) -> int:
                 "shard %d: part %s is not contiguous with index %d; it will be redone", shard.index, name, position
             )
             break
-        writer.adopt(f"states/{name}")
-        writer.adopt(f"rows/{name}")
+        try:  # page checksums verified before a part is adopted (llm_trm_core.arrow.adopt_parquet)
+            adopt_parquet(writer, f"states/{name}")
+            adopt_parquet(writer, f"rows/{name}")
+        except ArtifactCorruptError as exc:
+            logger.warning("shard %d: part %s is damaged (%s); it will be redone", shard.index, name, exc)
+            writer.files.pop(f"states/{name}", None)
+            break
         position = end
     if position > shard.start:
         logger.info(

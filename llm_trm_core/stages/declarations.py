@@ -202,7 +202,7 @@ declare(Stage("lm-head", version="1", reads=MODEL_LAYER))  # written by `hiddens
 declare(
     Stage(
         "hiddens",
-        version="3",
+        version="4",  # 4: states stored as uncompressed fixed_size_binary vectors (llm_trm_core.arrow)
         reads=("model", "corpus", "compressor.layer", "compressor.cache_dtype", "compressor.rows_per_shard"),
         view=hiddens_view,
         run=run_corpus_hiddens,
@@ -254,7 +254,7 @@ declare(
 declare(
     Stage(
         "datagen-shard",
-        version="3",
+        version="4",  # 4: states stored as uncompressed fixed_size_binary / binary vectors
         reads=("model", "datagen", "runtime.seed", "compressor.layer", "compressor.cache_dtype"),
         view=datagen_shard_view,
         upstream=("problems",),
@@ -276,7 +276,7 @@ declare(
 declare(
     Stage(
         "trace-hiddens",
-        version="3",
+        version="4",  # 4: states stored as uncompressed fixed_size_binary vectors
         reads=(*MODEL_LAYER, "compressor.cache_dtype", "compressor.rows_per_shard"),
         upstream=("datagen",),
         run=run_trace_hiddens,
@@ -286,7 +286,7 @@ declare(
 declare(
     Stage(
         "pairs",
-        version="2",
+        version="3",  # 3: pairs stored as uncompressed fixed_size_binary / binary vectors
         reads=("pairs",),
         upstream=("datagen", "compressor"),
         run=run_pairs,

@@ -4,11 +4,13 @@
 artifact, written as Parquet shards per split with an explicit schema:
 
     id: string, split: string, pre_len: int32,
-    pre: list<fixed_size_list<float{16,32}>[D']>, post: fixed_size_list<float{16,32}>[D']
+    pre: binary (pre_len x D' little-endian float{16,32}, row-major), post: fixed_size_binary (D' floats)
     schema metadata: schema name/version, model, revision, layer, D, D', compressor key, datagen key,
-    dtype, pre_positions
+    dtype, dim, pre_positions
+    uncompressed, page checksums (llm_trm_core.arrow: the vector format)
 
-Readable by `pyarrow.dataset` and `datasets.load_dataset("parquet", data_files=..., streaming=True)`.
+Readable by `pyarrow.dataset` and `datasets.load_dataset("parquet", data_files=..., streaming=True)`; a
+vector is `numpy.frombuffer(value, "<f4")` (float32) and pre reshapes to (pre_len, D').
 
 `trace-hiddens`: the LM's token states over prompt + trace of every successful row (the system-prompt
 prefix is context only), in the hidden-states format compressor 1b trains on.
@@ -30,7 +32,7 @@ from llm_trm_core.compressor.artifacts import load_compressor
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.datagen.artifacts import iter_pair_states, iter_rows, shard_manifests
 from llm_trm_core.datagen.generate import PairStates
-from llm_trm_core.datagen.records import pairs_to_table
+from llm_trm_core.datagen.records import pairs_dim, pairs_to_table
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import TextChunk
 from llm_trm_core.lm import shared_language_model
@@ -45,7 +47,7 @@ STAGE = PAIRS_STAGE
 
 def _table(pairs: list[PairStates], schema: pa.Schema) -> pa.Table:
     dtype = schema.metadata[b"dtype"].decode()
-    return pairs_to_table(pairs, schema.field("post").type.list_size, dtype, schema=schema)
+    return pairs_to_table(pairs, pairs_dim(schema), dtype, schema=schema)
 
 
 def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[dict[str, Any], Any, dict[str, int]]:

@@ -14,7 +14,7 @@ import torch
 
 from llm_trm_core.arrow import read_parquet
 from llm_trm_core.datagen.generate import PairStates
-from llm_trm_core.datagen.records import table_to_pairs
+from llm_trm_core.datagen.records import pairs_dim, table_to_pairs
 from llm_trm_core.errors import UserError
 from llm_trm_core.trm.pairs import PairsReader
 
@@ -61,8 +61,8 @@ class PairData:
             )
 
     def _file_pairs(self, name: str) -> list[PairStates]:
-        table = read_parquet(self.artifact, name)
-        size = table.schema.field("post").type.list_size
+        table = read_parquet(self.artifact, name, page_checksums=False)  # digest-verified
+        size = pairs_dim(table.schema)
         if size != self.d_prime:
             raise UserError(
                 f"{self.artifact.file_uri(name)} holds vectors of size {size}, but the artifact says "

@@ -20,7 +20,7 @@ from llm_trm_core.store import Artifact, ArtifactStore, Manifest
 
 PAIRS_STAGE = "pairs"
 SCHEMA_NAME = "llm-trm/pairs"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: vectors as fixed_size_binary / binary, uncompressed (llm_trm_core.arrow)
 META_FILE = "pairs.json"
 
 
@@ -48,4 +48,4 @@ class PairsReader:
 
     def iter_pairs(self, split: str) -> Iterator[PairStates]:
         for name in self.meta["files"].get(split, []):
-            yield from table_to_pairs(read_parquet(self.artifact, name))
+            yield from table_to_pairs(read_parquet(self.artifact, name, page_checksums=False))
