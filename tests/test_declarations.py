@@ -15,15 +15,15 @@ from llm_trm_core.stages.keys import STAGE_CODE_VERSIONS, STAGE_SECTIONS, STAGE_
 TINY_KEYS = {
     ("problems", None): "3349b9d645f1c676fc5b2202ded2d86de9c1672a8b47d07522935615864b5bde",
     ("lm-head", None): "742f65348139f43fdd2abf493eec0e0035cf13e53222cd6c21798e406f625450",
-    ("hiddens", None): "c6be3332bee87d31b5a8c706edfcc966020c744eaa2fe8a2500148b87829f9d1",
+    ("hiddens", None): "da983b5ffef8d91432a0e3eb18887ee59c73390a13cb202e713aae14be5baa8a",
     ("basis", None): "33a39006753a45d03f33e4236560f650bdd7dd93234656dfad977c94740eaee7",
     ("compressor", "1a"): "409ba349818d0fbe256d81a54df0954aa62f8f3bdeeaadd55e12338955580431",
     ("compressor", "1b"): "43f7c72fa9771a5b2c0add9cd5d983a81959a6d617f7a2b273cb163630121e94",
     ("sweep", None): "3333be77468ef852b5ed597024bb3f90b825a5521cfe71bf847d95761bd7fc65",
-    ("datagen-shard", None): "8f76c830548da2ac867ccd8298ccd60c02fe8af7bf593e083a3924815987fcd2",
+    ("datagen-shard", None): "4d34c6e299f7f3e95191bcfa65f8a3832407eb1dec8a74b87a674e46b11b040e",
     ("datagen", None): "7a5bfbc46122f77cd853819e0a203e3f061f4bfcd5acd4c0d62bc6483a8a0c04",  # code version 3
-    ("trace-hiddens", None): "8688783931c2f0f55c3e20502745f190e6cca0b091530644bb97a501bc80e69b",
-    ("pairs", None): "93df7927d5c51501a91d7b2986a71d263e8076b30af3503be0344e5a3a6de7db",
+    ("trace-hiddens", None): "06f86a21eab8c94f3dc789bbecca1cc8e2eca0a8af8011ad064ec2c8f380f515",
+    ("pairs", None): "48dc535453abdd8a80f3be7e01befec96fb5a8515ded1573cb5c02876e5c4dff",
     ("trm", None): "79486d2d309708da6935b17b495297d10b1ac72bcfa5eb06d0277bac391e6688",  # code version 5
     ("latent", None): "12650fe354b9abae06d10c48c0c32b003f96b8f64af8ab906fc6ae0e54cba51b",  # code version 3
     ("evaluate", None): "29278dfe1e9b244b3f1822b3cac08005e92b6490215b28a1c43d4c882d709e91",
