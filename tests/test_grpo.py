@@ -10,6 +10,7 @@ import torch
 
 from llm_trm_core.grpo.objective import group_advantages, grpo_loss, k3_kl, zero_variance_groups
 from llm_trm_core.grpo.rewards import combined_rewards, correctness_reward, format_reward
+from tests.helpers.stage_cli import run_stage
 
 
 def test_group_advantages_by_hand() -> None:
@@ -160,10 +161,7 @@ def test_old_log_probs_are_detached_and_skipped_rows_do_not_change_the_normalise
 
 import copy  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -184,8 +182,6 @@ from llm_trm_core.stages.problems import run_problems  # noqa: E402
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs  # noqa: E402
 from llm_trm_core.store import ArtifactStore  # noqa: E402
 from llm_trm_core.training.schedules import lr_multiplier, make_scheduler  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -419,27 +415,18 @@ def test_grpo_rejects_inconsistent_inputs(chain) -> None:
         load_config("tiny", ["grpo.train_trm=false", "grpo.train_projector=false"])
 
 
-def _stage(root: str, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **({"LLM_TRM_FAULT_KILL": fault} if fault else {})}
-    env.pop("LLM_TRM_FAULT_KILL", None) if fault is None else None
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "grpo", "--preset", "tiny", "--store", root, *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
 def test_grpo_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
     overrides = ("grpo.steps=6", "grpo.temperature=1.0")
     whole = tmp_path / "whole"
-    done = _stage(f"file://{whole}", *overrides)
+    done = run_stage("grpo", f"file://{whole}", *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     uninterrupted = json.loads(done.stdout.strip().splitlines()[-1])
     # the same upstream artifacts, without the GRPO artifact: only GRPO reruns
     shutil.copytree(whole, tmp_path / "killed", ignore=lambda d, names: ["grpo"] if d == str(whole) else [])
-    killed = _stage(f"file://{tmp_path / 'killed'}", *overrides, fault="checkpoint:4")
+    killed = run_stage("grpo", f"file://{tmp_path / 'killed'}", *overrides, fault="checkpoint:4")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not list((tmp_path / "killed" / "grpo").glob("*/_MANIFEST.json"))
-    resumed = _stage(f"file://{tmp_path / 'killed'}", *overrides)
+    resumed = run_stage("grpo", f"file://{tmp_path / 'killed'}", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert result["key"] == uninterrupted["key"] and result["metrics"]["resumed_from"] == 4

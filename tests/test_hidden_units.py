@@ -5,10 +5,7 @@ units, which the `hiddens` stage then finds committed."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,32 +15,9 @@ from llm_trm_core.stages.keys import key_for
 from llm_trm_core.stages.publish import unit_bounds
 from llm_trm_core.store import ArtifactStore
 from llm_trm_core.training.checkpoints import CheckpointManager
+from tests.helpers.stage_cli import file_digests, run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 UNITS = "compressor.hidden_unit_sequences=64"  # the tiny corpus's 359 sequences: 6 units
-
-
-def _hiddens(
-    root: Path, *overrides: str, fault: str | None = None, stage: str = "hiddens"
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLM_TRM_FAULT_KILL"}
-    if fault:
-        env["LLM_TRM_FAULT_KILL"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", stage, "--preset", "tiny", "--store", f"file://{root}",
-         *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
-def _digests(root: Path, stage: str = "hiddens") -> dict[str, dict[str, str]]:
-    store = ArtifactStore(f"file://{root}")
-    out = {}
-    for key in store.list_keys(stage):
-        manifest = store.read_manifest(stage, key)
-        assert manifest is not None
-        out[key] = {name: entry.sha256 for name, entry in manifest.files.items()}
-    return out
 
 
 def test_unit_bounds_are_whole_batches() -> None:
@@ -54,35 +28,35 @@ def test_unit_bounds_are_whole_batches() -> None:
 
 
 def test_hidden_states_killed_mid_way_compute_only_the_units_not_committed(tmp_path: Path) -> None:
-    whole = _hiddens(tmp_path / "whole")  # the default unit size (three units here): the same bytes
+    whole = run_stage("hiddens", tmp_path / "whole")  # the default unit size (three units here): the same bytes
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _hiddens(tmp_path / "killed", UNITS, fault="checkpoint:2")
+    killed = run_stage("hiddens", tmp_path / "killed", UNITS, fault="checkpoint:2")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not list((tmp_path / "killed" / "hiddens").glob("*/_MANIFEST.json"))
-    resumed = _hiddens(tmp_path / "killed", UNITS)
+    resumed = run_stage("hiddens", tmp_path / "killed", UNITS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "2 of 6 units committed already" in resumed.stderr
     assert "unit 1 of 6 committed" not in resumed.stderr and "unit 3 of 6 committed" in resumed.stderr
-    reference = _digests(tmp_path / "whole")
-    assert reference and _digests(tmp_path / "killed") == reference  # same key, same bytes
+    reference = file_digests(tmp_path / "whole", "hiddens")
+    assert reference and file_digests(tmp_path / "killed", "hiddens") == reference  # same key, same bytes
     assert not list((tmp_path / "killed" / "hiddens").glob("*/checkpoints*"))  # cleared after the commit
 
 
 def test_trace_hidden_states_killed_mid_way_compute_only_the_units_not_committed(tmp_path: Path) -> None:
     small = "compressor.hidden_unit_sequences=4"  # the tiny preset's traces in units of one batch
-    whole = _hiddens(tmp_path / "whole", small, stage="trace-hiddens")
+    whole = run_stage("trace-hiddens", tmp_path / "whole", small)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _hiddens(tmp_path / "killed", small, fault="trace-hiddens-checkpoint:2", stage="trace-hiddens")
+    killed = run_stage("trace-hiddens", tmp_path / "killed", small, fault="trace-hiddens-checkpoint:2")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not list((tmp_path / "killed" / "trace-hiddens").glob("*/_MANIFEST.json"))
-    resumed = _hiddens(tmp_path / "killed", small, stage="trace-hiddens")
+    resumed = run_stage("trace-hiddens", tmp_path / "killed", small)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(r"2 of \d+ units committed already", resumed.stderr), resumed.stderr[-3000:]
-    reference = _digests(tmp_path / "whole", "trace-hiddens")
-    assert reference and _digests(tmp_path / "killed", "trace-hiddens") == reference  # same key, same bytes
+    reference = file_digests(tmp_path / "whole", "trace-hiddens")
+    assert reference and file_digests(tmp_path / "killed", "trace-hiddens") == reference  # same key, same bytes
     # one unit per batch gives the bytes of the default (one unit here): the units never change the artifact
-    default = _hiddens(tmp_path / "default", stage="trace-hiddens")
-    assert default.returncode == 0 and _digests(tmp_path / "default", "trace-hiddens") == reference
+    default = run_stage("trace-hiddens", tmp_path / "default")
+    assert default.returncode == 0 and file_digests(tmp_path / "default", "trace-hiddens") == reference
 
 
 def test_a_fanned_out_part_computes_only_its_units(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

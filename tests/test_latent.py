@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -29,8 +26,7 @@ from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs
 from llm_trm_core.store import ArtifactStore
 from llm_trm_core.training.checkpoints import CheckpointManager
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.stage_cli import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -393,28 +389,17 @@ def test_optional_lora_trains_adapters_and_is_restored_on_load(chain) -> None:
     assert tuned.generate_original_style(batch, 6, outputs) == expected
 
 
-def _evaluate_stage(root: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLM_TRM_FAULT_KILL"}
-    if fault:
-        env["LLM_TRM_FAULT_KILL"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", "evaluate", "--preset", "tiny", "--store", root,
-         "evaluate.batch_size=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
 def test_evaluation_killed_mid_way_decodes_only_the_chunks_it_had_not_committed(tmp_path: Path) -> None:
     whole = tmp_path / "whole"
-    done = _evaluate_stage(f"file://{whole}")
+    done = run_stage("evaluate", f"file://{whole}", "evaluate.batch_size=2")
     assert done.returncode == 0, done.stderr[-3000:]
     key = json.loads(done.stdout.strip().splitlines()[-1])["key"]
     # the same upstream artifacts without the evaluation: killed after its second of four chunks
     shutil.copytree(whole, tmp_path / "killed", ignore=lambda d, names: ["evaluate"] if d == str(whole) else [])
-    killed = _evaluate_stage(f"file://{tmp_path / 'killed'}", fault="checkpoint:2")
+    killed = run_stage("evaluate", f"file://{tmp_path / 'killed'}", "evaluate.batch_size=2", fault="checkpoint:2")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not list((tmp_path / "killed" / "evaluate").glob("*/_MANIFEST.json"))
-    resumed = _evaluate_stage(f"file://{tmp_path / 'killed'}")
+    resumed = run_stage("evaluate", f"file://{tmp_path / 'killed'}", "evaluate.batch_size=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after 2/4 committed chunks" in resumed.stderr
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["key"] == key

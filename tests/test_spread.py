@@ -5,10 +5,7 @@ one error line while a rerun computes only the units not committed."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,33 +14,10 @@ import pytest
 from llm_trm_core.config import load_config
 from llm_trm_core.errors import ConfigError, UserError
 from llm_trm_core.store import ArtifactStore
+from tests.helpers.stage_cli import file_digests, run_stage
 
-REPO = Path(__file__).resolve().parents[1]
 TWO = "runtime.generation_processes=2"
 UNITS = "compressor.hidden_unit_sequences=64"  # the tiny corpus's 359 sequences: 6 units
-
-
-def _stage(name: str, root: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LLM_TRM_FAULT_KILL"}
-    if fault:
-        env["LLM_TRM_FAULT_KILL"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "stage", name, "--preset", "tiny", "--store", f"file://{root}",
-         *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
-def _digests(root: Path, *stages: str) -> dict[str, dict[str, str]]:
-    """Every committed artifact of `stages`: stage/key -> file -> sha256."""
-    store = ArtifactStore(f"file://{root}")
-    out = {}
-    for stage in stages:
-        for key in store.list_keys(stage):
-            manifest = store.read_manifest(stage, key)
-            if manifest is not None:
-                out[f"{stage}/{key}"] = {name: entry.sha256 for name, entry in manifest.files.items()}
-    return out
 
 
 # -- the setting ---------------------------------------------------------------------------------
@@ -152,14 +126,14 @@ def test_a_failed_worker_is_named_in_one_line() -> None:
 def test_datagen_shards_on_two_processes_are_the_bytes_of_one(tmp_path: Path) -> None:
     """Datagen shards on 2 torchrun ranks (shards 0 and 2 on rank 0, 1 on rank 1): the shards and the report
     have the keys and sha256 of a one-process run's."""
-    one = _stage("datagen", tmp_path / "one")
+    one = run_stage("datagen", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _stage("datagen", tmp_path / "two", TWO)
+    two = run_stage("datagen", tmp_path / "two", TWO)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "shards 0..2 on 2 local processes" in two.stderr
     stages = ("datagen-shard", "datagen")
-    reference = _digests(tmp_path / "one", *stages)
-    assert len(reference) == 4 and _digests(tmp_path / "two", *stages) == reference  # 3 shards + the report
+    reference = file_digests(tmp_path / "one", *stages)
+    assert len(reference) == 4 and file_digests(tmp_path / "two", *stages) == reference  # 3 shards + the report
 
 
 def test_a_rank_killed_mid_way_fails_in_one_line_and_the_rerun_computes_only_the_rest(
@@ -196,8 +170,8 @@ def test_a_rank_killed_mid_way_fails_in_one_line_and_the_rerun_computes_only_the
     caplog.clear()
     assert run_corpus_hiddens(cfg, store).key == reference.key  # every unit found committed: replayed
     assert "6 of 6 units committed already" in caplog.text and "unit 1 of 6 committed" not in caplog.text
-    digests = _digests(tmp_path / "two", "hiddens")
-    assert len(digests) == 1 and digests == _digests(tmp_path / "one", "hiddens")
+    digests = file_digests(tmp_path / "two", "hiddens")
+    assert len(digests) == 1 and digests == file_digests(tmp_path / "one", "hiddens")
     assert spread_hiddens(cfg) is None  # committed: nothing launched
 
 
