@@ -76,12 +76,10 @@ def share_of(items: Sequence[T], share: tuple[int, int]) -> list[T]:
 
 
 def uses_cuda(runtime: RuntimeConfig) -> bool:
-    """Whether the models of a run on `runtime` go to CUDA (`runtime.device`, auto = when available)."""
-    if runtime.device == "cpu":
-        return False
-    import torch
+    """Whether the models of a run on `runtime` go to CUDA: the device the model loader resolves."""
+    from llm_trm_core.lm.loader import resolve_device
 
-    return runtime.device == "cuda" or torch.cuda.is_available()
+    return resolve_device(runtime.device).type == "cuda"
 
 
 def generation_processes(runtime: RuntimeConfig) -> int:

