@@ -162,7 +162,10 @@ def vector_rows(vectors: pa.Array, dim: int) -> torch.Tensor:
     if vectors.null_count:
         raise ValueError("vector columns hold no nulls")
     itemsize = vectors.type.byte_width // dim
-    dtype = next(d for d in FLOAT_DTYPES.values() if d.itemsize == itemsize)
+    stored = [d for d in FLOAT_DTYPES.values() if d.itemsize == itemsize]
+    if not stored:
+        raise ValueError(f"{vectors.type} does not hold {dim} float16 or float32 values")
+    dtype = stored[0]
     n, data = len(vectors), vectors.buffers()[1]
     if n == 0 or data is None:
         return _as_tensor(np.zeros((0, dim), dtype), dim)

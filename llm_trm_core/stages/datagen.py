@@ -191,9 +191,9 @@ def tokens_after_span(cfg: PipelineConfig, rows: list[dict[str, Any]], top: int 
     counts = Counter(int(r["answer_ids"][0]) if len(r["answer_ids"]) else -1 for r in rows if r["failure"] is None)
     total = sum(counts.values())
     common = counts.most_common(top)
-    texts = token_texts(cfg.model, cfg.runtime, [i for i, _ in common if i >= 0])
-    names = iter(texts)
-    shown = [{"id": i, "text": next(names) if i >= 0 else "(none)", "share": c / total} for i, c in common]
+    ids = [i for i, _ in common if i >= 0]
+    text = dict(zip(ids, token_texts(cfg.model, cfg.runtime, ids), strict=True)) | {-1: "(none)"}
+    shown = [{"id": i, "text": text[i], "share": c / total} for i, c in common]
     entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
     return {"spans": total, "top": shown, "entropy_nats": entropy}
 

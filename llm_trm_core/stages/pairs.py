@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, schema_dtype
 from llm_trm_core.compressor.artifacts import load_compressor
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.datagen.artifacts import iter_pair_states, iter_rows, shard_manifests
@@ -46,8 +46,7 @@ STAGE = PAIRS_STAGE
 
 
 def _table(pairs: list[PairStates], schema: pa.Schema) -> pa.Table:
-    dtype = schema.metadata[b"dtype"].decode()
-    return pairs_to_table(pairs, pairs_dim(schema), dtype, schema=schema)
+    return pairs_to_table(pairs, pairs_dim(schema), schema_dtype(schema), schema=schema)
 
 
 def _datagen_context(store: ArtifactStore, datagen: Manifest) -> tuple[dict[str, Any], Any, dict[str, int]]:
