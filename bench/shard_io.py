@@ -12,13 +12,15 @@ D' = --d-prime). The same tensors are also `torch.save`d, one file per shard (hi
 exactly the bytes of float data that our readers return.
 
 Figures (MB/s of float32 tensor bytes returned, 1 MB = 1e6 bytes, fastest of --repeats passes, files in
-the page cache; the passes of the compared readers are interleaved, so a busy machine slows them alike):
+the page cache; the passes of the compared readers are interleaved, so a busy machine slows them alike),
+each in two regimes: `keep` holds every file's tensors until the pass ends; `stream` drops each file's
+before the next is read, as the training readers do (memory reuse differs, and so do the figures):
 - torch_load: `torch.load` of every shard file;
 - hidden_read: `HiddenStates.read_shard` of every shard, verified (the whole file against the manifest's
   xxh3-128 digest, then parsed) and unverified (the file read straight from the filesystem by Parquet);
-- pair_read: every pair of every file through `PairsReader.iter_pairs` (one PairStates per pair, what
-  training consumes), verified and unverified likewise; pair_arrays: the same verified reads returning
-  just the tensors torch.load returns (flat pre, lengths, post), without per-pair objects;
+- pair_read: `PairData.file_columns` of every file, what TRM training consumes (flat pre rows, their
+  start offsets, post vectors and ids), verified and unverified likewise; pair_objects: the same verified
+  read cut into one PairStates per pair (what the baselines consume);
 - sha256_only / xxh3_only: each digest alone over the same files, to show what verification costs;
 - layout_decode: `pyarrow.parquet.read_table` of one hidden-state shard (and one pairs file) held in
   memory, in each candidate layout: list<float> (the former format) and fixed_size_binary, with zstd or
@@ -30,6 +32,7 @@ Peak RSS: a fresh process streams 1 and then 8 shards through `HiddenStates.iter
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import subprocess
@@ -37,8 +40,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,9 +51,9 @@ import torch
 import xxhash
 
 from bench.common import emit, log
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, column_rows, read_parquet, sequence_rows
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS
 from llm_trm_core.datagen.generate import PairStates
-from llm_trm_core.datagen.records import pairs_to_table, table_to_pairs
+from llm_trm_core.datagen.records import PairColumns, pairs_to_table, table_to_columns
 from llm_trm_core.hidden_states import META_FILE as HIDDEN_META
 from llm_trm_core.hidden_states import HiddenStates, ShardedStatesWriter, states_from_table
 from llm_trm_core.store import Artifact, ArtifactStore
@@ -65,7 +69,7 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
     return interleaved(repeats, {"": fn})[""]
 
 
-def interleaved(repeats: int, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+def interleaved(repeats: int, fns: Mapping[str, Callable[[], object]]) -> dict[str, float]:
     """Fastest of `repeats` passes of each function, passes taken in turn (noise hits all of them alike)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -177,35 +181,22 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
     hidden_art, hidden_pt = write_hidden(store, args.hidden_size, args.rows_per_shard, tmp)
     hidden = HiddenStates.open(hidden_art)
     pairs, pairs_pt = write_pairs(store, args.d_prime, args.pre_len, tmp)
+    pair_data = PairData(pairs)
     config = {"shards": SHARDS, "hidden_size": args.hidden_size, "rows_per_shard": args.rows_per_shard,
               "d_prime": args.d_prime, "pre_len": args.pre_len, "pairs_per_file": PAIRS_PER_FILE,
               "loadavg": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
 
-    def hidden_unverified() -> list[torch.Tensor]:
-        out = []
-        for name in hidden.shards("train"):
-            with store.fs.open(hidden_art.path(name), "rb") as f:
-                table = pq.ParquetFile(f).read(columns=["state"], use_threads=False)  # as read_parquet does
-                out.append(states_from_table(table, args.hidden_size))
-        return out
+    def hidden_unverified(name: str) -> torch.Tensor:
+        with store.fs.open(hidden_art.path(name), "rb") as f:
+            table = pq.ParquetFile(f).read(columns=["state"], use_threads=False)  # as read_parquet does
+            return states_from_table(table, args.hidden_size)
 
-    def pairs_unverified() -> list[PairStates]:
-        out: list[PairStates] = []
-        for name in pairs.meta["files"]["train"]:
-            with store.fs.open(pairs.artifact.path(name), "rb") as f:
-                out.extend(table_to_pairs(pq.ParquetFile(f).read(use_threads=False)))
-        return out
+    def pairs_unverified(name: str) -> PairColumns:
+        with store.fs.open(pairs.artifact.path(name), "rb") as f:
+            return table_to_columns(pq.ParquetFile(f).read(use_threads=False))
 
-    def pair_arrays() -> list[torch.Tensor]:
-        """The same tensors torch.load returns (flat pre, lengths, post), verified, without per-pair objects."""
-        out = []
-        for name in pairs.meta["files"]["train"]:
-            table = read_parquet(pairs.artifact, name, page_checksums=False)
-            for chunk in table.column("pre").chunks:
-                pre, offsets = sequence_rows(chunk, args.d_prime, "float32")
-                out += [pre, torch.from_numpy(np.diff(offsets))]
-            out.append(column_rows(table.column("post"), args.d_prime))
-        return out
+    def pair_objects(name: str) -> list[PairStates]:
+        return list(pair_data.file_columns(name).pairs())
 
     def digest_all(art: Artifact, digest: Callable[[bytes], object]) -> None:
         for name in art.files():
@@ -213,41 +204,47 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
                 with store.fs.open(art.path(name), "rb") as f:
                     digest(f.read())
 
-    hidden_mb = float_bytes([hidden.read_shard(n) for n in hidden.shards("train")]) / 1e6
+    hidden_names, pair_names = hidden.shards("train"), pairs.meta["files"]["train"]
+    hidden_mb = float_bytes([hidden.read_shard(n) for n in hidden_names]) / 1e6
     pair_list = list(pairs.iter_pairs("train"))
     pairs_mb = float_bytes([p.pre for p in pair_list] + [p.post for p in pair_list]) / 1e6
     file_mb = {
-        "hidden": sum(hidden_art.manifest.files[n].size for n in hidden.shards("train")) / 1e6,
-        "pairs": sum(pairs.artifact.manifest.files[n].size for n in pairs.meta["files"]["train"]) / 1e6,
+        "hidden": sum(hidden_art.manifest.files[n].size for n in hidden_names) / 1e6,
+        "pairs": sum(pairs.artifact.manifest.files[n].size for n in pair_names) / 1e6,
     }
-    r = args.repeats
-    hidden_times = interleaved(r, {
-        "torch_load": lambda: [torch.load(p) for p in hidden_pt],
-        "xxh3": lambda: [hidden.read_shard(n) for n in hidden.shards("train")],
-        "none": hidden_unverified,
-    })  # fmt: skip
-    pair_times = interleaved(r, {
-        "torch_load": lambda: [torch.load(p) for p in pairs_pt],
-        "xxh3": lambda: list(pairs.iter_pairs("train")),
-        "none": pairs_unverified,
-        "arrays": pair_arrays,
-    })  # fmt: skip
-    figures = {
-        ("torch_load", "hidden", "-"): (hidden_mb, hidden_times["torch_load"]),
-        ("hidden_read", "hidden", "xxh3"): (hidden_mb, hidden_times["xxh3"]),
-        ("hidden_read", "hidden", "none"): (hidden_mb, hidden_times["none"]),
-        ("torch_load", "pairs", "-"): (pairs_mb, pair_times["torch_load"]),
-        ("pair_read", "pairs", "xxh3"): (pairs_mb, pair_times["xxh3"]),
-        ("pair_read", "pairs", "none"): (pairs_mb, pair_times["none"]),
-        ("pair_arrays", "pairs", "xxh3"): (pairs_mb, pair_times["arrays"]),
-    }
+    readers: dict[tuple[str, str, str], tuple[float, Callable[[Any], object], list[Any]]] = {
+        ("torch_load", "hidden", "-"): (hidden_mb, torch.load, hidden_pt),
+        ("hidden_read", "hidden", "xxh3"): (hidden_mb, hidden.read_shard, hidden_names),
+        ("hidden_read", "hidden", "none"): (hidden_mb, hidden_unverified, hidden_names),
+        ("torch_load", "pairs", "-"): (pairs_mb, torch.load, pairs_pt),
+        ("pair_read", "pairs", "xxh3"): (pairs_mb, pair_data.file_columns, pair_names),
+        ("pair_read", "pairs", "none"): (pairs_mb, pairs_unverified, pair_names),
+        ("pair_objects", "pairs", "xxh3"): (pairs_mb, pair_objects, pair_names),
+    }  # fmt: skip
+
+    def keep(read: Callable[[Any], object], items: list[Any]) -> list[object]:
+        return [read(item) for item in items]  # every file's tensors alive until the pass ends
+
+    def stream(read: Callable[[Any], object], items: list[Any]) -> None:
+        for item in items:
+            read(item)  # dropped before the next file is read, as the training readers do
+
+    figures: dict[tuple[str, str, str, str], tuple[float, float]] = {}
+    for regime, run in (("keep", keep), ("stream", stream)):
+        for data in ("hidden", "pairs"):
+            chosen = {key: value for key, value in readers.items() if key[1] == data}
+            passes = {key[0] + key[2]: functools.partial(run, read, items) for key, (_, read, items) in chosen.items()}
+            times = interleaved(args.repeats, passes)
+            for key, (mb, _, _) in chosen.items():
+                figures[(*key, regime)] = (mb, times[key[0] + key[2]])
     for kind, art in (("hidden", hidden_art), ("pairs", pairs.artifact)):
         for name, digest in (("sha256_only", lambda b: hashlib.sha256(b).digest()),
                              ("xxh3_only", xxhash.xxh3_128_digest)):  # fmt: skip
-            figures[(name, kind, "-")] = (file_mb[kind], best_of(r, lambda art=art, d=digest: digest_all(art, d)))
-    for (name, data, verify), (mb, seconds) in figures.items():
-        emit(name, mb / seconds, "MB/s", data=data, verify=verify, mb=round(mb, 1), file_mb=round(file_mb[data], 1),
-             **config)  # fmt: skip
+            seconds = best_of(args.repeats, functools.partial(digest_all, art, digest))
+            figures[(name, kind, "-", "-")] = (file_mb[kind], seconds)
+    for (name, data, verify, regime), (mb, seconds) in figures.items():
+        emit(name, mb / seconds, "MB/s", data=data, verify=verify, regime=regime, mb=round(mb, 1),
+             file_mb=round(file_mb[data], 1), **config)  # fmt: skip
     for kind in ("hidden", "pairs"):
         peaks = {}
         for n in (1, SHARDS):

@@ -146,6 +146,50 @@ def _synthetic_pairs(
         return w.commit({})
 
 
+def _plain_batch(pairs: list[PairStates]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A padded batch built pair by pair: the reference for the vectorized gather."""
+    width = max(max(p.pre.shape[0] for p in pairs), 1)
+    pre, mask = torch.zeros(len(pairs), width, pairs[0].post.shape[0]), torch.zeros(len(pairs), width)
+    for i, pair in enumerate(pairs):
+        pre[i, : pair.pre.shape[0]], mask[i, : pair.pre.shape[0]] = pair.pre, 1
+    return pre, mask, torch.stack([p.post for p in pairs])
+
+
+def test_batches_gathered_from_flat_columns_equal_batches_built_pair_by_pair() -> None:
+    """Files of 7, 1, 4 and 3 pairs (the last with empty pre sequences, a whole batch of them unshuffled);
+    batches that span files; shuffled (seeded by the epoch) or not."""
+    store = ArtifactStore(f"memory://trm-{uuid.uuid4().hex[:8]}")
+    g = torch.Generator().manual_seed(3)
+    written: dict[str, list[PairStates]] = {}
+    with store.writer(STAGE, uuid.uuid4().hex, config={}, code_version="test", upstream={"compressor": "none"}) as w:
+        for f, size in enumerate((7, 1, 4, 3)):
+            lengths = [0] * size if f == 3 else torch.randint(1, 6, (size,), generator=g).tolist()
+            rows = [PairStates(f"f{f}p{i}", "train", torch.randn(n, 4, generator=g), torch.randn(4, generator=g))
+                    for i, n in enumerate(lengths)]  # fmt: skip
+            name = f"shards/train/part-{f:05d}.parquet"
+            with w.open(name) as out:
+                pq.write_table(_table(rows, pairs_schema(4, "float32", {})), out)
+            written[name] = rows
+        w.write_json(META_FILE, {"d_prime": "4", "files": {"train": list(written)}, "pairs": {"train": 15}})
+        data = PairData(PairsReader(store, w.commit({})))
+    for batch_size, seed, epoch in ((3, None, 0), (4, 7, 0), (4, 7, 1), (16, 2, 0), (5, 2, 3)):
+        batches = list(data.iter_batches("train", batch_size, seed=seed, epoch=epoch))
+        by_id = {p.id: p for rows in written.values() for p in rows}
+        order = [i for b in batches for i in b.ids]
+        assert sorted(order) == sorted(by_id)
+        assert [len(b.ids) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+        if seed is None:
+            assert order == [p.id for rows in written.values() for p in rows]
+            assert batches[-1].pre.shape == (3, 1, 4) and not batches[-1].mask.any()  # the empty file, alone
+        for batch in batches:
+            pre, mask, post = _plain_batch([by_id[i] for i in batch.ids])
+            assert torch.equal(batch.pre, pre) and torch.equal(batch.mask, mask) and torch.equal(batch.post, post)
+    first = [b.ids for b in data.iter_batches("train", 4, seed=7, epoch=0)]
+    assert first == [b.ids for b in data.iter_batches("train", 4, seed=7, epoch=0)]  # a pure function of the epoch
+    assert first != [b.ids for b in data.iter_batches("train", 4, seed=7, epoch=1)]
+    assert [p.id for p in data.iter_pairs("train")] == [p.id for rows in written.values() for p in rows]
+
+
 def test_trm_trains_beside_baselines_with_a_non_vacuous_halting_target() -> None:
     store = ArtifactStore(f"memory://trm-{uuid.uuid4().hex[:8]}")
     pairs = _synthetic_pairs(store)

@@ -4,21 +4,24 @@ can resume at its last processed index: `rows/part-000016-000024.parquet`."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from llm_trm_core.arrow import (
     FLOAT_DTYPES,
+    column_rows,
     pair_schema,
     schema_dtype,
     sequence_array,
     sequence_rows,
     vector_array,
-    vector_rows,
 )
 from llm_trm_core.datagen.generate import PairStates
 
@@ -98,13 +101,51 @@ def pairs_dim(schema: pa.Schema) -> int:
     return int(schema.field("post").type.byte_width // FLOAT_DTYPES[schema_dtype(schema)].itemsize)
 
 
-def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
-    """Inverse of `pairs_to_table`: float32 tensors that are zero-copy views into the table's buffers (one
-    float buffer per chunk for pre, one for post); no per-row conversion."""
+@dataclass(frozen=True)
+class PairColumns:
+    """The pairs of one table as flat columns: pair i's pre is rows[starts[i]:starts[i + 1]], its post
+    post[i]. For float32 tables, rows and post are zero-copy views of the table's buffers."""
+
+    ids: list[str]
+    splits: list[str]
+    rows: torch.Tensor  # (total pre positions, D) float32
+    starts: torch.Tensor  # (n + 1,) int64 row offsets
+    post: torch.Tensor  # (n, D) float32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def d(self) -> int:
+        return int(self.post.shape[1])
+
+    @functools.cached_property
+    def pres(self) -> tuple[torch.Tensor, ...]:
+        """Each pair's pre rows, as views (made in one call, on first use)."""
+        return self.rows.split(torch.diff(self.starts).tolist())
+
+    def pairs(self) -> Iterator[PairStates]:
+        """One PairStates per pair, its tensors views of these columns."""
+        return map(PairStates, self.ids, self.splits, self.pres, self.post.unbind(0))
+
+
+def table_to_columns(table: pa.Table) -> PairColumns:
+    """Inverse of `pairs_to_table`, as flat columns: zero-copy views of the float buffers, no per-row work.
+    A table of several chunks (row groups) is first combined into one, which copies once."""
     dtype, dim = schema_dtype(table.schema), pairs_dim(table.schema)
-    for chunk in table.to_batches():
-        ids, splits = chunk.column("id").to_pylist(), chunk.column("split").to_pylist()
-        posts = vector_rows(chunk.column("post"), dim).unbind(0)  # views, made in one call
-        flat, offsets = sequence_rows(chunk.column("pre"), dim, dtype)
-        pres = flat.split(np.diff(offsets).tolist())
-        yield from map(PairStates, ids, splits, pres, posts)
+    if table.column("pre").num_chunks != 1:  # several row groups (or none): one copy into one chunk
+        table = table.combine_chunks()
+    pre = table.column("pre")
+    rows, starts = sequence_rows(pre.chunks[0] if pre.num_chunks else pa.array([], pa.binary()), dim, dtype)
+    return PairColumns(
+        table.column("id").to_pylist(),
+        table.column("split").to_pylist(),
+        rows,
+        torch.from_numpy(starts),
+        column_rows(table.column("post"), dim),
+    )
+
+
+def table_to_pairs(table: pa.Table) -> Iterator[PairStates]:
+    """Inverse of `pairs_to_table`: float32 tensors that are zero-copy views into the table's buffers."""
+    return table_to_columns(table).pairs()

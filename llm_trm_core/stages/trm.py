@@ -64,8 +64,8 @@ def input_statistics(data: PairData) -> tuple[torch.Tensor, torch.Tensor]:
         torch.zeros(data.d_prime, dtype=torch.float64),
         torch.zeros(data.d_prime, dtype=torch.float64),
     )
-    for pair in data.iter_pairs("train"):
-        states = pair.pre.double()
+    for columns in data.iter_columns("train"):
+        states = columns.rows.double()
         count += states.shape[0]
         total += states.sum(0)
         squares += (states**2).sum(0)

@@ -1,5 +1,9 @@
 """Padded batches of compressed pairs, streamed file by file from a `pairs` artifact.
 
+A file is read as flat columns (`PairColumns`: every pair's pre rows one after another, their start
+offsets, the post vectors), zero-copy views of the decoded Parquet buffers, and a batch is gathered from
+them in a few vectorized tensor operations: no Python object per pair on the training path.
+
 Memory holds one Parquet file (≤ pairs.rows_per_shard pairs) plus one batch, whatever the dataset size.
 With a seed, file order and rows within a file are shuffled by a generator seeded from (seed, epoch),
 so the order is a pure function of the epoch and a resumed run sees the same batches.
@@ -7,14 +11,15 @@ so the order is a pure function of the epoch and a resumed run sees the same bat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from llm_trm_core.arrow import read_parquet
 from llm_trm_core.datagen.generate import PairStates
-from llm_trm_core.datagen.records import pairs_dim, table_to_pairs
+from llm_trm_core.datagen.records import PairColumns, pairs_dim, table_to_columns
 from llm_trm_core.errors import UserError
 from llm_trm_core.trm.pairs import PairsReader
 
@@ -30,15 +35,26 @@ class PairBatch:
         return PairBatch(self.ids, self.pre.to(device), self.mask.to(device), self.post.to(device))
 
 
-def collate(pairs: list[PairStates]) -> PairBatch:
-    width = max(max(p.pre.shape[0] for p in pairs), 1)
-    d = pairs[0].post.shape[0]
-    pre = torch.zeros(len(pairs), width, d)
-    mask = torch.zeros(len(pairs), width)
-    for i, pair in enumerate(pairs):
-        pre[i, : pair.pre.shape[0]] = pair.pre
-        mask[i, : pair.pre.shape[0]] = 1
-    return PairBatch([p.id for p in pairs], pre, mask, torch.stack([p.post for p in pairs]))
+# Some pairs of one file: the file's columns and the indices of the chosen pairs, in batch order.
+Selection = tuple[PairColumns, torch.Tensor]
+
+
+def collate(parts: Sequence[Selection]) -> PairBatch:
+    """One padded batch of the selected pairs, in order (parts from consecutive files are concatenated).
+
+    pre[b, :len_b] is pair b's rows and zeros after; mask is 1 on the real positions."""
+    ids, pres = [], []
+    for columns, index in parts:
+        chosen = index.tolist()
+        ids += [columns.ids[i] for i in chosen]
+        pres += [columns.pres[i] for i in chosen]
+    post = torch.cat([columns.post[index] for columns, index in parts])
+    lengths = torch.tensor([len(p) for p in pres])
+    pre = pad_sequence(pres, batch_first=True)  # one C++ pass: zeros, then each pair's rows
+    if pre.shape[1] == 0:  # every pre is empty: one zero position, masked out
+        pre = pre.new_zeros(len(pres), 1, post.shape[1])
+    mask = (torch.arange(pre.shape[1]) < lengths[:, None]).to(pre.dtype)
+    return PairBatch(ids, pre, mask, post)
 
 
 class PairData:
@@ -60,8 +76,9 @@ class PairData:
                 "so every split gets some"
             )
 
-    def _file_pairs(self, name: str) -> list[PairStates]:
-        table = read_parquet(self.artifact, name, page_checksums=False)  # digest-verified
+    def file_columns(self, name: str) -> PairColumns:
+        """One file of the artifact, digest-verified, as flat columns."""
+        table = read_parquet(self.artifact, name, page_checksums=False)
         size = pairs_dim(table.schema)
         if size != self.d_prime:
             raise UserError(
@@ -70,11 +87,15 @@ class PairData:
             )
         if table.num_rows == 0:
             raise UserError(f"{self.artifact.file_uri(name)} is an empty shard; recompute the pairs stage")
-        return list(table_to_pairs(table))
+        return table_to_columns(table)
+
+    def iter_columns(self, split: str) -> Iterator[PairColumns]:
+        for name in self.meta["files"].get(split, []):
+            yield self.file_columns(name)
 
     def iter_pairs(self, split: str) -> Iterator[PairStates]:
-        for name in self.meta["files"].get(split, []):
-            yield from self._file_pairs(name)
+        for columns in self.iter_columns(split):
+            yield from columns.pairs()
 
     def iter_batches(self, split: str, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[PairBatch]:
         names = list(self.meta["files"].get(split, []))
@@ -82,17 +103,33 @@ class PairData:
         if seed is not None:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
-        pending: list[PairStates] = []
+        pending: list[Selection] = []  # pairs read but not yet batched, in order (at most two files)
+        waiting = 0
         for name in names:
-            pairs = self._file_pairs(name)
-            if generator is not None:
-                pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=generator).tolist()]
-            pending.extend(pairs)
-            while len(pending) >= batch_size:
-                yield collate(pending[:batch_size])
-                pending = pending[batch_size:]
-        if pending:
+            columns = self.file_columns(name)
+            n = len(columns)
+            order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
+            pending.append((columns, order))
+            waiting += len(order)
+            while waiting >= batch_size:
+                batch, pending = _take(pending, batch_size)
+                waiting -= batch_size
+                yield collate(batch)
+        if waiting:
             yield collate(pending)
 
     def batches_per_epoch(self, split: str, batch_size: int) -> int:
         return -(-self.count(split) // batch_size)
+
+
+def _take(pending: list[Selection], n: int) -> tuple[list[Selection], list[Selection]]:
+    """The first n pending pairs, and the rest."""
+    taken: list[Selection] = []
+    rest = list(pending)
+    while n:
+        columns, index = rest.pop(0)
+        taken.append((columns, index[:n]))
+        if len(index) > n:
+            rest.insert(0, (columns, index[n:]))
+        n -= len(taken[-1][1])
+    return taken, rest
