@@ -16,11 +16,15 @@ the page cache; the passes of the compared readers are interleaved, so a busy ma
 each in two regimes: `keep` holds every file's tensors until the pass ends; `stream` drops each file's
 before the next is read, as the training readers do (memory reuse differs, and so do the figures):
 - torch_load: `torch.load` of every shard file;
-- hidden_read: `HiddenStates.read_shard` of every shard, verified (the whole file against the manifest's
-  xxh3-128 digest, then parsed) and unverified (the file read straight from the filesystem by Parquet);
-- pair_read: `PairData.file_columns` of every file, what TRM training consumes (flat pre rows, their
-  start offsets, post vectors and ids), verified and unverified likewise; pair_objects: the same verified
-  read cut into one PairStates per pair (what the baselines consume);
+- hidden_read: `HiddenStates.iter_rows` over every shard (what compressor training reads), verified (the
+  whole file against the manifest's xxh3-128 digest, then parsed; the next shard is read and verified on a
+  helper thread while the caller works on the current one), and unverified (the file read straight from
+  the filesystem by Parquet, one by one); hidden_read_one_by_one: `HiddenStates.read_shard` of each shard
+  in turn, verified, nothing read ahead;
+- pair_read: `PairData.iter_columns` over every file, what TRM training consumes (flat pre rows, their
+  start offsets, post vectors and ids), verified and read ahead, and unverified likewise;
+  pair_read_one_by_one: `PairData.file_columns` of each file in turn; pair_objects: the verified read cut
+  into one PairStates per pair (`PairData.iter_pairs`, what the baselines consume);
 - sha256_only / xxh3_only: each digest alone over the same files, to show what verification costs;
 - layout_decode: `pyarrow.parquet.read_table` of one hidden-state shard (and one pairs file) held in
   memory, in each candidate layout: list<float> (the former format) and fixed_size_binary, with zstd or
@@ -40,9 +44,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -195,9 +198,6 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         with store.fs.open(pairs.artifact.path(name), "rb") as f:
             return table_to_columns(pq.ParquetFile(f).read(use_threads=False))
 
-    def pair_objects(name: str) -> list[PairStates]:
-        return list(pair_data.file_columns(name).pairs())
-
     def digest_all(art: Artifact, digest: Callable[[bytes], object]) -> None:
         for name in art.files():
             if name.endswith(".parquet"):
@@ -212,31 +212,34 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
         "hidden": sum(hidden_art.manifest.files[n].size for n in hidden_names) / 1e6,
         "pairs": sum(pairs.artifact.manifest.files[n].size for n in pair_names) / 1e6,
     }
-    readers: dict[tuple[str, str, str], tuple[float, Callable[[Any], object], list[Any]]] = {
-        ("torch_load", "hidden", "-"): (hidden_mb, torch.load, hidden_pt),
-        ("hidden_read", "hidden", "xxh3"): (hidden_mb, hidden.read_shard, hidden_names),
-        ("hidden_read", "hidden", "none"): (hidden_mb, hidden_unverified, hidden_names),
-        ("torch_load", "pairs", "-"): (pairs_mb, torch.load, pairs_pt),
-        ("pair_read", "pairs", "xxh3"): (pairs_mb, pair_data.file_columns, pair_names),
-        ("pair_read", "pairs", "none"): (pairs_mb, pairs_unverified, pair_names),
-        ("pair_objects", "pairs", "xxh3"): (pairs_mb, pair_objects, pair_names),
+    # Each reader: every file of the set, in order, as an iterator (what a pass consumes).
+    readers: dict[tuple[str, str, str], tuple[float, Callable[[], Iterator[object]]]] = {
+        ("torch_load", "hidden", "-"): (hidden_mb, lambda: map(torch.load, hidden_pt)),
+        ("hidden_read", "hidden", "xxh3"): (hidden_mb, lambda: hidden.iter_rows("train")),
+        ("hidden_read_one_by_one", "hidden", "xxh3"): (hidden_mb, lambda: map(hidden.read_shard, hidden_names)),
+        ("hidden_read", "hidden", "none"): (hidden_mb, lambda: map(hidden_unverified, hidden_names)),
+        ("torch_load", "pairs", "-"): (pairs_mb, lambda: map(torch.load, pairs_pt)),
+        ("pair_read", "pairs", "xxh3"): (pairs_mb, lambda: pair_data.iter_columns("train")),
+        ("pair_read_one_by_one", "pairs", "xxh3"): (pairs_mb, lambda: map(pair_data.file_columns, pair_names)),
+        ("pair_read", "pairs", "none"): (pairs_mb, lambda: map(pairs_unverified, pair_names)),
+        ("pair_objects", "pairs", "xxh3"): (pairs_mb, lambda: pair_data.iter_pairs("train")),
     }  # fmt: skip
 
-    def keep(read: Callable[[Any], object], items: list[Any]) -> list[object]:
-        return [read(item) for item in items]  # every file's tensors alive until the pass ends
+    def keep(files: Callable[[], Iterator[object]]) -> list[object]:
+        return list(files())  # every file's tensors alive until the pass ends
 
-    def stream(read: Callable[[Any], object], items: list[Any]) -> None:
-        for item in items:
-            read(item)  # dropped before the next file is read, as the training readers do
+    def stream(files: Callable[[], Iterator[object]]) -> None:
+        for _ in files():
+            pass  # each file dropped before the next is parsed, as the training readers do
 
     figures: dict[tuple[str, str, str, str], tuple[float, float]] = {}
     for regime, run in (("keep", keep), ("stream", stream)):
         for data in ("hidden", "pairs"):
             chosen = {key: value for key, value in readers.items() if key[1] == data}
-            passes = {key[0] + key[2]: functools.partial(run, read, items) for key, (_, read, items) in chosen.items()}
+            passes = {"/".join(key): functools.partial(run, files) for key, (_, files) in chosen.items()}
             times = interleaved(args.repeats, passes)
-            for key, (mb, _, _) in chosen.items():
-                figures[(*key, regime)] = (mb, times[key[0] + key[2]])
+            for key, (mb, _) in chosen.items():
+                figures[(*key, regime)] = (mb, times["/".join(key)])
     for kind, art in (("hidden", hidden_art), ("pairs", pairs.artifact)):
         for name, digest in (("sha256_only", lambda b: hashlib.sha256(b).digest()),
                              ("xxh3_only", xxhash.xxh3_128_digest)):  # fmt: skip

@@ -23,7 +23,8 @@ reader outside the store.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,6 +73,38 @@ def read_parquet(
 
     page_checksums=False skips the pages' CRC32 (vector shards: the whole-file digest covers them)."""
     data = source.read_buffer(relpath)  # size + digest against the manifest: every byte of the file
+    return _parse(source, relpath, data, columns, page_checksums)
+
+
+def iter_parquet(
+    source: Artifact | ArtifactWriter,
+    relpaths: Sequence[str],
+    columns: list[str] | None = None,
+    *,
+    page_checksums: bool = True,
+) -> Iterator[pa.Table]:
+    """`read_parquet` of each file in turn, reading one file ahead: while the caller works on a file, the
+    next one is read and checked against its digest on a helper thread (the hash and the page faults of
+    mapping the file run there, outside the GIL). A file is parsed only once verified, on the caller's
+    thread, as in `read_parquet`; an error reading a file is raised when the caller reaches that file.
+    Memory: the file in use plus the next one's bytes."""
+    if not relpaths:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        ahead: Future[memoryview] = pool.submit(source.read_buffer, relpaths[0])
+        for i, relpath in enumerate(relpaths):
+            data = ahead.result()
+            if i + 1 < len(relpaths):
+                ahead = pool.submit(source.read_buffer, relpaths[i + 1])
+            table = _parse(source, relpath, data, columns, page_checksums)
+            del data  # the table holds copies: the mapping can go before the caller works on the table
+            yield table
+            del table  # before the next file is parsed (the caller has let go of it too)
+
+
+def _parse(
+    source: Artifact | ArtifactWriter, relpath: str, data: memoryview, columns: list[str] | None, page_checksums: bool
+) -> pa.Table:
     try:  # decoding copies what the table keeps: nothing refers to the (mapped) file afterwards
         # ParquetFile.read on one thread: half the fixed cost of pq.read_table (its dataset layer) on a few MB
         parquet = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)), page_checksum_verification=page_checksums)

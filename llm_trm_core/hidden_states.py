@@ -10,6 +10,7 @@ Only real tokens are stored: padding never reaches a loss or a metric.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, column_rows, read_parquet, vector_array, vector_type
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, column_rows, iter_parquet, read_parquet, vector_array, vector_type
 from llm_trm_core.errors import UserError
 from llm_trm_core.metrics import LMHead
 from llm_trm_core.store import Artifact, ArtifactStore, ArtifactWriter
@@ -241,9 +242,13 @@ class HiddenStates:
         return states_from_table(table, self.hidden_size)
 
     def iter_rows(self, split: str) -> Iterator[torch.Tensor]:
-        """Every shard of a split in order (memory: one shard at a time)."""
-        for name in self.shards(split):
-            yield self.read_shard(name)
+        """Every shard of a split in order (memory: one shard, and the next one's bytes, read ahead)."""
+        return self._iter_shards(self.shards(split))
+
+    def _iter_shards(self, names: list[str]) -> Iterator[torch.Tensor]:
+        """The shards in this order, each read and verified while the caller works on the one before."""
+        tables = iter_parquet(self.artifact, names, columns=["state"], page_checksums=False)
+        return map(functools.partial(states_from_table, hidden_size=self.hidden_size), tables)  # keeps no shard
 
     def iter_batches(
         self,
@@ -263,12 +268,11 @@ class HiddenStates:
         if seed is not None:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
-        # Memory: one shard (as read) plus one batch. Shuffled rows are gathered batch by batch instead of
-        # permuting the whole shard, and the remainder carried into the next shard is copied out, so the
-        # previous shard is freed before the next one is read.
+        # Memory: one shard (as read), the next one's bytes (read ahead) and one batch. Shuffled rows are
+        # gathered batch by batch instead of permuting the whole shard, and the remainder carried into the
+        # next shard is copied out, so the previous shard is freed before the next one is parsed.
         carry: torch.Tensor | None = None
-        for name in names:
-            rows = self.read_shard(name)
+        for rows in self._iter_shards(names):
             n = rows.shape[0]
             order = torch.randperm(n, generator=generator) if generator is not None else None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from llm_trm_core.arrow import STATE_WRITE_OPTIONS, adopt_parquet, read_parquet
+from llm_trm_core.arrow import STATE_WRITE_OPTIONS, adopt_parquet, iter_parquet, read_parquet
 from llm_trm_core.errors import ArtifactCorruptError, UserError
 from llm_trm_core.hidden_states import HiddenStates, ShardedStatesWriter
 from llm_trm_core.models.compressor import LinearCompressor
@@ -71,6 +72,51 @@ def test_same_size_corruption_inside_a_large_parquet_shard_is_refused_before_use
     _assert_clear(exc, hidden.artifact.file_uri(shard), hidden.artifact.uri)
     with pytest.raises(ArtifactCorruptError, match="sha256"):
         store.open("hiddens", "k", verify="sha256")
+
+
+def test_shards_read_ahead_are_verified_in_order_and_a_corrupt_one_fails_when_reached(tmp_path: Path) -> None:
+    """iter_parquet reads file i+1 on a helper thread while the caller holds file i; each table equals
+    read_parquet's; a corrupted file is refused (the usual one line) only when the caller reaches it, after
+    the files before it; a caller that stops early leaves no thread behind."""
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    names = [f"part-{i}.parquet" for i in range(4)]
+    with store.writer("demo", "k", config={}, code_version="test") as w:
+        for i, name in enumerate(names):
+            with w.open(name) as f:
+                pq.write_table(pa.table({"x": np.arange(i * 1000, (i + 1) * 1000)}), f)
+        w.commit()
+    art = store.open("demo", "k")
+    started = {name: threading.Event() for name in names}
+    reads: list[tuple[str, str]] = []
+    read_buffer = art.read_buffer
+
+    def recording(relpath: str) -> memoryview:
+        reads.append((relpath, threading.current_thread().name))
+        started[relpath].set()
+        return read_buffer(relpath)
+
+    art.read_buffer = recording  # type: ignore[method-assign]
+    tables = iter_parquet(art, names)
+    first = next(tables)
+    assert started[names[1]].wait(10)  # the next file is being read while the caller still holds the first
+    rest = list(tables)
+    assert [t.column("x")[0].as_py() for t in [first, *rest]] == [0, 1000, 2000, 3000]
+    assert [n for n, _ in reads] == names and all(thread.startswith("read-ahead") for _, thread in reads)
+    assert all(t.equals(read_parquet(art, n)) for t, n in zip([first, *rest], names, strict=True))
+
+    _flip_middle(store, art.path(names[2]), count=4)
+    seen = []
+    with pytest.raises(ArtifactCorruptError, match="does not match its xxh3-128 digest") as exc:
+        for table in iter_parquet(store.open("demo", "k"), names):
+            seen.append(table.column("x")[0].as_py())
+    assert seen == [0, 1000]  # raised when file 2 is reached, not when it was read ahead
+    _assert_clear(exc, art.file_uri(names[2]), art.uri)
+
+    before = threading.active_count()
+    abandoned = iter_parquet(store.open("demo", "k"), names[:2])
+    next(abandoned)
+    abandoned.close()  # waits for the file read ahead, then lets the helper thread go
+    assert threading.active_count() == before
 
 
 def test_a_page_corrupted_before_adoption_is_caught_by_the_parquet_page_checksum(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from llm_trm_core.arrow import read_parquet
+from llm_trm_core.arrow import iter_parquet, read_parquet
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import table_to_pairs
 from llm_trm_core.errors import UserError
@@ -42,5 +42,5 @@ def iter_pair_states(store: ArtifactStore, datagen: Manifest) -> Iterator[PairSt
     """Uncompressed (pre, post) states of every successful row (streams part by part)."""
     for shard in shard_manifests(store, datagen):
         artifact = store.open(SHARD_STAGE, shard.key)
-        for name in artifact.files("states/"):
-            yield from table_to_pairs(read_parquet(artifact, name, page_checksums=False))
+        for table in iter_parquet(artifact, artifact.files("states/"), page_checksums=False):
+            yield from table_to_pairs(table)

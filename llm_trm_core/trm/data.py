@@ -4,7 +4,8 @@ A file is read as flat columns (`PairColumns`: every pair's pre rows one after a
 offsets, the post vectors), zero-copy views of the decoded Parquet buffers, and a batch is gathered from
 them in a few vectorized tensor operations: no Python object per pair on the training path.
 
-Memory holds one Parquet file (≤ pairs.rows_per_shard pairs) plus one batch, whatever the dataset size.
+Memory holds one Parquet file (≤ pairs.rows_per_shard pairs), the next file's bytes (read ahead, on a
+helper thread) and one batch, whatever the dataset size.
 With a seed, file order and rows within a file are shuffled by a generator seeded from (seed, epoch),
 so the order is a pure function of the epoch and a resumed run sees the same batches.
 """
@@ -14,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from llm_trm_core.arrow import read_parquet
+from llm_trm_core.arrow import iter_parquet, read_parquet
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import PairColumns, pairs_dim, table_to_columns
 from llm_trm_core.errors import UserError
@@ -78,7 +80,9 @@ class PairData:
 
     def file_columns(self, name: str) -> PairColumns:
         """One file of the artifact, digest-verified, as flat columns."""
-        table = read_parquet(self.artifact, name, page_checksums=False)
+        return self._columns(name, read_parquet(self.artifact, name, page_checksums=False))
+
+    def _columns(self, name: str, table: pa.Table) -> PairColumns:
         size = pairs_dim(table.schema)
         if size != self.d_prime:
             raise UserError(
@@ -89,9 +93,12 @@ class PairData:
             raise UserError(f"{self.artifact.file_uri(name)} is an empty shard; recompute the pairs stage")
         return table_to_columns(table)
 
+    def _iter_files(self, names: list[str]) -> Iterator[PairColumns]:
+        """The files in this order, digest-verified, each read while the caller works on the one before."""
+        return map(self._columns, names, iter_parquet(self.artifact, names, page_checksums=False))  # keeps no file
+
     def iter_columns(self, split: str) -> Iterator[PairColumns]:
-        for name in self.meta["files"].get(split, []):
-            yield self.file_columns(name)
+        return self._iter_files(list(self.meta["files"].get(split, [])))
 
     def iter_pairs(self, split: str) -> Iterator[PairStates]:
         for columns in self.iter_columns(split):
@@ -105,8 +112,7 @@ class PairData:
             names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
         pending: list[Selection] = []  # pairs read but not yet batched, in order (at most two files)
         waiting = 0
-        for name in names:
-            columns = self.file_columns(name)
+        for columns in self._iter_files(names):
             n = len(columns)
             order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
             pending.append((columns, order))

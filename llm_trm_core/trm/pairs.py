@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from llm_trm_core.arrow import pair_schema, read_parquet
+from llm_trm_core.arrow import iter_parquet, pair_schema
 from llm_trm_core.datagen.generate import PairStates
 from llm_trm_core.datagen.records import table_to_pairs
 from llm_trm_core.store import Artifact, ArtifactStore, Manifest
@@ -47,5 +47,5 @@ class PairsReader:
         return [self.artifact.file_uri(n) for n in self.meta["files"].get(split, [])]
 
     def iter_pairs(self, split: str) -> Iterator[PairStates]:
-        for name in self.meta["files"].get(split, []):
-            yield from table_to_pairs(read_parquet(self.artifact, name, page_checksums=False))
+        for table in iter_parquet(self.artifact, self.meta["files"].get(split, []), page_checksums=False):
+            yield from table_to_pairs(table)
