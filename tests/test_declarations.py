@@ -24,7 +24,7 @@ TINY_KEYS = {
     ("datagen", None): "7a5bfbc46122f77cd853819e0a203e3f061f4bfcd5acd4c0d62bc6483a8a0c04",  # code version 3
     ("trace-hiddens", None): "06f86a21eab8c94f3dc789bbecca1cc8e2eca0a8af8011ad064ec2c8f380f515",
     ("pairs", None): "48dc535453abdd8a80f3be7e01befec96fb5a8515ded1573cb5c02876e5c4dff",
-    ("trm", None): "79486d2d309708da6935b17b495297d10b1ac72bcfa5eb06d0277bac391e6688",  # code version 5
+    ("trm", None): "4de5ac671a78e66ca9d21be81d31f2be23607612a4b83a76fc47da3bed43bdf5",  # code version 6
     ("latent", None): "12650fe354b9abae06d10c48c0c32b003f96b8f64af8ab906fc6ae0e54cba51b",  # code version 3
     ("evaluate", None): "29278dfe1e9b244b3f1822b3cac08005e92b6490215b28a1c43d4c882d709e91",
     ("grpo", None): "8790634255b5b2545c521ec20f5440998edeb8c2565b9ca40bcdb81d515f8233",

@@ -296,7 +296,7 @@ declare(
 declare(
     Stage(
         "trm",
-        version="5",  # 5: the report names the LM head's top token (4: cheaper dropout draws, fused EMA, ...)
+        version="6",  # 6: the last validation row counts the epoch the step budget ends with (5: top token named)
         reads=("trm", "runtime.seed", "runtime.device", "evaluate.bootstrap"),
         upstream=("pairs", "compressor"),
         run=trm.run_trm,

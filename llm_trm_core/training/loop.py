@@ -49,6 +49,9 @@ NonFinitePolicy = Literal["raise", "skip"]
 CheckpointUnit = Literal["step", "batch"]
 
 
+_END = object()  # no more batches in the epoch
+
+
 class TrainingDivergedError(UserError):
     """The loss became NaN or Inf."""
 
@@ -254,18 +257,23 @@ class TrainLoop(Generic[P]):
     ) -> P:
         """`step(batch, index)` for every batch of `batches(epoch)` not yet consumed, epoch after epoch, until
         `epochs` are done, the step budget is spent or `Progress.stopped` is set. `end_of_epoch` runs after
-        each complete epoch (validation, early stopping)."""
+        each complete epoch (validation, early stopping), including one the step budget ends with."""
         p = self.progress
         with self._progress_bar():
             while p.epoch < epochs and not p.stopped and not self.budget_spent:
-                for index, batch in enumerate(batches(p.epoch)):
+                epoch_batches = iter(batches(p.epoch))
+                for index, batch in enumerate(epoch_batches):
                     if index < p.batch:
                         continue  # consumed before the checkpoint this run resumed from
                     step_before = p.step
                     step(batch, index)
                     p.batch, p.batches = index + 1, p.batches + 1
-                    if p.stopped or self.budget_spent:
+                    if p.stopped:
                         return p
+                    if self.budget_spent:
+                        if next(epoch_batches, _END) is not _END:
+                            return p  # the budget ran out inside the epoch
+                        break  # with the epoch's last batch: the epoch is complete
                     if self._checkpoint_due(step_before):
                         self.save()
                 p.epoch += 1
