@@ -1,8 +1,9 @@
 """Padded batches of compressed pairs, streamed file by file from a `pairs` artifact.
 
 A file is read as flat columns (`PairColumns`: every pair's pre rows one after another, their start
-offsets, the post vectors), zero-copy views of the decoded Parquet buffers, and a batch is gathered from
-them in a few vectorized tensor operations: no Python object per pair on the training path.
+offsets, the post vectors), zero-copy views of the decoded Parquet buffers. Each pair's rows are a view
+made by one `split` call per file, and a batch is padded from them by one `pad_sequence` call; no
+`PairStates` is built on the training path.
 
 Memory holds one Parquet file (≤ pairs.rows_per_shard pairs), the next file's bytes (read ahead, on a
 helper thread) and one batch, whatever the dataset size.
@@ -111,17 +112,13 @@ class PairData:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
         pending: list[Selection] = []  # pairs read but not yet batched, in order (at most two files)
-        waiting = 0
         for columns in self._iter_files(names):
             n = len(columns)
-            order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
-            pending.append((columns, order))
-            waiting += len(order)
-            while waiting >= batch_size:
+            pending.append((columns, torch.arange(n) if generator is None else torch.randperm(n, generator=generator)))
+            while sum(len(index) for _, index in pending) >= batch_size:
                 batch, pending = _take(pending, batch_size)
-                waiting -= batch_size
                 yield collate(batch)
-        if waiting:
+        if pending:
             yield collate(pending)
 
     def batches_per_epoch(self, split: str, batch_size: int) -> int:
@@ -129,13 +126,14 @@ class PairData:
 
 
 def _take(pending: list[Selection], n: int) -> tuple[list[Selection], list[Selection]]:
-    """The first n pending pairs, and the rest."""
+    """The first n pending pairs, and the rest (neither holds an empty selection)."""
     taken: list[Selection] = []
-    rest = list(pending)
-    while n:
-        columns, index = rest.pop(0)
-        taken.append((columns, index[:n]))
-        if len(index) > n:
-            rest.insert(0, (columns, index[n:]))
-        n -= len(taken[-1][1])
+    rest: list[Selection] = []
+    for columns, index in pending:
+        k = min(n, len(index))
+        n -= k
+        if k:
+            taken.append((columns, index[:k]))
+        if k < len(index):
+            rest.append((columns, index[k:]))
     return taken, rest
