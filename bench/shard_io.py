@@ -206,7 +206,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
 
     hidden_names, pair_names = hidden.shards("train"), pairs.meta["files"]["train"]
     hidden_mb = float_bytes([hidden.read_shard(n) for n in hidden_names]) / 1e6
-    pair_list = list(pairs.iter_pairs("train"))
+    pair_list = list(pair_data.iter_pairs("train"))
     pairs_mb = float_bytes([p.pre for p in pair_list] + [p.post for p in pair_list]) / 1e6
     file_mb = {
         "hidden": sum(hidden_art.manifest.files[n].size for n in hidden_names) / 1e6,

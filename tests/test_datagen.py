@@ -30,6 +30,7 @@ from llm_trm_core.stages.datagen import datagen_problems, plan_shards, run_datag
 from llm_trm_core.stages.pairs import run_pairs, run_trace_hiddens
 from llm_trm_core.stages.problems import run_problems
 from llm_trm_core.store import ArtifactStore
+from llm_trm_core.trm.data import PairData
 from llm_trm_core.trm.pairs import PairsReader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +196,7 @@ def test_pairs_shards_schema_readers_and_values(tmp_path: Path) -> None:
     first = next(iter(streamed))  # vectors are little-endian float32 bytes: one frombuffer away from numbers
     pre, post = np.frombuffer(first["pre"], "<f4").reshape(-1, 16), np.frombuffer(first["post"], "<f4")
     assert post.shape == (16,) and pre.shape == (first["pre_len"], 16)
-    by_id = {p.id: p for p in reader.iter_pairs("train")}
+    by_id = {p.id: p for p in PairData(reader).iter_pairs("train")}
     np.testing.assert_array_equal(post, by_id[first["id"]].post.numpy())
     np.testing.assert_array_equal(pre, by_id[first["id"]].pre.numpy())
 
@@ -203,7 +204,7 @@ def test_pairs_shards_schema_readers_and_values(tmp_path: Path) -> None:
     model = load_compressor(store, compressor)
     raw = {p.id: p for p in iter_pair_states(store, report)}
     rows = {r["id"]: r for r in iter_rows(store, report)}
-    for pair in reader.iter_pairs("train"):
+    for pair in PairData(reader).iter_pairs("train"):
         source = raw[pair.id]
         prefix = rows[pair.id]["system_prefix_len"]
         assert pair.pre.shape == (rows[pair.id]["think_start"] - prefix, 16)
@@ -214,7 +215,7 @@ def test_pairs_shards_schema_readers_and_values(tmp_path: Path) -> None:
     half = run_pairs(
         _cfg("pairs.dtype=float16", "pairs.pre_positions=all", root=cfg.store.root), store, report, compressor
     )
-    first_half = next(PairsReader(store, half).iter_pairs("train"))
+    first_half = next(PairData(PairsReader(store, half)).iter_pairs("train"))
     assert first_half.pre.shape[0] == rows[first_half.id]["think_start"]
     half_schema = pq.read_schema(PairsReader(store, half).files("train")[0].removeprefix("file://"))
     assert half_schema.metadata[b"dtype"] == b"float16" and half_schema.field("post").type == pa.binary(16 * 2)

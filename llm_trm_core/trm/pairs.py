@@ -1,4 +1,4 @@
-"""The `pairs` artifact's format: its Parquet schema, its metadata file, and the reader that streams it.
+"""The `pairs` artifact's format: its Parquet schema, its metadata file, and a handle on a committed one.
 
 Written by the `pairs` stage (llm_trm_core/stages/pairs.py), read by TRM training (llm_trm_core/trm/data.py).
 """
@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from llm_trm_core.arrow import iter_parquet, pair_schema
-from llm_trm_core.datagen.generate import PairStates
-from llm_trm_core.datagen.records import table_to_pairs
+from llm_trm_core.arrow import pair_schema
 from llm_trm_core.store import Artifact, ArtifactStore, Manifest
 
 PAIRS_STAGE = "pairs"
@@ -30,7 +27,8 @@ def pairs_schema(d_prime: int, dtype: str, metadata: dict[str, str]) -> pa.Schem
 
 @dataclass
 class PairsReader:
-    """Streams the compressed pairs of a committed `pairs` artifact, one Parquet file at a time."""
+    """A committed `pairs` artifact: its files and metadata. `PairData` (llm_trm_core/trm/data.py) reads the
+    pairs themselves, as flat columns, batches or one `PairStates` per pair."""
 
     store: ArtifactStore
     manifest: Manifest
@@ -45,7 +43,3 @@ class PairsReader:
 
     def files(self, split: str) -> list[str]:
         return [self.artifact.file_uri(n) for n in self.meta["files"].get(split, [])]
-
-    def iter_pairs(self, split: str) -> Iterator[PairStates]:
-        for table in iter_parquet(self.artifact, self.meta["files"].get(split, []), page_checksums=False):
-            yield from table_to_pairs(table)
