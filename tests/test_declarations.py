@@ -25,9 +25,9 @@ TINY_KEYS = {
     ("trace-hiddens", None): "06f86a21eab8c94f3dc789bbecca1cc8e2eca0a8af8011ad064ec2c8f380f515",
     ("pairs", None): "48dc535453abdd8a80f3be7e01befec96fb5a8515ded1573cb5c02876e5c4dff",
     ("trm", None): "4de5ac671a78e66ca9d21be81d31f2be23607612a4b83a76fc47da3bed43bdf5",  # code version 6
-    ("latent", None): "12650fe354b9abae06d10c48c0c32b003f96b8f64af8ab906fc6ae0e54cba51b",  # code version 3
-    ("evaluate", None): "29278dfe1e9b244b3f1822b3cac08005e92b6490215b28a1c43d4c882d709e91",
-    ("grpo", None): "8790634255b5b2545c521ec20f5440998edeb8c2565b9ca40bcdb81d515f8233",
+    ("latent", None): "6037457853779e198f0873cef5846c9677a3e348c5c4f7eb1750d517d330b039",  # code version 3
+    ("evaluate", None): "4291587aeef0b82564ce431624a5dc2b18890bbebd48b348cf1ae22e3196b073",
+    ("grpo", None): "f831ef65d2b314fe3b9a97cbc3c4197067bc9a69f7abad138d014a486d0e926a",
 }
 # Prefect task name -> stage: tests, the UI and the cache records depend on these names.
 TASK_STAGES = {

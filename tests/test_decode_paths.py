@@ -10,8 +10,17 @@ from transformers import DynamicCache
 from llm_trm_core.config import load_config
 from llm_trm_core.lm import decode as decode_module
 from llm_trm_core.lm import load_language_model
+from llm_trm_core.lm import prefix as prefix_module
 from llm_trm_core.lm.loader import WideHeadLinear
-from llm_trm_core.lm.prefix import PromptPrefix, ReservedLayer, forward_suffix, generate_after, prefill, reserved_cache
+from llm_trm_core.lm.prefix import (
+    PromptPrefix,
+    ReservedLayer,
+    forward_suffix,
+    generate_after,
+    prefill,
+    prefill_states,
+    reserved_cache,
+)
 from llm_trm_core.lm.tokens import left_pad
 
 
@@ -150,3 +159,36 @@ def test_prompts_cached_in_different_batches_stack_into_a_batch_that_continues_a
     kept = rows[1].keys[0].clone()
     first.keys[0].zero_()
     assert torch.equal(rows[1].keys[0], kept)
+
+
+def test_prompts_sharing_their_first_tokens_run_them_once_with_the_same_cache(tiny, monkeypatch) -> None:
+    """The common head (a chat template's system block) runs as one row and each prompt's own tokens run
+    batched after copies of its cache: keys, values and layer states at every real position, and what
+    decodes from the cache, are those of one left-padded forward of the whole prompts."""
+    model, tok = tiny.model, tiny.tokenizer
+    pad, eos = int(tok.pad_token_id or 0), int(tok.eos_token_id)
+    head = [20 + i for i in range(12)]
+    prompts = [[*head, 5, 9, 17], [*head, 7], [*head, 11, 12, 13, 14, 15, 16], [*head[:10], 3, 4]]
+    shapes: list[tuple[int, ...]] = []
+    first_layer = model.base_model.layers[0]
+    handle = first_layer.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(args[0].shape)),
+                                                   with_kwargs=True)  # fmt: skip
+    try:
+        shared, states = prefill_states(model, prompts, pad, layer_index=1)
+    finally:
+        handle.remove()
+    assert shapes[0][:2] == (1, 10)  # the ten tokens every prompt starts with, once
+    assert shapes[1][:2] == (4, 7)  # then each prompt's own tokens but its last, left-padded
+    monkeypatch.setattr(prefix_module, "SHARED_HEAD_MIN", 1000)
+    plain, plain_states = prefill_states(model, prompts, pad, layer_index=1)
+    assert states is not None and plain_states is not None
+    assert torch.equal(shared.mask, plain.mask) and torch.equal(shared.last, plain.last)
+    real = shared.mask[:, :-1].bool()
+    for got, expected in zip([*shared.keys, *shared.values], [*plain.keys, *plain.values], strict=True):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(states[real], plain_states[real], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert torch.equal(
+            generate_after(model, shared, None, 6, eos, pad), generate_after(model, plain, None, 6, eos, pad)
+        )

@@ -176,7 +176,7 @@ from llm_trm_core.grpo.train import step_problems  # noqa: E402
 from llm_trm_core.latent.artifacts import build_reasoner, load_latent  # noqa: E402
 from llm_trm_core.latent.reasoner import LatentReasoner  # noqa: E402
 from llm_trm_core.stages.evaluate import run_evaluate  # noqa: E402
-from llm_trm_core.stages.grpo import grpo_problem_config, run_grpo  # noqa: E402
+from llm_trm_core.stages.grpo import HeldoutCheck, grpo_problem_config, run_grpo  # noqa: E402
 from llm_trm_core.stages.latent import run_latent  # noqa: E402
 from llm_trm_core.stages.problems import run_problems  # noqa: E402
 from llm_trm_core.stages.trm import run_trm, run_upstream_pairs  # noqa: E402
@@ -208,7 +208,8 @@ def _policy(chain) -> tuple[LatentReasoner, LatentReasoner]:
 
 
 def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
-    """Teacher-forced log-probs equal log_softmax(logits / T) that generate sampled from, token by token."""
+    """Teacher-forced log-probs equal log_softmax(logits / T) that generate sampled from, token by token, and
+    the entropy taken while sampling equals the teacher-forced pass's (the step's entropy metric uses it)."""
     policy, _ = _policy(chain)
     batch = policy.encode_prompts(["What is 2 + 3?", "How many legs do 3 spiders have and why?"])
     latents = policy.latents(batch, "trm_latent").detach()
@@ -230,6 +231,8 @@ def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
             expected = (out.logits[t][row].float() / 0.7).log_softmax(-1)[token]
             assert float(scored.logp[row, t]) == pytest.approx(float(expected), abs=1e-4)
         assert float(scored.mask[row].sum()) == len(completion)
+        assert float(scored.entropy[row].sum()) > 0.0
+        assert rollout.entropy[row] == pytest.approx(float(scored.entropy[row].sum()), rel=1e-4)
 
 
 def test_model_generation_defaults_cannot_change_the_rollout_distribution(chain) -> None:
@@ -438,3 +441,35 @@ def test_grpo_resumes_exactly_after_sigkill(tmp_path: Path) -> None:
     history_a = json.loads(a.open("grpo", result["key"]).read_bytes("history.json"))
     history_b = json.loads(b.open("grpo", result["key"]).read_bytes("history.json"))
     assert history_a == history_b
+
+
+def test_heldout_check_after_training_reuses_prompts_and_the_unchanged_lm_arm(chain, monkeypatch) -> None:
+    """The second check (after the TRM and projection moved) reuses the first one's prompt encodings and,
+    the LM being frozen without adapters, its no-latent answers: it gives what a fresh check gives, with
+    the same refitted mean output, and decodes no no-latent arm."""
+    _, store, problems, *_ = chain
+    policy, _ = _policy(chain)
+    split = read_problems(store, problems)
+    train, test = split.split("train"), split.select_split("test", 6)
+    check = HeldoutCheck(policy, train, test, max_new_tokens=4, batch_size=4, seed=0)
+    before = check.run()
+    with torch.no_grad():
+        for p in policy.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    decoded: list[list[str]] = []
+    original = LatentReasoner.generate_arms
+
+    def spy(self, batch, latents, *args, **kwargs):
+        decoded.append(list(latents))
+        return original(self, batch, latents, *args, **kwargs)
+
+    monkeypatch.setattr(LatentReasoner, "generate_arms", spy)
+    after = check.run(lm_unchanged=True)
+    reused_mean = policy.mean_output.clone()
+    assert decoded and all("no_latent" not in arms for arms in decoded)
+    decoded.clear()
+    fresh = HeldoutCheck(policy, train, test, max_new_tokens=4, batch_size=4, seed=0).run()
+    assert any("no_latent" in arms for arms in decoded)
+    assert after == fresh and after["no_latent"] == before["no_latent"]
+    assert torch.equal(reused_mean, policy.mean_output)
+    assert len(after["trm_latent"]) == len(test) == 6

@@ -122,11 +122,21 @@ def test_original_style_arm_sets_the_first_token_from_the_decompressed_trm_outpu
     assert answers[0][:1] == ([first] if first != reasoner.lm.tokenizer.eos_token_id else [])
 
 
-def test_original_style_arm_reads_the_state_at_think_end(chain) -> None:
+@pytest.mark.parametrize("prompt_cache", ["kept", "dropped", "prompt goes on"])
+def test_original_style_arm_reads_the_state_at_think_end(chain, prompt_cache: str) -> None:
+    """Decoded from the batch's own prompt cache (the no-think prompt ends one token after `</think>`), from
+    a new prefill when the batch kept none, or from the prompt cut after `</think>` when it goes on longer:
+    each answer is what `generate` gives for that question alone."""
     cfg, store, _, compressor, trm = chain
     reasoner = build_reasoner(cfg, store, compressor, trm)
     questions = ["What is 2 + 3?", "How many legs do 3 spiders and 2 cats have together?"]
     batch = reasoner.encode_prompts(questions)
+    assert batch.prefix is not None
+    assert all(end == len(ids) - 2 for ids, end in zip(batch.ids, batch.think_end, strict=True))
+    if prompt_cache != "kept":
+        batch.prefix = None
+    if prompt_cache == "prompt goes on":
+        batch.ids = [[*ids, ids[-1]] for ids in batch.ids]
     end_ids = reasoner.lm.chat.delimiters.end_ids
     answers = reasoner.generate_original_style(batch, max_new_tokens=5)  # both decoded together, left-padded
     eos = reasoner.lm.tokenizer.eos_token_id

@@ -97,16 +97,15 @@ class GRPOLearner:
         n_counted = int(counted.sum())
         device = self.policy.device
 
-        # No-grad pass. Off-policy (several updates per rollout) it gives every sample's old log-probs; on-policy
-        # (one update, TRL's num_iterations=1) the old log-probs are the gradient pass's own, detached, and this
-        # pass only measures the entropy of the samples the gradient pass skips. The reference's log-probs (and
-        # the KL to it) are computed only when the loss uses them (beta > 0), as in TRL.
+        # No-grad pass, only where the loss needs more than the gradient pass gives: off-policy (several updates
+        # per rollout) every sample's old log-probs; with beta > 0 the reference's log-probs (and the KL to it),
+        # as in TRL. On-policy (one update, TRL's num_iterations=1) the old log-probs are the gradient pass's own,
+        # detached. The entropy is the sampling pass's (taken while decoding), so no pass runs for it.
         on_policy = g.updates_per_rollout == 1
-        kept = set(rows)
-        measured = [i for i in range(len(rollout.texts)) if not (on_policy and i in kept and not g.beta)]
+        measured = [] if on_policy and not g.beta else list(range(len(rollout.texts)))
         old_logp: dict[int, torch.Tensor] = {}
         ref_logp: dict[int, torch.Tensor] = {}
-        entropy_sum = kl_sum = tokens = 0.0
+        kl_sum = kl_tokens = 0.0
         with torch.no_grad():
             for chunk in self._chunks(measured):
                 comps = [rollout.completions[i] for i in chunk]
@@ -118,10 +117,9 @@ class GRPOLearner:
                             self.reference, ref_prefix.select(asked), ref_latents[chunk], comps, g.temperature
                         )
                     kl_sum += float((k3_kl(cur.logp, ref.logp) * cur.mask).sum())
+                    kl_tokens += float(cur.mask.sum())
                     for j, i in enumerate(chunk):
                         ref_logp[i] = ref.logp[j]
-                entropy_sum += float(cur.entropy.sum())
-                tokens += float(cur.mask.sum())
                 for j, i in enumerate(chunk):
                     old_logp[i] = cur.logp[j]
 
@@ -140,8 +138,6 @@ class GRPOLearner:
                                            comps, g.temperature)  # fmt: skip
                     width = cur.logp.shape[1]
                     if not all(i in old_logp for i in chunk):  # on-policy: the old log-probs are these
-                        entropy_sum += float(cur.entropy.detach().sum())
-                        tokens += float(cur.mask.sum())
                         for j, i in enumerate(chunk):
                             old_logp[i] = cur.logp[j].detach()
                     terms = grpo_loss(
@@ -179,9 +175,9 @@ class GRPOLearner:
                 else []
             ),
             "format": _mean([v for v in parts["format_reward"] if v is not None]) if "format_reward" in parts else None,
-            "kl": kl_sum / max(tokens, 1.0) if g.beta else None,  # measured only when the loss uses it
+            "kl": kl_sum / max(kl_tokens, 1.0) if g.beta else None,  # measured only when the loss uses it
             "clip_fraction": clipped / max(kept_tokens * g.updates_per_rollout, 1.0),
-            "entropy": entropy_sum / max(tokens, 1.0),
+            "entropy": sum(rollout.entropy) / max(sum(lengths), 1),
             "completion_length": sum(lengths) / len(lengths),
             "truncated_fraction": sum(rollout.truncated) / len(rollout.truncated),
             "skipped_groups": int(flat.sum()) if g.skip_zero_variance else 0,

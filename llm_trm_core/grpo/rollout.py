@@ -31,6 +31,7 @@ class Rollout:
     completions: list[list[int]]  # sampled answer tokens, EOS included when produced
     truncated: list[bool]  # hit the answer budget without EOS
     texts: list[str]  # decoded answers (special tokens skipped)
+    entropy: list[float]  # per sample: summed entropy of the sampling distribution over its completion tokens
 
 
 def sample_answers(
@@ -41,22 +42,25 @@ def sample_answers(
     max_new_tokens: int,
     seed: int,
 ) -> Rollout:
-    """One sampled answer per row of `prefix` (rows already repeated G times); seeded, global RNG untouched."""
+    """One sampled answer per row of `prefix` (rows already repeated G times); seeded, global RNG untouched.
+    The entropy of each token's sampling distribution is taken while sampling (no teacher-forced pass)."""
     tok = reasoner.lm.tokenizer
     devices = [reasoner.device] if reasoner.device.type == "cuda" else []
+    spread = torch.zeros(len(prefix.ids), max_new_tokens)
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = generate_after(
             reasoner.lm.model, prefix, latents, max_new_tokens, int(tok.eos_token_id), int(tok.pad_token_id or 0),
-            temperature=temperature,
+            temperature=temperature, entropy=spread,
         )  # fmt: skip
-    completions, truncated = [], []
-    for row in out.cpu().tolist():
+    completions, truncated, entropy = [], [], []
+    for row, row_spread in zip(out.cpu().tolist(), spread.tolist(), strict=True):
         answer, ended = cut_at_eos(row, tok.eos_token_id, keep_eos=True)
         completions.append(answer if ended else row[:max_new_tokens])
         truncated.append(not ended and len(row) >= max_new_tokens)
+        entropy.append(float(sum(row_spread[: len(completions[-1])])))
     texts = [str(tok.decode(ids, skip_special_tokens=True)) for ids in completions]
-    return Rollout([list(p) for p in prefix.ids], completions, truncated, texts)
+    return Rollout([list(p) for p in prefix.ids], completions, truncated, texts, entropy)
 
 
 @dataclass

@@ -12,6 +12,7 @@ state after the end-of-thinking delimiter, which sets only the first answer toke
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -25,8 +26,8 @@ from torch import nn
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm import LoadedLM
-from llm_trm_core.lm.prefix import PromptPrefix, generate_after, prefill, reserved_cache
-from llm_trm_core.lm.tokens import cut_at_eos, left_pad, shared_prompt_prefix, token_at
+from llm_trm_core.lm.prefix import PromptPrefix, generate_after, prefill, prefill_states
+from llm_trm_core.lm.tokens import cut_at_eos, shared_prompt_prefix, token_at
 from llm_trm_core.models.compressor import LinearCompressor
 from llm_trm_core.models.trm import SequenceTRM
 
@@ -107,12 +108,14 @@ class LatentReasoner:
             ids.append(list(enc.input_ids))
         model: Any = self.lm.model
         prompt_prefix: PromptPrefix | None = None
-        if getattr(model, "_hf_peft_config_loaded", False) or min(len(x) for x in ids) < 2:
+        if _adapters_loaded(model) or min(len(x) for x in ids) < 2:
             states = self._prompt_states(ids)
         else:  # one forward gives the TRM's input states and the prompts' KV cache (the same weights)
-            with capture_layer(model, self.layer_index) as captured:
-                prompt_prefix = prefill(model, ids, int(tok.pad_token_id or 0))
-            left = captured[0].float().cpu()  # (B, width - 1, D), left-padded
+            prompt_prefix, captured = prefill_states(
+                model, ids, int(tok.pad_token_id or 0), layer_index=self.layer_index
+            )
+            assert captured is not None
+            left = captured.float().cpu()  # (B, width - 1, D), left-padded
             width = prompt_prefix.width
             states = [left[row, width - len(seq) : width - 1] for row, seq in enumerate(ids)]
         pieces = []
@@ -248,7 +251,7 @@ class LatentReasoner:
     def prompt_prefix(self, batch: PromptBatch, grad: bool = False) -> PromptPrefix:
         """`batch`'s KV cache: the one encoding made when it is valid here (no adapters, no gradients needed
         through the prompt), else a new prefill."""
-        adapters = getattr(self.lm.model, "_hf_peft_config_loaded", False)
+        adapters = _adapters_loaded(self.lm.model)
         if batch.prefix is not None and not adapters and not (grad and torch.is_grad_enabled()):
             return batch.prefix
         return self.prefix(batch.ids, grad)
@@ -271,7 +274,7 @@ class LatentReasoner:
         groups: dict[tuple[bool, bool], list[str]] = {}
         for arm, value in latents.items():
             groups.setdefault((arm in lm_only, value is not None), []).append(arm)
-        adapters = bool(getattr(model, "_hf_peft_config_loaded", False))
+        adapters = _adapters_loaded(model)
         prefixes: dict[bool, PromptPrefix] = {}
         answers: dict[str, list[list[int]]] = {}
         seconds: dict[str, float] = {}
@@ -316,7 +319,8 @@ class LatentReasoner:
         """The original's arm: the decompressed TRM output (`outputs`, else the TRM runs on `batch`) replaces
         the state AT `</think>` (`think_end`, the position the pairs' post state was taken at), so the LM head
         of it picks the token that follows `</think>`; the answer is then generated from the prompt cut after
-        `</think>` plus that token (all questions decoded together, left-padded). The original method has a
+        `</think>` plus that token (all questions decoded together; the prompt's cache is the batch's own
+        when the no-think prompt ends one token after `</think>`). The original method has a
         frozen LM, so LoRA adapters are off here as in the LM-only arms."""
         self.check_context(batch, max_new_tokens)
         out = self.trm_output(batch) if outputs is None else outputs
@@ -334,23 +338,34 @@ class LatentReasoner:
             return answers
         if max_new_tokens <= 1:
             return [[] if token == tok.eos_token_id else [token] for token in first]
-        prefixes = [[*batch.ids[row][: batch.think_end[row] + 1], first[row]] for row in todo]
-        ids, mask = left_pad(prefixes, int(tok.pad_token_id or 0))
         model: Any = self.lm.model
-        generated = model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens - 1,
-            past_key_values=reserved_cache(ids.shape[1] + max_new_tokens), do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        ).cpu()  # fmt: skip
+        eos, pad = int(tok.eos_token_id), int(tok.pad_token_id or 0)
+        first_ids = torch.tensor([[first[row]] for row in todo], device=self.device)
+        if all(end == len(ids) - 2 for ids, end in zip(batch.ids, batch.think_end, strict=True)):
+            # the no-think prompt's cache (every token but its last) is the prompt through `</think>`: continue
+            # it with the chosen token in place of the prompt's last one, without running the prompt again
+            cached = batch.prefix if batch.prefix is not None and not _adapters_loaded(model) else None
+            prefix = (cached or self.prefix(batch.ids)).select(todo)
+            prefix = dataclasses.replace(
+                prefix, ids=[[*batch.ids[row][:-1], first[row]] for row in todo],
+                last=model.get_input_embeddings()(first_ids).to(prefix.last.dtype),
+            )  # fmt: skip
+        else:
+            prefix = self.prefix([[*batch.ids[row][: batch.think_end[row] + 1], first[row]] for row in todo])
+        generated = generate_after(model, prefix, None, max_new_tokens - 1, eos, pad).cpu()
         for j, row in enumerate(todo):
-            answers[row] = [first[row], *cut_at_eos(generated[j, ids.shape[1] :].tolist(), tok.eos_token_id)[0]]
+            answers[row] = [first[row], *cut_at_eos(generated[j].tolist(), eos)[0]]
         return answers
+
+
+def _adapters_loaded(model: Any) -> bool:
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
 @contextmanager
 def adapters_off(model: Any) -> Iterator[None]:
     """The TRM's inputs are the states of the LM without LoRA: adapters are off while encoding prompts."""
-    if not getattr(model, "_hf_peft_config_loaded", False):
+    if not _adapters_loaded(model):
         yield
         return
     model.disable_adapters()

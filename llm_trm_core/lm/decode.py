@@ -22,12 +22,17 @@ from transformers import DynamicCache, PreTrainedModel
 COMPACT_FRACTION = 0.25  # drop finished rows once this share of the carried rows has ended
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One token per row: argmax (temperature 0) or a draw from softmax(logits / temperature), in float32."""
+def pick_tokens(logits: torch.Tensor, temperature: float, entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row: argmax (temperature 0) or a draw from softmax(logits / temperature), in float32.
+    `entropy` (B,), when given, receives the entropy of each row's sampling distribution (nats)."""
     scores = logits.float()
     if temperature == 0:
+        if entropy is not None:
+            entropy.zero_()
         return scores.argmax(-1)
     probs = (scores / temperature).softmax(-1)
+    if entropy is not None:
+        entropy.copy_(torch.special.entr(probs).sum(-1))
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
@@ -42,10 +47,14 @@ def decode(
     eos_token_id: int,
     pad_token_id: int,
     temperature: float = 0.0,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens (B, steps) after feeding `embeds` (B, S, D) on top of `cache`: `mask` is the attention mask
     over cache and inputs (B, cached + S), `positions` the inputs' positions (B, S). A row's tokens end with
-    its EOS and are padded after it; `steps` is the longest row's length (at most `max_new_tokens`)."""
+    its EOS and are padded after it; `steps` is the longest row's length (at most `max_new_tokens`).
+    `entropy` (B, max_new_tokens), when given, receives at each new token the entropy of the distribution it
+    was sampled from (0 where a row has no token), what a teacher-forced pass over the tokens would measure
+    without running one."""
     body: Any = model.base_model
     head = model.get_output_embeddings()
     rows = embeds.shape[0]
@@ -57,10 +66,15 @@ def decode(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
     )[0][:, -1]
     steps = 0
+    if entropy is not None:
+        entropy.zero_()
     for step in range(max_new_tokens):
-        tokens = pick_tokens(head(hidden), temperature).cpu()
+        spread = None if entropy is None else hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        tokens = pick_tokens(head(hidden), temperature, spread).cpu()
         live = ~finished
         out[carried[live], step] = tokens[live]
+        if entropy is not None and spread is not None:
+            entropy[carried[live], step] = spread.cpu()[live]
         finished |= tokens == eos_token_id
         steps = step + 1
         if bool(finished.all()) or step == max_new_tokens - 1:

@@ -20,6 +20,7 @@ gradients (`prefill(..., grad=True)`) and rebuilt for every optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +30,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm.decode import decode
 from llm_trm_core.lm.tokens import left_pad
 
@@ -167,26 +169,117 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+SHARED_HEAD_MIN = 8  # common first tokens worth running once for every row (the chat template's system block)
+
+
 def prefill(model: PreTrainedModel, ids: Sequence[Sequence[int]], pad_id: int, grad: bool = False) -> PromptPrefix:
     """Run every prompt but its last token through the LM body once (no gradients unless `grad`, and never
-    inside `torch.no_grad()`)."""
+    inside `torch.no_grad()`); see `prefill_states`."""
+    return prefill_states(model, ids, pad_id, grad)[0]
+
+
+def prefill_states(
+    model: PreTrainedModel,
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    grad: bool = False,
+    layer_index: int | None = None,
+) -> tuple[PromptPrefix, torch.Tensor | None]:
+    """`prefill`, and the output of layer `layer_index` at every cached position, left-padded (B, width - 1,
+    D), when it is given.
+
+    The prompts' common first tokens (the system block every chat prompt starts with; at least
+    `SHARED_HEAD_MIN` of them) run once, as one row: their keys and values do not depend on what follows, so
+    every row's cache gets a copy, and only each row's own remainder runs batched, attending to them. The
+    cache then holds what a left-padded forward of the whole prompts makes (up to float rounding)."""
     batch, mask = left_pad(ids, pad_id)
     device = next(model.parameters()).device
     batch, mask = batch.to(device), mask.to(device)
-    embed = model.get_input_embeddings()
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        cache = DynamicCache()
-        if batch.shape[1] > 1:
+    hook: contextlib.AbstractContextManager[list[torch.Tensor]] = (
+        contextlib.nullcontext([]) if layer_index is None else capture_layer(model, layer_index)
+    )
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    head = _shared_head(ids)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), hook as captured:
+        if batch.shape[1] > 1 and (len(ids) == 1 or head < SHARED_HEAD_MIN):
+            cache = DynamicCache()
             body: Any = model.base_model
             body(
                 input_ids=batch[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_of(mask)[:, :-1],
                 past_key_values=cache, use_cache=True,
             )  # fmt: skip
-        last = embed(batch[:, -1:])
-    layers: list[Any] = list(cache.layers) if batch.shape[1] > 1 else []
-    keys: list[torch.Tensor] = [layer.keys for layer in layers]
-    values: list[torch.Tensor] = [layer.values for layer in layers]
-    return PromptPrefix([list(s) for s in ids], mask, last, keys, values)
+            keys, values = _keys_values(cache)
+        elif batch.shape[1] > 1:
+            keys, values = _prefill_after_shared_head(model, ids, batch, head, pad_id, captured)
+        last = model.get_input_embeddings()(batch[:, -1:])
+    states = captured[0] if captured else None
+    return PromptPrefix([list(s) for s in ids], mask, last, keys, values), states
+
+
+def _shared_head(ids: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every prompt shares, leaving each prompt at least its last token of its own."""
+    head = min(len(s) for s in ids) - 1
+    first = ids[0]
+    for seq in ids[1:]:
+        n = 0
+        while n < head and seq[n] == first[n]:
+            n += 1
+        head = n
+    return max(head, 0)
+
+
+def _prefill_after_shared_head(
+    model: PreTrainedModel,
+    ids: Sequence[Sequence[int]],
+    batch: torch.Tensor,
+    head: int,
+    pad_id: int,
+    captured: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The shared head run once, each row's remainder (all but the last token) batched after copies of its
+    cache; keys and values (and the captured layer states) re-laid out as one left-padded forward makes them."""
+    rows, device = len(ids), batch.device
+    body: Any = model.base_model
+    shared = DynamicCache()
+    body(
+        input_ids=batch.new_tensor([list(ids[0][:head])]), position_ids=torch.arange(head, device=device)[None],
+        past_key_values=shared, use_cache=True,
+    )  # fmt: skip
+    cache = DynamicCache()
+    for index, (k, v) in enumerate(zip(*_keys_values(shared), strict=True)):
+        cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), index)
+    rests = [list(seq[head:-1]) for seq in ids]
+    own = max(len(r) for r in rests)
+    if own:
+        rest, rest_mask = left_pad(rests, pad_id)
+        full = torch.cat([rest_mask.new_ones(rows, head), rest_mask], dim=1).to(device)
+        body(
+            input_ids=rest.to(device), attention_mask=full, position_ids=positions_of(full)[:, head:],
+            past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+    # cache columns are [head | padding | own tokens]; a left-padded forward has [padding | head | own tokens]
+    padding = torch.tensor([own - len(r) for r in rests], device=device)[:, None]
+    column = torch.arange(head + own, device=device)[None]
+    source = torch.where(
+        column < padding, head + column, torch.where(column < padding + head, column - padding, column)
+    )
+    if captured:
+        states = captured[0].expand(rows, -1, -1)
+        if own:
+            states = torch.cat([states, captured[1]], dim=1)
+        captured[:] = [states.gather(1, source[:, :, None].expand(-1, -1, states.shape[-1]))]
+
+    def relaid(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(2, source[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+
+    keys, values = _keys_values(cache)
+    return [relaid(k) for k in keys], [relaid(v) for v in values]
+
+
+def _keys_values(cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    layers: list[Any] = list(cache.layers)
+    return [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
 def suffix_inputs(
@@ -243,11 +336,22 @@ def generate_after(
     eos_token_id: int,
     pad_token_id: int,
     temperature: float = 0.0,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens (B, steps) decoded after the cached prompt and `[last prompt token, middle]`: greedy, or
-    sampled at `temperature` (llm_trm_core/lm/decode.py; finished rows leave the batch as it goes)."""
+    sampled at `temperature` (llm_trm_core/lm/decode.py; finished rows leave the batch as it goes; `entropy`
+    (B, max_new_tokens) receives each new token's sampling entropy)."""
     embeds, mask, positions, _ = suffix_inputs(prefix, middle, None, model.get_input_embeddings())
     cache = prefix.cache(reserve=embeds.shape[1] + max_new_tokens)
     return decode(
-        model, cache, embeds, mask, positions, max_new_tokens, eos_token_id, pad_token_id, temperature=temperature
+        model,
+        cache,
+        embeds,
+        mask,
+        positions,
+        max_new_tokens,
+        eos_token_id,
+        pad_token_id,
+        temperature=temperature,
+        entropy=entropy,
     )

@@ -314,7 +314,7 @@ declare(
 declare(
     Stage(
         "latent",
-        version="3",  # 3: the TRM's training-mean output is part of the artifact
+        version="4",  # 4: prompts sharing their system block run it once (lm/prefix.py); 3: mean output kept
         reads=("latent", *LATENT_INPUTS),
         upstream=("problems", "compressor", "trm"),
         run=run_latent,
@@ -324,7 +324,7 @@ declare(
 declare(
     Stage(
         "evaluate",
-        version="2",
+        version="3",  # 3: the think and original-style arms decoded by llm_trm_core/lm/decode.py
         reads=("evaluate", *LATENT_INPUTS, "latent.num_latents", "datagen.max_new_tokens"),
         upstream=("problems", "compressor", "trm", "latent"),
         run=evaluate.run_evaluate,
@@ -342,7 +342,7 @@ declare(
 declare(
     Stage(
         "grpo",
-        version="2",
+        version="3",  # 3: the entropy metric taken while sampling, not by a teacher-forced pass
         reads=("grpo", *LATENT_INPUTS),
         upstream=("problems", "compressor", "trm", "latent"),
         run=grpo.run_grpo,

@@ -44,8 +44,8 @@ from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
 from llm_trm_core.launch import share_of
-from llm_trm_core.lm.prefix import reserved_cache
-from llm_trm_core.lm.tokens import cut_at_eos, left_pad
+from llm_trm_core.lm.prefix import generate_after, prefill
+from llm_trm_core.lm.tokens import cut_at_eos
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.publish import cached, stage_writer
 from llm_trm_core.stats import change_row, compare, derangement, min_detectable_difference, wilson_interval
@@ -134,19 +134,15 @@ def think_answer(ids: list[int], end_ids: Sequence[int]) -> tuple[list[int], boo
 
 
 def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) -> list[list[int]]:
+    """Greedy think-mode generations (token ids, EOS cut) within `budget` new tokens, decoded with
+    `llm_trm_core/lm/decode.py` (rows leave the batch as they end: most traces close well before the budget)."""
     lm = reasoner.lm
     tok = lm.tokenizer
+    pad = int(tok.pad_token_id or 0)
     ids = [list(tok(lm.chat.prompt(q, enable_thinking=True), add_special_tokens=False).input_ids) for q in questions]
-    batch, mask = left_pad(ids, int(tok.pad_token_id or 0))
-    width = batch.shape[1]
-    model: Any = lm.model
-    out = model.generate(
-        input_ids=batch.to(reasoner.device), attention_mask=mask.to(reasoner.device), max_new_tokens=budget,
-        past_key_values=reserved_cache(width + budget), do_sample=False, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    rows = [row[width:].tolist() for row in out.cpu()]
-    return [cut_at_eos(r, tok.eos_token_id)[0] for r in rows]
+    with torch.no_grad():
+        out = generate_after(lm.model, prefill(lm.model, ids, pad), None, budget, int(tok.eos_token_id), pad)
+    return [cut_at_eos(row.tolist(), tok.eos_token_id)[0] for row in out.cpu()]
 
 
 def answer_arms(

@@ -34,7 +34,7 @@ from llm_trm_core.grpo.learner import GRPOLearner
 from llm_trm_core.grpo.rewards import RewardFunction, correctness_reward, format_reward, reward_name
 from llm_trm_core.grpo.train import train_grpo
 from llm_trm_core.latent.artifacts import add_lora, build_reasoner, check_lineage, load_latent
-from llm_trm_core.latent.reasoner import Arm, LatentReasoner
+from llm_trm_core.latent.reasoner import Arm, LatentReasoner, PromptBatch
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.keys import stage_config
 from llm_trm_core.stages.publish import cached, stage_writer
@@ -58,39 +58,79 @@ def grpo_problem_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"problems": cfg.grpo.problems})
 
 
-def heldout_check(
-    reasoner: LatentReasoner,
-    train: Sequence[Problem],
-    test: Sequence[Problem],
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-) -> dict[str, list[bool]]:
-    """Greedy correctness per problem of every check arm with the reasoner's current weights: the controls
-    are refitted (mean output over the first len(test) train questions, derangement of the test outputs).
-    Each chunk of questions is encoded once and its arms decode together from one prefill."""
-    reasoner.fit_mean_output([p.question for p in train[: len(test)]], batch_size)
-    chunks = [list(test[i : i + batch_size]) for i in range(0, len(test), batch_size)]
-    batches = [reasoner.encode_prompts([p.question for p in chunk]) for chunk in chunks]
-    outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in batches])
-    shuffled = outputs[derangement(len(test), seed)]
-    tok = reasoner.lm.tokenizer
-    correct: dict[str, list[bool]] = {arm: [] for arm in CHECK_ARMS}
-    start = 0
-    for chunk, batch in zip(chunks, batches, strict=True):
-        rows = slice(start, start + len(chunk))
-        latents: dict[str, torch.Tensor | None] = {
-            arm: reasoner.arm_latents(arm, len(chunk), (shuffled if arm == "shuffled_latent" else outputs)[rows])
-            for arm in CHECK_ARMS
-        }
-        answers, _ = reasoner.generate_arms(batch, latents, max_new_tokens)
-        for arm in CHECK_ARMS:
-            correct[arm] += [
-                grade(str(tok.decode(ids, skip_special_tokens=True)), p.answer_value).numeric
-                for p, ids in zip(chunk, answers[arm], strict=True)
+KEPT_PREFIX_BYTES = 1 << 30  # prompt caches the held-out check keeps from before training to after it
+
+
+class HeldoutCheck:
+    """Greedy correctness on the held-out problems of every check arm, before and after training.
+
+    The LM is frozen, so the prompts' states (the TRM's inputs) and their KV caches do not change during
+    training: the check encodes its prompts once (test questions and the train questions of the mean control)
+    and its second run reuses them, with their caches up to `KEPT_PREFIX_BYTES` (a prompt cache is only used
+    while no LoRA adapter is loaded: `LatentReasoner.prompt_prefix`). Without adapters the no-latent arm is
+    the plain LM, the same before and after: its answers are reused (`lm_unchanged`)."""
+
+    def __init__(
+        self, reasoner: LatentReasoner, train: Sequence[Problem], test: Sequence[Problem], max_new_tokens: int,
+        batch_size: int, seed: int,
+    ) -> None:  # fmt: skip
+        self.reasoner, self.test, self.max_new_tokens, self.seed = reasoner, list(test), max_new_tokens, seed
+        self.batch_size = batch_size
+        self.mean_questions = [p.question for p in train[: len(test)]]
+        self.chunks = [self.test[i : i + batch_size] for i in range(0, len(self.test), batch_size)]
+        self._mean_batches: list[PromptBatch] = []
+        self._test_batches: list[PromptBatch] = []
+        self._no_latent: list[bool] | None = None
+
+    def _encoded(self) -> tuple[list[PromptBatch], list[PromptBatch]]:
+        if not self._test_batches:
+            encode = self.reasoner.encode_prompts
+            size = self.batch_size
+            self._mean_batches = [
+                encode(self.mean_questions[i : i + size]) for i in range(0, len(self.mean_questions), size)
             ]
-        start += len(chunk)
-    return correct
+            self._test_batches = [encode([p.question for p in chunk]) for chunk in self.chunks]
+            kept = 0
+            for batch in (*self._test_batches, *self._mean_batches):
+                size_bytes = batch.prefix.nbytes if batch.prefix is not None else 0
+                if kept + size_bytes > KEPT_PREFIX_BYTES:
+                    batch.prefix = None  # prefilled again when used
+                kept += size_bytes if batch.prefix is not None else 0
+        return self._mean_batches, self._test_batches
+
+    @torch.no_grad()
+    def run(self, lm_unchanged: bool = False) -> dict[str, list[bool]]:
+        """Correctness per problem of every check arm with the reasoner's current weights: the controls are
+        refitted (mean output over the first len(test) train questions, derangement of the test outputs).
+        Each chunk's arms decode together from one prefill. `lm_unchanged`: reuse the no-latent answers of
+        the previous run (the LM has not changed since)."""
+        reasoner = self.reasoner
+        mean_batches, test_batches = self._encoded()
+        reasoner.mean_output = torch.cat([reasoner.trm_output(b).float().cpu() for b in mean_batches]).mean(0)
+        outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in test_batches])
+        shuffled = outputs[derangement(len(self.test), self.seed)]
+        reuse = lm_unchanged and self._no_latent is not None
+        arms = [arm for arm in CHECK_ARMS if not (reuse and arm == "no_latent")]
+        tok = reasoner.lm.tokenizer
+        correct: dict[str, list[bool]] = {arm: [] for arm in arms}
+        start = 0
+        for chunk, batch in zip(self.chunks, test_batches, strict=True):
+            rows = slice(start, start + len(chunk))
+            latents: dict[str, torch.Tensor | None] = {
+                arm: reasoner.arm_latents(arm, len(chunk), (shuffled if arm == "shuffled_latent" else outputs)[rows])
+                for arm in arms
+            }
+            answers, _ = reasoner.generate_arms(batch, latents, self.max_new_tokens)
+            for arm in arms:
+                correct[arm] += [
+                    grade(str(tok.decode(ids, skip_special_tokens=True)), p.answer_value).numeric
+                    for p, ids in zip(chunk, answers[arm], strict=True)
+                ]
+            start += len(chunk)
+        if reuse and self._no_latent is not None:
+            correct["no_latent"] = list(self._no_latent)
+        self._no_latent = correct["no_latent"]
+        return {arm: correct[arm] for arm in CHECK_ARMS}
 
 
 def _plot(history: list[dict[str, Any]]) -> bytes:
@@ -177,9 +217,10 @@ def run_grpo(
     checkpoints = CheckpointManager(store, STAGE, key)
     batch_size = g.micro_batch  # held-out questions per chunk; its arms decode together
 
+    check = HeldoutCheck(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
+
     def check_before() -> dict[str, list[bool]]:
-        with torch.no_grad():
-            before = heldout_check(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
+        before = check.run()
         logger.info("grpo before: %s", {a: float(np.mean(v)) for a, v in before.items()})
         return before
 
@@ -187,8 +228,7 @@ def run_grpo(
     trained = train_grpo(
         learner, train, before=check_before, lora=bool(lora_params), checkpoints=checkpoints, tracker=tracker
     )
-    with torch.no_grad():
-        after = heldout_check(policy, train, test, g.max_completion_tokens, batch_size, cfg.runtime.seed)
+    after = check.run(lm_unchanged=not lora_params)  # a resumed run re-encodes and re-decodes every arm
     reps = cfg.evaluate.bootstrap
     rows = [
         change_row(arm, trained.before[arm], after[arm], reps, cfg.runtime.seed)
