@@ -19,8 +19,9 @@ Beside the table: this machine's dense float32 matmul throughput (2048², best o
 bandwidth (best of 5 copies of a 512 MiB tensor); the weight-streaming bound of a decode step is the
 model's weight bytes over that bandwidth (a step cannot be faster than one read of every weight).
 
-Token counts come from wrapping the transformer body's and the causal-LM's `forward` of the loaded
-model class; the stages themselves are not changed for the bench.
+Token counts come from wrapping the `forward` of the loaded model's transformer body class and of its
+output head (LM-head rows: every caller's logits, `generate`'s and our decode loop's); the stages
+themselves are not changed for the bench.
 """
 
 from __future__ import annotations
@@ -89,12 +90,11 @@ def _count_body(forward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def _count_head(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _count_head(forward: Callable[..., Any], vocab: int) -> Callable[..., Any]:
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = forward(self, *args, **kwargs)
-        logits = getattr(out, "logits", None)
-        if isinstance(logits, torch.Tensor) and logits.dim() == 3:
-            COUNTS["head"] += logits.shape[0] * logits.shape[1]
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == vocab:
+            COUNTS["head"] += out[..., 0].numel()
         return out
 
     return wrapped
@@ -105,10 +105,10 @@ def instrument(cfg: PipelineConfig) -> dict[str, float]:
     from llm_trm_core.lm.loader import shared_language_model
 
     lm = shared_language_model(cfg.model, cfg.runtime)
-    causal = type(lm.model)
     body = type(lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model.base_model)
     body.forward = _count_body(body.forward)  # type: ignore[method-assign]
-    causal.forward = _count_head(causal.forward)  # type: ignore[method-assign]
+    head: Any = type(lm.model.get_output_embeddings())  # every caller's logits pass it: generate's, our decode's
+    head.forward = _count_head(head.forward, int(lm.model.get_output_embeddings().weight.shape[0]))
     embed = lm.model.get_input_embeddings().weight
     params = sum(p.numel() for p in lm.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
