@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -209,10 +209,14 @@ class LatentReasoner:
     @torch.no_grad()
     def trm_outputs(self, questions: list[str], batch_size: int) -> torch.Tensor:
         """(N, D') TRM outputs of many questions, batch by batch (raw scale, CPU)."""
-        parts = [
-            self.trm_output(self.encode_prompts(questions[i : i + batch_size])).float().cpu()
-            for i in range(0, len(questions), batch_size)
-        ]
+        return self.trm_outputs_of(
+            self.encode_prompts(questions[i : i + batch_size]) for i in range(0, len(questions), batch_size)
+        )
+
+    @torch.no_grad()
+    def trm_outputs_of(self, batches: Iterable[PromptBatch]) -> torch.Tensor:
+        """(N, D') TRM outputs of encoded batches, in order (raw scale, CPU)."""
+        parts = [self.trm_output(batch).float().cpu() for batch in batches]
         return torch.cat(parts) if parts else torch.zeros(0, self.compressor.d_prime)
 
     def fit_mean_output(self, questions: list[str], batch_size: int) -> torch.Tensor:
@@ -340,12 +344,12 @@ class LatentReasoner:
             return [[] if token == tok.eos_token_id else [token] for token in first]
         model: Any = self.lm.model
         eos, pad = int(tok.eos_token_id), int(tok.pad_token_id or 0)
-        first_ids = torch.tensor([[first[row]] for row in todo], device=self.device)
         if all(end == len(ids) - 2 for ids, end in zip(batch.ids, batch.think_end, strict=True)):
             # the no-think prompt's cache (every token but its last) is the prompt through `</think>`: continue
             # it with the chosen token in place of the prompt's last one, without running the prompt again
             cached = batch.prefix if batch.prefix is not None and not _adapters_loaded(model) else None
             prefix = (cached or self.prefix(batch.ids)).select(todo)
+            first_ids = torch.tensor([[first[row]] for row in todo], device=self.device)
             prefix = dataclasses.replace(
                 prefix, ids=[[*batch.ids[row][:-1], first[row]] for row in todo],
                 last=model.get_input_embeddings()(first_ids).to(prefix.last.dtype),

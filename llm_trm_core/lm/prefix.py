@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicLayer
 
 from llm_trm_core.hidden_states import capture_layer
 from llm_trm_core.lm.decode import decode
-from llm_trm_core.lm.tokens import left_pad
+from llm_trm_core.lm.tokens import common_prefix_length, left_pad
 
 
 @dataclass
@@ -219,14 +219,8 @@ def prefill_states(
 
 def _shared_head(ids: Sequence[Sequence[int]]) -> int:
     """How many first tokens every prompt shares, leaving each prompt at least its last token of its own."""
-    head = min(len(s) for s in ids) - 1
-    first = ids[0]
-    for seq in ids[1:]:
-        n = 0
-        while n < head and seq[n] == first[n]:
-            n += 1
-        head = n
-    return max(head, 0)
+    longest_allowed = min(len(s) for s in ids) - 1
+    return max(0, min([longest_allowed, *(common_prefix_length(ids[0], seq) for seq in ids[1:])]))
 
 
 def _prefill_after_shared_head(

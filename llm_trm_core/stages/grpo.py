@@ -106,11 +106,11 @@ class HeldoutCheck:
         the previous run (the LM has not changed since)."""
         reasoner = self.reasoner
         mean_batches, test_batches = self._encoded()
-        reasoner.mean_output = torch.cat([reasoner.trm_output(b).float().cpu() for b in mean_batches]).mean(0)
-        outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in test_batches])
+        reasoner.mean_output = reasoner.trm_outputs_of(mean_batches).mean(0)
+        outputs = reasoner.trm_outputs_of(test_batches)
         shuffled = outputs[derangement(len(self.test), self.seed)]
-        reuse = lm_unchanged and self._no_latent is not None
-        arms = [arm for arm in CHECK_ARMS if not (reuse and arm == "no_latent")]
+        reused = self._no_latent if lm_unchanged else None
+        arms = [arm for arm in CHECK_ARMS if not (reused is not None and arm == "no_latent")]
         tok = reasoner.lm.tokenizer
         correct: dict[str, list[bool]] = {arm: [] for arm in arms}
         start = 0
@@ -127,8 +127,8 @@ class HeldoutCheck:
                     for p, ids in zip(chunk, answers[arm], strict=True)
                 ]
             start += len(chunk)
-        if reuse and self._no_latent is not None:
-            correct["no_latent"] = list(self._no_latent)
+        if reused is not None:
+            correct["no_latent"] = list(reused)
         self._no_latent = correct["no_latent"]
         return {arm: correct[arm] for arm in CHECK_ARMS}
 
