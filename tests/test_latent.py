@@ -284,7 +284,7 @@ def test_latent_training_from_prompts_encoded_once_matches_encoding_every_batch(
     # what trains the LM or the TRM, or too little memory, encodes per batch
     reasoner = build_reasoner(cfg, store, compressor, trm)
     assert latent_train.encode_training_prompts(reasoner, train, lat.model_copy(update={"train_trm": True})) is None
-    monkeypatch.setattr(latent_train, "KEPT_PROMPT_BYTES", 1000)
+    monkeypatch.setattr(latent_train, "KEPT_PREFIX_BYTES", 1000)
     assert latent_train.encode_training_prompts(reasoner, train, lat) is None
 
 

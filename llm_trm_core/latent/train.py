@@ -23,7 +23,7 @@ from llm_trm_core.config import LatentConfig
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.latent.artifacts import add_lora, trained_modules
 from llm_trm_core.latent.reasoner import Arm, LatentReasoner
-from llm_trm_core.lm.prefix import PromptPrefix, forward_suffix
+from llm_trm_core.lm.prefix import KEPT_PREFIX_BYTES, PromptPrefix, forward_suffix
 from llm_trm_core.stats import derangement
 from llm_trm_core.training.checkpoints import CheckpointManager
 from llm_trm_core.training.loop import Progress, TrainLoop, TrainState
@@ -88,11 +88,6 @@ def answer_nll(
     )
 
 
-# training prompts kept encoded between epochs up to this many bytes of prompt cache (estimated from the first
-# batch); beyond it every batch is encoded again
-KEPT_PROMPT_BYTES = 1 << 30
-
-
 @dataclass
 class EncodedPrompts:
     """The training questions run once through the frozen LM and the frozen TRM: each question's prompt cache
@@ -119,7 +114,7 @@ class EncodedPrompts:
 @torch.no_grad()
 def encode_training_prompts(reasoner: LatentReasoner, train: list[Problem], lat: LatentConfig) -> EncodedPrompts | None:
     """The training prompts encoded once for every epoch (docs/performance.md), or None when they cannot be
-    kept: the LM or the TRM trains, the problem ids repeat, or the caches would exceed KEPT_PROMPT_BYTES."""
+    kept: the LM or the TRM trains, the problem ids repeat, or the caches would exceed KEPT_PREFIX_BYTES."""
     if lat.train_trm or lat.lora_rank or len({p.id for p in train}) != len(train):
         return None
     reasoner.trm.train(False)  # as in training and validation: no dropout in the TRM's outputs
@@ -135,9 +130,9 @@ def encode_training_prompts(reasoner: LatentReasoner, train: list[Problem], lat:
             kept.prefixes[problem.id] = batch.prefix.unpadded(row)
             kept.outputs[problem.id] = outputs[row]
             held += kept.prefixes[problem.id].nbytes
-        if start == 0 and held / len(chunk) * len(train) > KEPT_PROMPT_BYTES:
+        if start == 0 and held / len(chunk) * len(train) > KEPT_PREFIX_BYTES:
             logger.info(
-                "latent: the training prompts' caches would exceed %d bytes: encoded per batch", KEPT_PROMPT_BYTES
+                "latent: the training prompts' caches would exceed %d bytes: encoded per batch", KEPT_PREFIX_BYTES
             )
             return None
     logger.info("latent: %d training prompts encoded once (%.0f MiB of prompt cache)", len(train), held / 2**20)

@@ -169,6 +169,10 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# prompt caches a stage keeps in memory to reuse instead of prefilling the prompts again (evaluation chunks,
+# latent training's prompts across epochs, GRPO's held-out check across training), at most this many bytes
+KEPT_PREFIX_BYTES = 1 << 30
+
 SHARED_HEAD_MIN = 8  # common first tokens worth running once for every row (the chat template's system block)
 
 

@@ -44,7 +44,7 @@ from llm_trm_core.errors import UserError
 from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
 from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
 from llm_trm_core.launch import share_of
-from llm_trm_core.lm.prefix import generate_after, prefill
+from llm_trm_core.lm.prefix import KEPT_PREFIX_BYTES, generate_after, prefill
 from llm_trm_core.lm.tokens import cut_at_eos
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.publish import cached, stage_writer
@@ -63,9 +63,6 @@ COMPARISON_COLUMNS = (
 )  # fmt: skip
 CHANGE_COLUMNS = ("arm", "before", "after", "change", "change_ci_low", "change_ci_high", "n")
 LM_ONLY_ARMS = ("no_think", "think")
-# prompt caches kept from the first pass (the TRM's inputs) for decoding, at most this many bytes; beyond it a
-# chunk's prompts are prefilled again when it is decoded (identical results either way)
-KEPT_PREFIX_BYTES = 1 << 30
 
 
 def bootstrap_ci(correct: Sequence[float], reps: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

@@ -35,6 +35,7 @@ from llm_trm_core.grpo.rewards import RewardFunction, correctness_reward, format
 from llm_trm_core.grpo.train import train_grpo
 from llm_trm_core.latent.artifacts import add_lora, build_reasoner, check_lineage, load_latent
 from llm_trm_core.latent.reasoner import Arm, LatentReasoner, PromptBatch
+from llm_trm_core.lm.prefix import KEPT_PREFIX_BYTES
 from llm_trm_core.reporting import markdown_table, png_bytes
 from llm_trm_core.stages.keys import stage_config
 from llm_trm_core.stages.publish import cached, stage_writer
@@ -56,9 +57,6 @@ def grpo_problem_config(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.grpo.problems is None:
         return cfg
     return cfg.model_copy(update={"problems": cfg.grpo.problems})
-
-
-KEPT_PREFIX_BYTES = 1 << 30  # prompt caches the held-out check keeps from before training to after it
 
 
 class HeldoutCheck:
