@@ -132,7 +132,7 @@ def think_answer(ids: list[int], end_ids: Sequence[int]) -> tuple[list[int], boo
 
 def _think_answers(reasoner: LatentReasoner, questions: list[str], budget: int) -> list[list[int]]:
     """Greedy think-mode generations (token ids, EOS cut) within `budget` new tokens, decoded with
-    `llm_trm_core/lm/decode.py` (rows leave the batch as they end: most traces close well before the budget)."""
+    `llm_trm_core/lm/decode.py` (a row leaves the batch when it ends, so traces that stop early cost no more steps)."""
     lm = reasoner.lm
     tok = lm.tokenizer
     pad = int(tok.pad_token_id or 0)
