@@ -374,6 +374,9 @@ class DatagenConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="Token budget of the thinking span.")
     max_answer_tokens: int = Field(64, ge=1, description="Token budget of the answer after the span.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_k: int = Field(
+        50, ge=0, description="Sample among the k most likely tokens before top-p (0 = all; transformers' default)."
+    )
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: smallest token set with this mass.")
     answer_markers: list[str] = Field(
         default_factory=list,

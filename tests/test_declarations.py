@@ -20,14 +20,14 @@ TINY_KEYS = {
     ("compressor", "1a"): "409ba349818d0fbe256d81a54df0954aa62f8f3bdeeaadd55e12338955580431",
     ("compressor", "1b"): "43f7c72fa9771a5b2c0add9cd5d983a81959a6d617f7a2b273cb163630121e94",
     ("sweep", None): "3333be77468ef852b5ed597024bb3f90b825a5521cfe71bf847d95761bd7fc65",
-    ("datagen-shard", None): "4d34c6e299f7f3e95191bcfa65f8a3832407eb1dec8a74b87a674e46b11b040e",
-    ("datagen", None): "7a5bfbc46122f77cd853819e0a203e3f061f4bfcd5acd4c0d62bc6483a8a0c04",  # code version 3
+    ("datagen-shard", None): "535d63badb450c03a1da62c5bab7868f73c45bf79158678d8317cc84e297bce2",
+    ("datagen", None): "fd5d4e4ad30d12569fa31d04d1b849d56df2f01926b0edb89b7f6484cdc697e9",  # code version 3
     ("trace-hiddens", None): "06f86a21eab8c94f3dc789bbecca1cc8e2eca0a8af8011ad064ec2c8f380f515",
     ("pairs", None): "48dc535453abdd8a80f3be7e01befec96fb5a8515ded1573cb5c02876e5c4dff",
     ("trm", None): "4de5ac671a78e66ca9d21be81d31f2be23607612a4b83a76fc47da3bed43bdf5",  # code version 6
-    ("latent", None): "6037457853779e198f0873cef5846c9677a3e348c5c4f7eb1750d517d330b039",  # code version 3
-    ("evaluate", None): "4291587aeef0b82564ce431624a5dc2b18890bbebd48b348cf1ae22e3196b073",
-    ("grpo", None): "f831ef65d2b314fe3b9a97cbc3c4197067bc9a69f7abad138d014a486d0e926a",
+    ("latent", None): "4c488de3eeba1ce31d13a86f44453d5279b521aa53a95395b649ceff80d89935",  # code version 3
+    ("evaluate", None): "f95038f522645fd509864d38685ec65b097414f70f585022e55e6cc2cc486d07",
+    ("grpo", None): "ccdc61ef7d49669b477b5be073aa30d54656f06fb3a0657e18c03337a1079730",
 }
 # Prefect task name -> stage: tests, the UI and the cache records depend on these names.
 TASK_STAGES = {

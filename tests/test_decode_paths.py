@@ -192,3 +192,81 @@ def test_prompts_sharing_their_first_tokens_run_them_once_with_the_same_cache(ti
         assert torch.equal(
             generate_after(model, shared, None, 6, eos, pad), generate_after(model, plain, None, 6, eos, pad)
         )
+
+
+def test_sampled_words_follow_the_softmax_and_never_a_zero_weight() -> None:
+    """`sample_rows` draws each word in proportion to its weight (within 4.5 standard errors over 40k seeded
+    draws), across block edges, for a weight 1e-3 of its row's total, and never a word of weight 0; and
+    `pick_tokens` samples softmax(logits / T) with its entropy."""
+    from llm_trm_core.lm.decode import pick_tokens
+    from llm_trm_core.lm.sampling import SAMPLE_BLOCK, sample_rows
+
+    width = 3 * SAMPLE_BLOCK + 17  # the last block is padded
+    weights = torch.zeros(3, width)
+    weights[0, [5, SAMPLE_BLOCK - 1, SAMPLE_BLOCK, width - 1]] = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    weights[1, 1::2] = 1.0  # every even word has weight 0
+    weights[2, [10, 2 * SAMPLE_BLOCK + 3]] = torch.tensor([1e-3, 1.0])
+    draws = 40_000
+    torch.manual_seed(0)
+    picked = torch.stack([sample_rows(weights) for _ in range(draws)])  # (draws, 3)
+    counts = torch.stack([torch.bincount(picked[:, r], minlength=width) for r in range(3)]).double()
+    expected = weights.double() / weights.double().sum(-1, keepdim=True)
+    error = (expected * (1 - expected) / draws).sqrt()
+    assert bool(((counts / draws - expected).abs() <= 4.5 * error + 1e-12).all())
+    assert int(counts[weights == 0].sum()) == 0
+    assert int(counts[2, 10]) > 0  # the small weight is drawn, at its rate
+    torch.manual_seed(1)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e9]])
+    tokens = torch.stack([pick_tokens(logits, 0.5) for _ in range(20_000)]).squeeze(1)
+    probs = (logits[0] / 0.5).softmax(-1)
+    assert torch.allclose(torch.bincount(tokens, minlength=4).double() / 20_000, probs.double(), atol=0.012)
+    entropy = torch.empty(1)
+    pick_tokens(logits, 0.5, entropy)
+    assert float(entropy) == pytest.approx(float(torch.special.entr(probs).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(50, 0.95), (0, 0.8), (7, 1.0), (0, 1.0)])
+def test_nucleus_keeps_what_the_transformers_warpers_keep(top_k: int, top_p: float) -> None:
+    """`nucleus` gives the probabilities of transformers' temperature -> top-k -> top-p chain, word by word."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from llm_trm_core.lm.sampling import nucleus
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 3000) * 3
+    scores[0, :5] = 20.0  # a row whose top-p set is a handful of tied words
+    chain = [TemperatureLogitsWarper(0.7)]
+    chain += [TopKLogitsWarper(top_k)] if top_k else []
+    chain += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    warped = scores
+    for warper in chain:
+        warped = warper(torch.zeros(6, 1, dtype=torch.long), warped)
+    expected = warped.softmax(-1)
+    probs, words = nucleus(scores, 0.7, top_k, top_p)
+    got = torch.zeros_like(scores).scatter_(1, words, probs / probs.sum(-1, keepdim=True))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(got > 0, expected > 0)
+
+
+def test_generate_with_the_nucleus_draw_samples_only_kept_words_and_is_seeded(tiny) -> None:
+    """A greedy `generate` ending in `NucleusDraw` draws from the nucleus: with top-k 1 it is greedy decoding,
+    with sampling the same seed gives the same tokens and another seed other ones."""
+    from transformers import LogitsProcessorList
+
+    from llm_trm_core.lm.sampling import NucleusDraw
+
+    ids, mask = left_pad(PROMPTS, int(tiny.tokenizer.pad_token_id or 0))
+
+    def run(seed: int, top_k: int, top_p: float) -> torch.Tensor:
+        draw = [NucleusDraw(1.0, top_k, top_p)] if top_k >= 0 else []
+        torch.manual_seed(seed)
+        out: torch.Tensor = tiny.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+            pad_token_id=tiny.tokenizer.pad_token_id, logits_processor=LogitsProcessorList(draw),
+        )  # fmt: skip
+        return out
+
+    greedy = run(0, -1, 1.0)
+    assert torch.equal(run(0, 1, 1.0), greedy)
+    assert torch.equal(run(0, 0, 0.9), run(0, 0, 0.9))
+    assert not torch.equal(run(0, 0, 1.0), run(1, 0, 1.0))

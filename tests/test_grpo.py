@@ -173,8 +173,9 @@ from llm_trm_core.errors import UserError  # noqa: E402
 from llm_trm_core.grpo.learner import GRPOLearner  # noqa: E402
 from llm_trm_core.grpo.rollout import answer_log_probs, sample_answers  # noqa: E402
 from llm_trm_core.grpo.train import step_problems  # noqa: E402
-from llm_trm_core.latent.artifacts import build_reasoner, load_latent  # noqa: E402
+from llm_trm_core.latent.artifacts import build_reasoner, load_grpo, load_latent, load_mean_inputs  # noqa: E402
 from llm_trm_core.latent.reasoner import LatentReasoner  # noqa: E402
+from llm_trm_core.stages import evaluate as evaluate_stage  # noqa: E402
 from llm_trm_core.stages.evaluate import run_evaluate  # noqa: E402
 from llm_trm_core.stages.grpo import HeldoutCheck, grpo_problem_config, run_grpo  # noqa: E402
 from llm_trm_core.stages.latent import run_latent  # noqa: E402
@@ -208,27 +209,24 @@ def _policy(chain) -> tuple[LatentReasoner, LatentReasoner]:
 
 
 def test_answer_log_probs_are_the_sampling_distribution(chain) -> None:
-    """Teacher-forced log-probs equal log_softmax(logits / T) that generate sampled from, token by token, and
-    the entropy taken while sampling equals the teacher-forced pass's (the step's entropy metric uses it)."""
+    """Teacher-forced log-probs equal log_softmax(logits / T) of a plain forward over [prompt, latents,
+    answer], token by token, and the entropy taken while sampling equals the teacher-forced pass's (the
+    step's entropy metric uses it)."""
     policy, _ = _policy(chain)
     batch = policy.encode_prompts(["What is 2 + 3?", "How many legs do 3 spiders have and why?"])
     latents = policy.latents(batch, "trm_latent").detach()
     rollout = sample_answers(policy, policy.prefix(batch.ids), latents, temperature=0.7, max_new_tokens=5, seed=3)
     again = sample_answers(policy, policy.prefix(batch.ids), latents, temperature=0.7, max_new_tokens=5, seed=3)
     assert rollout.completions == again.completions  # seeded
-    tok = policy.lm.tokenizer
-    embeds, mask, _ = policy.input_embeddings(batch.ids, latents)
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(3)
-        out = policy.lm.model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=0.7, top_k=0,
-            top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
+    embeds, mask, starts = policy.input_embeddings(batch.ids, latents, rollout.completions)
+    with torch.no_grad():
+        logits = policy.lm.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits  # fmt: skip
         scored = answer_log_probs(policy, policy.prefix(batch.ids), latents, rollout.completions, temperature=0.7)
     for row, completion in enumerate(rollout.completions):
         for t, token in enumerate(completion):
-            expected = (out.logits[t][row].float() / 0.7).log_softmax(-1)[token]
+            expected = (logits[row, starts[row] - 1 + t].float() / 0.7).log_softmax(-1)[token]
             assert float(scored.logp[row, t]) == pytest.approx(float(expected), abs=1e-4)
         assert float(scored.mask[row].sum()) == len(completion)
         assert float(scored.entropy[row].sum()) > 0.0
@@ -402,6 +400,38 @@ def test_grpo_stage_caches_and_reports_before_after(chain) -> None:
     with pytest.raises(UserError, match="not a pre-GRPO evaluation"):
         run_evaluate(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"seed": 5})}), store,
                      problems, compressor, trm, latent, grpo=manifest, before=after)  # fmt: skip
+
+
+def test_evaluation_after_grpo_refits_the_mean_output_on_kept_trm_inputs_without_the_lm(chain, monkeypatch) -> None:
+    """The latent artifact keeps its training questions' TRM inputs; the evaluation after GRPO runs GRPO's TRM
+    on them: the mean output a fresh encoding of those questions gives, and no prompt goes through the LM."""
+    cfg, store, problems, compressor, trm, latent = chain
+    grpo = run_grpo(cfg, store, run_problems(grpo_problem_config(cfg), store), compressor, trm, latent)
+    assert "mean_inputs.safetensors" in store.open("latent", latent.key).manifest.files
+    train = [p.question for p in read_problems(store, problems).select_split("train", cfg.latent.num_problems)]
+    fresh = load_grpo(store, grpo, load_latent(store, latent, build_reasoner(cfg, store, compressor, trm)))
+    fresh.trm.eval()
+    expected = fresh.fit_mean_output(train, cfg.evaluate.batch_size)
+    # the kept inputs give any TRM's mean output: one moved away from the latent stage's
+    moved = load_latent(store, latent, build_reasoner(cfg, store, compressor, trm))
+    stale = moved.mean_output
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in moved.trm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved.trm.eval()
+    kept = load_mean_inputs(store, latent)
+    assert kept is not None and len(kept.pieces) == len(train)
+    refit = moved.outputs_from(kept, cfg.evaluate.batch_size).mean(0)
+    assert stale is not None and not torch.allclose(refit, stale, atol=1e-3)
+    torch.testing.assert_close(refit, moved.fit_mean_output(train, cfg.evaluate.batch_size), atol=1e-5, rtol=1e-4)
+    encoded: list[int] = []
+    encode = LatentReasoner.encode_prompts
+    monkeypatch.setattr(LatentReasoner, "encode_prompts", lambda self, q: encoded.append(len(q)) or encode(self, q))
+    prepared = evaluate_stage._prepare(cfg, store, "k", problems, compressor, trm, latent, None, grpo, None)
+    assert encoded == []
+    assert prepared.reasoner.mean_output is not None
+    torch.testing.assert_close(prepared.reasoner.mean_output, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_grpo_rejects_inconsistent_inputs(chain) -> None:

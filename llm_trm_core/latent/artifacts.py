@@ -13,7 +13,7 @@ from llm_trm_core.compressor.artifacts import load_compressor
 from llm_trm_core.config import PipelineConfig
 from llm_trm_core.errors import UserError
 from llm_trm_core.hidden_states import resolve_layer
-from llm_trm_core.latent.reasoner import LatentProjector, LatentReasoner, embedding_rms
+from llm_trm_core.latent.reasoner import LatentProjector, LatentReasoner, TrmInputs, embedding_rms
 from llm_trm_core.lm import LoadedLM, load_language_model
 from llm_trm_core.store import Artifact, ArtifactStore, Manifest
 from llm_trm_core.training.checkpoints import ParameterSubset, Stateful
@@ -101,6 +101,14 @@ def load_latent(store: ArtifactStore, manifest: Manifest, reasoner: LatentReason
     if "mean_output.safetensors" in artifact.manifest.files:
         reasoner.mean_output = load_safetensors(artifact.read_bytes("mean_output.safetensors"))["mean_output"]
     return reasoner
+
+
+def load_mean_inputs(store: ArtifactStore, latent: Manifest) -> TrmInputs | None:
+    """The TRM inputs of the latent stage's training questions (its mean output's), if the artifact has them."""
+    artifact = store.open(latent.stage, latent.key)
+    if "mean_inputs.safetensors" not in artifact.manifest.files:
+        return None
+    return TrmInputs.from_bytes(artifact.read_bytes("mean_inputs.safetensors"))
 
 
 def load_grpo(store: ArtifactStore, manifest: Manifest, reasoner: LatentReasoner) -> LatentReasoner:

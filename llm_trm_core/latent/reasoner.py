@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from llm_trm_core.errors import UserError
@@ -69,6 +71,45 @@ class PromptBatch:
     mask: torch.Tensor  # (B, L)
     think_end: list[int]  # position of the prompt's last `</think>` token (the original arm's post position)
     prefix: PromptPrefix | None = None  # the prompts' KV cache, when encoding made it (no adapters loaded)
+
+
+@dataclass
+class TrmInputs:
+    """The TRM's inputs for a list of questions: each one's compressed prompt states (L_i, D'), unpadded, in
+    order. They depend only on the frozen LM, its layer and the compressor, so a TRM trained later (GRPO) is
+    run on them without the LM running again (`LatentReasoner.outputs_from`)."""
+
+    pieces: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, batch: PromptBatch) -> TrmInputs:
+        lengths = batch.mask.sum(1).long().tolist()
+        return cls([batch.pre[row, :length].clone() for row, length in enumerate(lengths)])
+
+    def batches(self, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(pre, mask) per `size` questions, zero-padded to the batch's longest as `encode_prompts` pads."""
+        for start in range(0, len(self.pieces), size):
+            yield padded_states(self.pieces[start : start + size])
+
+    def to_bytes(self) -> bytes:
+        lengths = torch.tensor([piece.shape[0] for piece in self.pieces], dtype=torch.long)
+        return save_safetensors({"states": torch.cat(self.pieces).contiguous(), "lengths": lengths})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrmInputs:
+        tensors = load_safetensors(data)
+        return cls(list(torch.split(tensors["states"], tensors["lengths"].tolist())))
+
+
+def padded_states(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compressed states of several questions as one zero-padded (B, L, D') batch and its (B, L) mask."""
+    longest = max(max(p.shape[0] for p in pieces), 1)
+    pre = torch.zeros(len(pieces), longest, pieces[0].shape[-1])
+    mask = torch.zeros(len(pieces), longest)
+    for row, piece in enumerate(pieces):
+        pre[row, : piece.shape[0]] = piece
+        mask[row, : piece.shape[0]] = 1
+    return pre, mask
 
 
 @dataclass
@@ -122,12 +163,7 @@ class LatentReasoner:
         for row, seq in enumerate(ids):
             keep_from = min(len(prefix), starts[row]) if seq[: len(prefix)] == prefix else 0
             pieces.append(self.compressor.compress(states[row][keep_from : starts[row]]))
-        longest = max(max(p.shape[0] for p in pieces), 1)
-        pre = torch.zeros(len(pieces), longest, self.compressor.d_prime)
-        mask = torch.zeros(len(pieces), longest)
-        for row, piece in enumerate(pieces):
-            pre[row, : piece.shape[0]] = piece
-            mask[row, : piece.shape[0]] = 1
+        pre, mask = padded_states(pieces)
         return PromptBatch(ids, pre, mask, ends, prompt_prefix)
 
     def _prompt_states(self, ids: list[list[int]]) -> list[torch.Tensor]:
@@ -156,7 +192,11 @@ class LatentReasoner:
 
     def trm_output(self, batch: PromptBatch) -> torch.Tensor:
         """The TRM's prediction after all supervision steps, raw scale (B, D'). Differentiable if the TRM trains."""
-        prepared = self.trm.prepare(batch.pre.to(self.device), batch.mask.to(self.device))
+        return self.trm_output_from(batch.pre, batch.mask)
+
+    def trm_output_from(self, pre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`trm_output` of compressed prompt states `pre` (B, L, D') with their mask (B, L)."""
+        prepared = self.trm.prepare(pre.to(self.device), mask.to(self.device))
         carry = self.trm.initial_carry(prepared)
         prediction = carry.y[:, -1]
         for _ in range(self.n_steps):
@@ -217,6 +257,20 @@ class LatentReasoner:
     def trm_outputs_of(self, batches: Iterable[PromptBatch]) -> torch.Tensor:
         """(N, D') TRM outputs of encoded batches, in order (raw scale, CPU)."""
         parts = [self.trm_output(batch).float().cpu() for batch in batches]
+        return torch.cat(parts) if parts else torch.zeros(0, self.compressor.d_prime)
+
+    @torch.no_grad()
+    def trm_inputs(self, questions: list[str], batch_size: int) -> TrmInputs:
+        """The TRM inputs of many questions, encoded `batch_size` at a time (their prompt caches are dropped)."""
+        pieces = []
+        for start in range(0, len(questions), batch_size):
+            pieces += TrmInputs.of(self.encode_prompts(questions[start : start + batch_size])).pieces
+        return TrmInputs(pieces)
+
+    @torch.no_grad()
+    def outputs_from(self, inputs: TrmInputs, batch_size: int) -> torch.Tensor:
+        """(N, D') TRM outputs of kept TRM inputs, `batch_size` questions at a time (raw scale, CPU)."""
+        parts = [self.trm_output_from(pre, mask).float().cpu() for pre, mask in inputs.batches(batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, self.compressor.d_prime)
 
     def fit_mean_output(self, questions: list[str], batch_size: int) -> torch.Tensor:

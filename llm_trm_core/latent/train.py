@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from llm_trm_core.config import LatentConfig
 from llm_trm_core.data.problems import Problem
 from llm_trm_core.latent.artifacts import add_lora, trained_modules
-from llm_trm_core.latent.reasoner import Arm, LatentReasoner
+from llm_trm_core.latent.reasoner import Arm, LatentReasoner, TrmInputs
 from llm_trm_core.lm.prefix import KEPT_PREFIX_BYTES, PromptPrefix, forward_suffix
 from llm_trm_core.stats import derangement
 from llm_trm_core.training.checkpoints import CheckpointManager
@@ -99,9 +99,14 @@ class EncodedPrompts:
     prefixes: dict[str, PromptPrefix]
     outputs: dict[str, torch.Tensor]
     order: list[str]
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # each question's TRM input (L_i, D')
 
     def mean_output(self) -> torch.Tensor:
         return torch.stack([self.outputs[i] for i in self.order]).mean(0)
+
+    def trm_inputs(self) -> TrmInputs:
+        """The TRM inputs of the training questions, in order: the mean output's, for a later TRM."""
+        return TrmInputs([self.inputs[i] for i in self.order])
 
     def answer_nll(self, reasoner: LatentReasoner, problems: list[Problem]) -> torch.Tensor:
         """`answer_nll` of the trm_latent arm from the kept encodings (differentiable in the projector)."""
@@ -126,9 +131,11 @@ def encode_training_prompts(reasoner: LatentReasoner, train: list[Problem], lat:
         if batch.prefix is None:
             return None
         outputs = reasoner.trm_output(batch).float().cpu()
+        inputs = TrmInputs.of(batch).pieces
         for row, problem in enumerate(chunk):
             kept.prefixes[problem.id] = batch.prefix.unpadded(row)
             kept.outputs[problem.id] = outputs[row]
+            kept.inputs[problem.id] = inputs[row]
             held += kept.prefixes[problem.id].nbytes
         if start == 0 and held / len(chunk) * len(train) > KEPT_PREFIX_BYTES:
             logger.info(
@@ -147,14 +154,18 @@ def validation_nll(
     batch_size: int,
     seed: int,
     prompts: EncodedPrompts | None = None,
+    mean_inputs: TrmInputs | None = None,
 ) -> dict[str, float]:
     """Answer NLL per token on val for the TRM latents and every control (docs/evaluation.md): random
     directions of matched norm, the TRM's training-mean output (mean_latent), other questions' TRM outputs
     (shuffled_latent, seeded derangement), and no latents. Each val batch is encoded, run through the TRM
     and prefilled once; every arm continues from that prefill. `prompts`: the training questions' kept
-    encodings, whose TRM outputs give the mean output without encoding them again."""
+    encodings, whose TRM outputs give the mean output without encoding them again; else `mean_inputs`, their
+    TRM inputs (`LatentReasoner.trm_inputs` in batches of `batch_size`)."""
     if prompts is not None:
         reasoner.mean_output = prompts.mean_output()
+    elif mean_inputs is not None:
+        reasoner.mean_output = reasoner.outputs_from(mean_inputs, batch_size).mean(0)
     else:
         reasoner.fit_mean_output([p.question for p in train], batch_size)
     chunks = list(problem_batches(val, batch_size, None, 0))

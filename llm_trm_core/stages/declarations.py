@@ -254,7 +254,7 @@ declare(
 declare(
     Stage(
         "datagen-shard",
-        version="4",  # 4: states stored as uncompressed fixed_size_binary / binary vectors
+        version="5",  # 5: sampled by lm/sampling.NucleusDraw; 4: states as fixed_size_binary / binary vectors
         reads=("model", "datagen", "runtime.seed", "compressor.layer", "compressor.cache_dtype"),
         view=datagen_shard_view,
         upstream=("problems",),
@@ -314,7 +314,7 @@ declare(
 declare(
     Stage(
         "latent",
-        version="4",  # 4: prompts sharing their system block run it once (lm/prefix.py); 3: mean output kept
+        version="5",  # 5: the mean output's TRM inputs kept; 4: shared system block run once; 3: mean output kept
         reads=("latent", *LATENT_INPUTS),
         upstream=("problems", "compressor", "trm"),
         run=run_latent,
@@ -324,7 +324,7 @@ declare(
 declare(
     Stage(
         "evaluate",
-        version="3",  # 3: the think and original-style arms decoded by llm_trm_core/lm/decode.py
+        version="4",  # 4: after GRPO, the mean output refitted on kept TRM inputs; 3: arms decoded by lm/decode.py
         reads=("evaluate", *LATENT_INPUTS, "latent.num_latents", "datagen.max_new_tokens"),
         upstream=("problems", "compressor", "trm", "latent"),
         run=evaluate.run_evaluate,
@@ -342,7 +342,7 @@ declare(
 declare(
     Stage(
         "grpo",
-        version="3",  # 3: the entropy metric taken while sampling, not by a teacher-forced pass
+        version="4",  # 4: samples drawn by inverse CDF (lm/decode.py); 3: entropy taken while sampling
         reads=("grpo", *LATENT_INPUTS),
         upstream=("problems", "compressor", "trm", "latent"),
         run=grpo.run_grpo,

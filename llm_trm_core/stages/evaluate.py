@@ -17,8 +17,10 @@ read from that interval only (`llm_trm_core/stats.py`). Each report states the s
 sample can detect.
 
 After GRPO, the same stage runs with the GRPO weights and the evaluation made before GRPO: the LM-only
-arms (no_think, think) are taken from it (they run without adapters, so GRPO cannot change them), and the
-report adds a before/after table with paired bootstrap intervals of the change, problem by problem.
+arms (no_think, think) are taken from it (they run without adapters, so GRPO cannot change them), the
+mean_latent arm's mean output is GRPO's TRM run on the TRM inputs the latent stage kept for its training
+questions (the LM does not run them again), and the report adds a before/after table with paired bootstrap
+intervals of the change, problem by problem.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from llm_trm_core.config import PipelineConfig
 from llm_trm_core.data.answers import grade
 from llm_trm_core.data.problems import Problem, read_problems
 from llm_trm_core.errors import UserError
-from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent
+from llm_trm_core.latent.artifacts import build_reasoner, check_lineage, load_grpo, load_latent, load_mean_inputs
 from llm_trm_core.latent.reasoner import LATENT_ARMS, LatentReasoner, adapters_off
 from llm_trm_core.launch import share_of
 from llm_trm_core.lm.prefix import KEPT_PREFIX_BYTES, generate_after, prefill
@@ -401,11 +403,15 @@ def _prepare(
     if before is not None and (before.upstream.get("problems") != problems.key or "grpo" in before.upstream):
         raise UserError(f"the 'before' evaluation {before.uri} is not a pre-GRPO evaluation of problems {problems.key}")
     reasoner = load_latent(store, latent, reasoner or build_reasoner(cfg, store, compressor, trm))
-    if latent.upstream.get("problems") != problems.key:
+    same_questions = latent.upstream.get("problems") == problems.key
+    if not same_questions:
         reasoner.mean_output = None  # fitted on another problem set's training questions: fit again
     if grpo is not None:
         reasoner = load_grpo(store, grpo, reasoner)
     reasoner.trm.eval()
+    mean_inputs = load_mean_inputs(store, latent) if same_questions and reasoner.mean_output is None else None
+    if mean_inputs is not None:  # GRPO's TRM on the latent stage's kept TRM inputs: the LM need not run
+        reasoner.mean_output = reasoner.outputs_from(mean_inputs, ev.batch_size).mean(0)
     arms = [a for a in ARMS if a in ev.arms]
     previous: dict[str, list[dict[str, Any]]] = {}
     if before is not None:

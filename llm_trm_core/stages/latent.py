@@ -6,8 +6,9 @@ cross-entropy of the gold answer (`#### N` + end of turn) teacher-forced after t
 frozen LM. Trained: the projection (and the TRM with `latent.train_trm`), by
 `llm_trm_core/latent/train.py` in the shared training loop (checkpoints between batches, exact resume).
 The artifact holds the projection (and TRM) as safetensors + config, the TRM's mean output over the
-training questions (the mean_latent control's vector, reused by the evaluation), and validation answer NLL
-per token with TRM latents vs every control.
+training questions (the mean_latent control's vector, reused by the evaluation) with the TRM inputs it was
+computed from (so the evaluation after GRPO refits it for GRPO's TRM without running the LM), and
+validation answer NLL per token with TRM latents vs every control.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def run_latent(
     prompts = encode_training_prompts(reasoner, train, lat)
     result = train_latent(reasoner, train, lat, seed=cfg.runtime.seed, checkpoints=checkpoints, prompts=prompts)
 
-    with torch.no_grad():
-        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed, prompts)
+    with torch.no_grad():  # the mean output's TRM inputs, kept for a TRM trained later (GRPO) to refit it
+        questions = [p.question for p in train]
+        mean_inputs = prompts.trm_inputs() if prompts is not None else reasoner.trm_inputs(questions, lat.batch_size)
+        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed, prompts, mean_inputs)
     del prompts
     projector_bytes = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in reasoner.projector.state_dict().items()}
@@ -80,6 +83,7 @@ def run_latent(
         w.write_json("history.json", result.history)
         if reasoner.mean_output is not None:  # fitted by the validation: mean_latent's vector for later stages
             w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": reasoner.mean_output.cpu()}))
+        w.write_bytes("mean_inputs.safetensors", mean_inputs.to_bytes())
         manifest = w.commit(
             {
                 "val_answer_nll": val_nll,
