@@ -3,6 +3,8 @@ own cache does, and the wide-head matmul (llm_trm_core/lm/loader.py) computes th
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -249,24 +251,30 @@ def test_nucleus_keeps_what_the_transformers_warpers_keep(top_k: int, top_p: flo
 
 
 def test_generate_with_the_nucleus_draw_samples_only_kept_words_and_is_seeded(tiny) -> None:
-    """A greedy `generate` ending in `NucleusDraw` draws from the nucleus: with top-k 1 it is greedy decoding,
-    with sampling the same seed gives the same tokens and another seed other ones."""
+    """A greedy `generate` ending in `NucleusDraw` draws from the nucleus: every token is one of the step's
+    top-k words and not always the first, with top-k 1 it is greedy decoding, and the same seed gives the
+    same tokens and another seed other ones."""
     from transformers import LogitsProcessorList
 
     from llm_trm_core.lm.sampling import NucleusDraw
 
     ids, mask = left_pad(PROMPTS, int(tiny.tokenizer.pad_token_id or 0))
 
-    def run(seed: int, top_k: int, top_p: float) -> torch.Tensor:
+    def run(seed: int, top_k: int, top_p: float) -> Any:
         draw = [NucleusDraw(1.0, top_k, top_p)] if top_k >= 0 else []
         torch.manual_seed(seed)
-        out: torch.Tensor = tiny.model.generate(
+        return tiny.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
             pad_token_id=tiny.tokenizer.pad_token_id, logits_processor=LogitsProcessorList(draw),
+            output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
-        return out
 
-    greedy = run(0, -1, 1.0)
-    assert torch.equal(run(0, 1, 1.0), greedy)
-    assert torch.equal(run(0, 0, 0.9), run(0, 0, 0.9))
-    assert not torch.equal(run(0, 0, 1.0), run(1, 0, 1.0))
+    sampled = run(0, 3, 1.0)
+    new = sampled.sequences[:, ids.shape[1] :]
+    top = torch.stack([step.topk(3).indices for step in sampled.logits], 1)  # (B, steps, 3), raw logits
+    assert bool((new.unsqueeze(-1) == top).any(-1).all())  # always one of the 3 kept words
+    assert bool((new != top[..., 0]).any())  # and not always the likeliest
+    greedy = run(0, -1, 1.0).sequences
+    assert torch.equal(run(0, 1, 1.0).sequences, greedy)
+    assert torch.equal(run(0, 0, 0.9).sequences, run(0, 0, 0.9).sequences)
+    assert not torch.equal(run(0, 0, 1.0).sequences, run(1, 0, 1.0).sequences)

@@ -9,7 +9,7 @@ whenever a quarter of the rows it carries have ended (`docs/performance.md`).
 Each step is greedy (`temperature == 0`: argmax of the logits) or samples from `softmax(logits /
 temperature)` by inverting its cumulative distribution at one uniform draw per row from the global
 generator (`llm_trm_core/lm/sampling.py`). `generate` draws with `torch.multinomial`, which on this CPU
-takes 54 ms for 32 rows of a 49k-word vocabulary against under 2 ms this way: the distribution is the
+takes 39-65 ms for 32 rows of a 49k-word vocabulary against 2.3-2.7 ms this way: the distribution is the
 same, the draws are not `generate`'s. Positions continue from the last input position of each row, the
 convention of `generate` and of `llm_trm_core/lm/prefix.py`.
 """

@@ -1,12 +1,13 @@
 """Drawing tokens without `torch.multinomial`, and nucleus sampling inside `generate` without a full sort.
 
-On this CPU `torch.multinomial` over a 49k-word vocabulary takes 25 ms for 16 rows and 54 ms for 32, and
-transformers' top-p warper sorts the whole vocabulary (19 ms for 16 rows) even after top-k has left 50
-words: together 44 ms of every sampled decode step, about a third of the step. `sample_rows` inverts the
-cumulative weights at one uniform draw per row (under 2 ms for 32 rows); `NucleusDraw` is the whole
-temperature -> top-k -> top-p -> draw chain of a sampled `generate` as one logits processor run last in a
-greedy `generate` (2 ms for 16 rows). The distributions are those of the chains they replace; the draws
-are not the same draws (`docs/performance.md`).
+On this CPU `torch.multinomial` over a 49k-word vocabulary takes 20-28 ms for 16 rows and 39-65 ms for 32,
+and transformers' top-p warper sorts the whole vocabulary (19 ms for 16 rows) even after top-k has left 50
+words: together about 45 ms of every 16-row datagen step, about a quarter of the step. `sample_rows`
+inverts the cumulative weights at one uniform draw per row (2.3-2.7 ms for 16-32 rows); `NucleusDraw` is
+the whole temperature -> top-k -> top-p -> draw chain of a sampled `generate` as one logits processor run
+last in a greedy `generate` (2.3 ms for 16 rows, 3.4 ms for 32, against 46 and 87 ms for transformers'
+chain). The distributions are those of the chains they replace; the draws are not the same draws
+(`docs/performance.md`).
 """
 
 from __future__ import annotations
