@@ -147,27 +147,11 @@ def encode_training_prompts(reasoner: LatentReasoner, train: list[Problem], lat:
 
 
 @torch.no_grad()
-def validation_nll(
-    reasoner: LatentReasoner,
-    train: list[Problem],
-    val: list[Problem],
-    batch_size: int,
-    seed: int,
-    prompts: EncodedPrompts | None = None,
-    mean_inputs: TrmInputs | None = None,
-) -> dict[str, float]:
+def validation_nll(reasoner: LatentReasoner, val: list[Problem], batch_size: int, seed: int) -> dict[str, float]:
     """Answer NLL per token on val for the TRM latents and every control (docs/evaluation.md): random
-    directions of matched norm, the TRM's training-mean output (mean_latent), other questions' TRM outputs
-    (shuffled_latent, seeded derangement), and no latents. Each val batch is encoded, run through the TRM
-    and prefilled once; every arm continues from that prefill. `prompts`: the training questions' kept
-    encodings, whose TRM outputs give the mean output without encoding them again; else `mean_inputs`, their
-    TRM inputs (`LatentReasoner.trm_inputs` in batches of `batch_size`)."""
-    if prompts is not None:
-        reasoner.mean_output = prompts.mean_output()
-    elif mean_inputs is not None:
-        reasoner.mean_output = reasoner.outputs_from(mean_inputs, batch_size).mean(0)
-    else:
-        reasoner.fit_mean_output([p.question for p in train], batch_size)
+    directions of matched norm, the TRM's training-mean output (mean_latent: `reasoner.mean_output`, set by
+    the caller), other questions' TRM outputs (shuffled_latent, seeded derangement), and no latents. Each val
+    batch is encoded, run through the TRM and prefilled once; every arm continues from that prefill."""
     chunks = list(problem_batches(val, batch_size, None, 0))
     batches = [reasoner.encode_prompts([p.question for p in chunk]) for chunk in chunks]
     outputs = torch.cat([reasoner.trm_output(batch).float().cpu() for batch in batches])

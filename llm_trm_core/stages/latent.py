@@ -59,10 +59,13 @@ def run_latent(
     prompts = encode_training_prompts(reasoner, train, lat)
     result = train_latent(reasoner, train, lat, seed=cfg.runtime.seed, checkpoints=checkpoints, prompts=prompts)
 
-    with torch.no_grad():  # the mean output's TRM inputs, kept for a TRM trained later (GRPO) to refit it
-        questions = [p.question for p in train]
-        mean_inputs = prompts.trm_inputs() if prompts is not None else reasoner.trm_inputs(questions, lat.batch_size)
-        val_nll = validation_nll(reasoner, train, val, lat.batch_size, cfg.runtime.seed, prompts, mean_inputs)
+    with torch.no_grad():  # mean_latent's vector, and its TRM inputs for a TRM trained later (GRPO) to refit it
+        if prompts is not None:  # the kept encodings hold both: nothing runs again
+            mean_inputs, reasoner.mean_output = prompts.trm_inputs(), prompts.mean_output()
+        else:
+            mean_inputs = reasoner.trm_inputs([p.question for p in train], lat.batch_size)
+            reasoner.mean_output = reasoner.outputs_from(mean_inputs, lat.batch_size).mean(0)
+        val_nll = validation_nll(reasoner, val, lat.batch_size, cfg.runtime.seed)
     del prompts
     projector_bytes = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in reasoner.projector.state_dict().items()}
@@ -81,8 +84,7 @@ def run_latent(
                 save_safetensors({k: v.detach().cpu().contiguous() for k, v in reasoner.trm.state_dict().items()}),
             )
         w.write_json("history.json", result.history)
-        if reasoner.mean_output is not None:  # fitted by the validation: mean_latent's vector for later stages
-            w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": reasoner.mean_output.cpu()}))
+        w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": reasoner.mean_output.cpu()}))
         w.write_bytes("mean_inputs.safetensors", mean_inputs.to_bytes())
         manifest = w.commit(
             {
