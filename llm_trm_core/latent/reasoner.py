@@ -248,10 +248,8 @@ class LatentReasoner:
 
     @torch.no_grad()
     def trm_outputs(self, questions: list[str], batch_size: int) -> torch.Tensor:
-        """(N, D') TRM outputs of many questions, batch by batch (raw scale, CPU)."""
-        return self.trm_outputs_of(
-            self.encode_prompts(questions[i : i + batch_size]) for i in range(0, len(questions), batch_size)
-        )
+        """(N, D') TRM outputs of many questions, batch by batch (raw scale, CPU): their TRM inputs, then the TRM."""
+        return self.outputs_from(self.trm_inputs(questions, batch_size), batch_size)
 
     @torch.no_grad()
     def trm_outputs_of(self, batches: Iterable[PromptBatch]) -> torch.Tensor:
