@@ -2,12 +2,14 @@
 decoding speed of the vector layouts the shard format was chosen from.
 
     ./run python -m bench.shard_io [--hidden-size 576] [--rows-per-shard 8192] [--d-prime 64] [--pre-len 80]
+                                   [--pairs-per-file 256]
 
 Two artifacts are written into a temporary file:// store with the project's own writers, in the
 project's format (llm_trm_core.arrow: vectors as uncompressed fixed_size_binary, sequences as binary,
 page checksums): a hidden-states artifact (`ShardedStatesWriter`, 8 shards of --rows-per-shard rows of
 D = --hidden-size float32) and a pairs artifact (8 files of 256 pairs, pre of --pre-len positions and post,
-D' = --d-prime). The same tensors are also `torch.save`d, one file per shard (hidden states: one
+D' = --d-prime; 256 pairs per file unless --pairs-per-file says otherwise: the pairs stage's
+`pairs.rows_per_shard` default). The same tensors are also `torch.save`d, one file per shard (hidden states: one
 (rows, D) tensor; pairs: the flat pre tensor, its lengths and the post tensor), so `torch.load` reads
 exactly the bytes of float data that our readers return.
 
@@ -15,12 +17,13 @@ Figures (MB/s of float32 tensor bytes returned, 1 MB = 1e6 bytes, fastest of --r
 the page cache; the passes of the compared readers are interleaved, so a busy machine slows them alike),
 each in two regimes: `keep` holds every file's tensors until the pass ends; `stream` drops each file's
 before the next is read, as the training readers do (memory reuse differs, and so do the figures):
-- torch_load: `torch.load` of every shard file;
+- torch_load: `torch.load` of every shard file; torch_load_checked: the same after an xxh3-128 digest of
+  the file's bytes, which is the check our readers make (`torch.load` alone checks nothing);
 - hidden_read: `HiddenStates.iter_rows` over every shard (what compressor training reads), verified (the
   whole file against the manifest's xxh3-128 digest, then parsed; the next shard is read and verified on a
-  helper thread while the caller works on the current one), and unverified (the file read straight from
-  the filesystem by Parquet, one by one); hidden_read_one_by_one: `HiddenStates.read_shard` of each shard
-  in turn, verified, nothing read ahead;
+  helper thread while the caller works on the current one), and unverified (each file mapped and decoded
+  the same way, one by one, without the digest: what the check costs); hidden_read_one_by_one:
+  `HiddenStates.read_shard` of each shard in turn, verified, nothing read ahead;
 - pair_read: `PairData.iter_columns` over every file, what TRM training consumes (flat pre rows, their
   start offsets, post vectors and ids), verified and read ahead, and unverified likewise;
   pair_read_one_by_one: `PairData.file_columns` of each file in turn; pair_objects: the verified read cut
@@ -39,6 +42,7 @@ import argparse
 import functools
 import hashlib
 import json
+import mmap
 import subprocess
 import sys
 import tempfile
@@ -65,7 +69,6 @@ from llm_trm_core.trm.pairs import META_FILE as PAIRS_META
 from llm_trm_core.trm.pairs import PAIRS_STAGE, SCHEMA_NAME, SCHEMA_VERSION, PairsReader, pairs_schema
 
 SHARDS = 8
-PAIRS_PER_FILE = 256
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
@@ -95,7 +98,7 @@ def layout_figures(args: argparse.Namespace, config: dict[str, object]) -> None:
             pa.binary(dim * 4), rows, [None, pa.py_buffer(states)]
         ),
     }
-    lengths = rng.integers(args.pre_len // 2, args.pre_len * 3 // 2 + 1, PAIRS_PER_FILE)
+    lengths = rng.integers(args.pre_len // 2, args.pre_len * 3 // 2 + 1, args.pairs_per_file)
     pre = rng.standard_normal((int(lengths.sum()), args.d_prime), dtype=np.float32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     sequences = {
@@ -103,7 +106,7 @@ def layout_figures(args: argparse.Namespace, config: dict[str, object]) -> None:
             pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(pre.reshape(-1)), args.d_prime)
         ),
         "binary": pa.BinaryArray.from_buffers(
-            pa.binary(), PAIRS_PER_FILE, [None, pa.py_buffer(offsets * args.d_prime * 4), pa.py_buffer(pre)]
+            pa.binary(), args.pairs_per_file, [None, pa.py_buffer(offsets * args.d_prime * 4), pa.py_buffer(pre)]
         ),
     }
     cases = [("hidden", name, array, states.nbytes) for name, array in vectors.items()]
@@ -141,14 +144,16 @@ def write_hidden(store: ArtifactStore, hidden_size: int, rows: int, tmp: Path) -
     return store.open("hiddens-bench", key), saved
 
 
-def write_pairs(store: ArtifactStore, d_prime: int, pre_len: int, tmp: Path) -> tuple[PairsReader, list[Path]]:
+def write_pairs(
+    store: ArtifactStore, d_prime: int, pre_len: int, pairs_per_file: int, tmp: Path
+) -> tuple[PairsReader, list[Path]]:
     rng = np.random.default_rng(1)
     key = uuid.uuid4().hex
     schema = pairs_schema(d_prime, "float32", {})
     saved, files = [], []
     with store.writer(PAIRS_STAGE, key, config={}, code_version="0") as w:
         for i in range(SHARDS):
-            lengths = rng.integers(pre_len // 2, pre_len * 3 // 2 + 1, PAIRS_PER_FILE)
+            lengths = rng.integers(pre_len // 2, pre_len * 3 // 2 + 1, pairs_per_file)
             pairs = [
                 PairStates(
                     f"p{i}-{j}",
@@ -169,7 +174,7 @@ def write_pairs(store: ArtifactStore, d_prime: int, pre_len: int, tmp: Path) -> 
             )
             saved.append(path)
         meta = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "d_prime": d_prime, "dtype": "float32",
-                "files": {"train": files}, "pairs": {"train": SHARDS * PAIRS_PER_FILE}}  # fmt: skip
+                "files": {"train": files}, "pairs": {"train": SHARDS * pairs_per_file}}  # fmt: skip
         w.write_json(PAIRS_META, meta)
         manifest = w.commit()
     return PairsReader(store, manifest), saved
@@ -183,20 +188,32 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
     store = ArtifactStore(f"file://{tmp / 'store'}")
     hidden_art, hidden_pt = write_hidden(store, args.hidden_size, args.rows_per_shard, tmp)
     hidden = HiddenStates.open(hidden_art)
-    pairs, pairs_pt = write_pairs(store, args.d_prime, args.pre_len, tmp)
+    pairs, pairs_pt = write_pairs(store, args.d_prime, args.pre_len, args.pairs_per_file, tmp)
     pair_data = PairData(pairs)
     config = {"shards": SHARDS, "hidden_size": args.hidden_size, "rows_per_shard": args.rows_per_shard,
-              "d_prime": args.d_prime, "pre_len": args.pre_len, "pairs_per_file": PAIRS_PER_FILE,
+              "d_prime": args.d_prime, "pre_len": args.pre_len, "pairs_per_file": args.pairs_per_file,
               "loadavg": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
 
+    def mapped(art: Artifact, name: str) -> mmap.mmap:
+        with open(art.path(name), "rb") as f:  # as Artifact.read_buffer maps a local file, without its digest
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
     def hidden_unverified(name: str) -> torch.Tensor:
-        with store.fs.open(hidden_art.path(name), "rb") as f:
-            table = pq.ParquetFile(f).read(columns=["state"], use_threads=False)  # as read_parquet does
-            return states_from_table(table, args.hidden_size)
+        table = pq.ParquetFile(
+            pa.BufferReader(pa.py_buffer(mapped(hidden_art, name))), page_checksum_verification=False
+        )
+        return states_from_table(table.read(columns=["state"], use_threads=False), args.hidden_size)
 
     def pairs_unverified(name: str) -> PairColumns:
-        with store.fs.open(pairs.artifact.path(name), "rb") as f:
-            return table_to_columns(pq.ParquetFile(f).read(use_threads=False))
+        table = pq.ParquetFile(
+            pa.BufferReader(pa.py_buffer(mapped(pairs.artifact, name))), page_checksum_verification=False
+        )
+        return table_to_columns(table.read(use_threads=False))
+
+    def torch_load_checked(path: Path) -> object:
+        with open(path, "rb") as f:
+            xxhash.xxh3_128_digest(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        return torch.load(path)
 
     def digest_all(art: Artifact, digest: Callable[[bytes], object]) -> None:
         for name in art.files():
@@ -215,10 +232,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
     # Each reader: every file of the set, in order, as an iterator (what a pass consumes).
     readers: dict[tuple[str, str, str], tuple[float, Callable[[], Iterator[object]]]] = {
         ("torch_load", "hidden", "-"): (hidden_mb, lambda: map(torch.load, hidden_pt)),
+        ("torch_load_checked", "hidden", "xxh3"): (hidden_mb, lambda: map(torch_load_checked, hidden_pt)),
         ("hidden_read", "hidden", "xxh3"): (hidden_mb, lambda: hidden.iter_rows("train")),
         ("hidden_read_one_by_one", "hidden", "xxh3"): (hidden_mb, lambda: map(hidden.read_shard, hidden_names)),
         ("hidden_read", "hidden", "none"): (hidden_mb, lambda: map(hidden_unverified, hidden_names)),
         ("torch_load", "pairs", "-"): (pairs_mb, lambda: map(torch.load, pairs_pt)),
+        ("torch_load_checked", "pairs", "xxh3"): (pairs_mb, lambda: map(torch_load_checked, pairs_pt)),
         ("pair_read", "pairs", "xxh3"): (pairs_mb, lambda: pair_data.iter_columns("train")),
         ("pair_read_one_by_one", "pairs", "xxh3"): (pairs_mb, lambda: map(pair_data.file_columns, pair_names)),
         ("pair_read", "pairs", "none"): (pairs_mb, lambda: map(pairs_unverified, pair_names)),
@@ -299,6 +318,7 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=8192)
     parser.add_argument("--d-prime", type=int, default=64, help="D' (the local preset: 64)")
     parser.add_argument("--pre-len", type=int, default=80, help="mean pre length of the pairs")
+    parser.add_argument("--pairs-per-file", type=int, default=256, help="pairs per file (pairs.rows_per_shard)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-layouts", action="store_true", help="only the project's format, not the alternatives")
     parser.add_argument("--child", nargs=5, metavar=("KIND", "N", "ROOT", "STAGE", "KEY"), help=argparse.SUPPRESS)

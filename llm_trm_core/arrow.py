@@ -76,19 +76,32 @@ def read_parquet(
     return _parse(source, relpath, data, columns, page_checksums)
 
 
+# Files are read ahead on a helper thread only from this size: for smaller files the handoffs between the two
+# threads cost more than the overlapped digest and mapping save (bench.shard_io; docs/performance.md).
+READ_AHEAD_MIN_BYTES = 4 << 20
+
+
 def iter_parquet(
     source: Artifact | ArtifactWriter,
     relpaths: Sequence[str],
     columns: list[str] | None = None,
     *,
     page_checksums: bool = True,
+    read_ahead_from: int = READ_AHEAD_MIN_BYTES,
 ) -> Iterator[pa.Table]:
-    """`read_parquet` of each file in turn, reading one file ahead: while the caller works on a file, the
-    next one is read and checked against its digest on a helper thread (the hash and the page faults of
-    mapping the file run there, outside the GIL). A file is parsed only once verified, on the caller's
-    thread, as in `read_parquet`; an error reading a file is raised when the caller reaches that file.
-    Memory: the file in use plus the next one's bytes."""
+    """`read_parquet` of each file in turn. When a file after the first is at least `read_ahead_from` bytes,
+    the files are read one ahead: while the caller works on a file, the next one is read and checked against
+    its digest on a helper thread (the hash and the page faults of mapping the file run there, outside the
+    GIL). Otherwise each file is read on the caller's thread when the caller reaches it. A file is parsed
+    only once verified, on the caller's thread, as in `read_parquet`; an error reading a file is raised when
+    the caller reaches that file. Memory: the file in use plus, when reading ahead, the next one's bytes."""
     if not relpaths:
+        return
+    if not any(source.size(relpath) >= read_ahead_from for relpath in relpaths[1:]):
+        for relpath in relpaths:
+            table = read_parquet(source, relpath, columns, page_checksums=page_checksums)
+            yield table
+            del table  # before the next file is parsed (the caller has let go of it too)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
         ahead: Future[memoryview] = pool.submit(source.read_buffer, relpaths[0])

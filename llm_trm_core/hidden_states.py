@@ -242,11 +242,12 @@ class HiddenStates:
         return states_from_table(table, self.hidden_size)
 
     def iter_rows(self, split: str) -> Iterator[torch.Tensor]:
-        """Every shard of a split in order (memory: one shard, and the next one's bytes, read ahead)."""
+        """Every shard of a split in order (memory: one shard, and the next one's bytes when read ahead)."""
         return self._iter_shards(self.shards(split))
 
     def _iter_shards(self, names: list[str]) -> Iterator[torch.Tensor]:
-        """The shards in this order, each read and verified while the caller works on the one before."""
+        """The shards in this order, each verified before it is parsed; shards of at least 4 MiB are read and
+        verified on a helper thread while the caller works on the one before (`iter_parquet`)."""
         tables = iter_parquet(self.artifact, names, columns=["state"], page_checksums=False)
         return map(functools.partial(states_from_table, hidden_size=self.hidden_size), tables)  # keeps no shard
 
@@ -268,7 +269,7 @@ class HiddenStates:
         if seed is not None:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             names = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
-        # Memory: one shard (as read), the next one's bytes (read ahead) and one batch. Shuffled rows are
+        # Memory: one shard (as read), the next one's bytes (when read ahead) and one batch. Shuffled rows are
         # gathered batch by batch instead of permuting the whole shard, and the remainder carried into the
         # next shard is copied out, so the previous shard is freed before the next one is parsed.
         carry: torch.Tensor | None = None

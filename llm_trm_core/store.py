@@ -319,6 +319,11 @@ class Artifact:
     def read_json(self, relpath: str) -> Any:
         return json.loads(self.read_bytes(relpath))
 
+    def size(self, relpath: str) -> int:
+        """The file's size in bytes, as the manifest lists it (nothing is read)."""
+        self._require(relpath)
+        return self.manifest.files[relpath].size
+
     def files(self, prefix: str = "") -> list[str]:
         return sorted(p for p in self.manifest.files if p.startswith(prefix))
 
@@ -435,17 +440,21 @@ class ArtifactWriter:
 
     def read_bytes(self, relpath: str) -> bytes:
         """A file this writer wrote or adopted, checked against the size and sha256 it recorded."""
-        entry = self.files.get(relpath)
-        if entry is None:
-            raise ArtifactError(f"{self.file_uri(relpath)} was not written by this writer; it cannot be read back")
-        return _read_verified(self.store, self.stage, self.key, relpath, entry)
+        return _read_verified(self.store, self.stage, self.key, relpath, self._written(relpath))
 
     def read_buffer(self, relpath: str) -> memoryview:
         """`read_bytes` as a mapped view for local files (see `Artifact.read_buffer`)."""
+        return _read_verified(self.store, self.stage, self.key, relpath, self._written(relpath), mapped=True)
+
+    def size(self, relpath: str) -> int:
+        """The size in bytes of a file this writer wrote (nothing is read)."""
+        return self._written(relpath).size
+
+    def _written(self, relpath: str) -> FileEntry:
         entry = self.files.get(relpath)
         if entry is None:
             raise ArtifactError(f"{self.file_uri(relpath)} was not written by this writer; it cannot be read back")
-        return _read_verified(self.store, self.stage, self.key, relpath, entry, mapped=True)
+        return entry
 
     @contextmanager
     def open(self, relpath: str) -> Iterator[IO[bytes]]:
@@ -547,7 +556,6 @@ def _read_verified(
     """Read a whole file once; refuse it unless its size and digest (xxh3-128, or sha256 for entries
     without one) are the recorded ones. mapped: a local file is mapped read-only instead of copied (a
     fresh multi-megabyte copy costs more than hashing it); other stores read it."""
-    where, fix = store.uri(stage, key, relpath), recompute_hint(store.uri(stage, key))
     path = store.path(stage, key, relpath)
     data: bytes | memoryview
     try:
@@ -558,15 +566,19 @@ def _read_verified(
             with store.reachable(), store.fs.open(path, "rb") as f:
                 data = f.read()
     except FileNotFoundError:
-        raise ArtifactCorruptError(f"{where} is listed in the manifest but missing; {fix}") from None
-    if len(data) != entry.size:
-        raise ArtifactCorruptError(f"{where} has {len(data)} bytes, the manifest says {entry.size}; {fix}")
-    if entry.xxh3_128 is not None:
-        if xxhash.xxh3_128_hexdigest(data) != entry.xxh3_128:
-            raise ArtifactCorruptError(f"{where} does not match its xxh3-128 digest in the manifest (corrupted); {fix}")
-    elif hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise ArtifactCorruptError(f"{where} does not match its sha256 in the manifest (corrupted); {fix}")
-    return data
+        problem = "is listed in the manifest but missing"
+    else:
+        if len(data) != entry.size:
+            problem = f"has {len(data)} bytes, the manifest says {entry.size}"
+        elif entry.xxh3_128 is not None:
+            if xxhash.xxh3_128_hexdigest(data) == entry.xxh3_128:
+                return data
+            problem = "does not match its xxh3-128 digest in the manifest (corrupted)"
+        elif hashlib.sha256(data).hexdigest() == entry.sha256:
+            return data
+        else:
+            problem = "does not match its sha256 in the manifest (corrupted)"
+    raise ArtifactCorruptError(f"{store.uri(stage, key, relpath)} {problem}; {recompute_hint(store.uri(stage, key))}")
 
 
 def _entry_of(fs: AbstractFileSystem, path: str) -> FileEntry:

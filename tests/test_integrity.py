@@ -75,9 +75,10 @@ def test_same_size_corruption_inside_a_large_parquet_shard_is_refused_before_use
 
 
 def test_shards_read_ahead_are_verified_in_order_and_a_corrupt_one_fails_when_reached(tmp_path: Path) -> None:
-    """iter_parquet reads file i+1 on a helper thread while the caller holds file i; each table equals
-    read_parquet's; a corrupted file is refused (the usual one line) only when the caller reaches it, after
-    the files before it; a caller that stops early leaves no thread behind."""
+    """iter_parquet reads file i+1 on a helper thread while the caller holds file i (files of at least
+    read_ahead_from bytes); each table equals read_parquet's; a corrupted file is refused (the usual one line)
+    only when the caller reaches it, after the files before it; a caller that stops early leaves no thread
+    behind. Files under read_ahead_from bytes are read on the caller's thread, with the same checks."""
     store = ArtifactStore(f"file://{tmp_path / 'store'}")
     names = [f"part-{i}.parquet" for i in range(4)]
     with store.writer("demo", "k", config={}, code_version="test") as w:
@@ -96,7 +97,7 @@ def test_shards_read_ahead_are_verified_in_order_and_a_corrupt_one_fails_when_re
         return read_buffer(relpath)
 
     art.read_buffer = recording  # type: ignore[method-assign]
-    tables = iter_parquet(art, names)
+    tables = iter_parquet(art, names, read_ahead_from=0)
     first = next(tables)
     assert started[names[1]].wait(10)  # the next file is being read while the caller still holds the first
     rest = list(tables)
@@ -104,16 +105,22 @@ def test_shards_read_ahead_are_verified_in_order_and_a_corrupt_one_fails_when_re
     assert [n for n, _ in reads] == names and all(thread.startswith("read-ahead") for _, thread in reads)
     assert all(t.equals(read_parquet(art, n)) for t, n in zip([first, *rest], names, strict=True))
 
+    reads.clear()
+    inline = list(iter_parquet(art, names, read_ahead_from=max(art.size(n) for n in names) + 1))
+    assert all(t.equals(r) for t, r in zip(inline, [first, *rest], strict=True))
+    assert reads == [(n, threading.current_thread().name) for n in names]  # each on the caller's thread
+
     _flip_middle(store, art.path(names[2]), count=4)
-    seen = []
-    with pytest.raises(ArtifactCorruptError, match="does not match its xxh3-128 digest") as exc:
-        for table in iter_parquet(store.open("demo", "k"), names):
-            seen.append(table.column("x")[0].as_py())
-    assert seen == [0, 1000]  # raised when file 2 is reached, not when it was read ahead
-    _assert_clear(exc, art.file_uri(names[2]), art.uri)
+    for read_ahead_from in (0, 1 << 30):
+        seen = []
+        with pytest.raises(ArtifactCorruptError, match="does not match its xxh3-128 digest") as exc:
+            for table in iter_parquet(store.open("demo", "k"), names, read_ahead_from=read_ahead_from):
+                seen.append(table.column("x")[0].as_py())
+        assert seen == [0, 1000]  # raised when file 2 is reached, not when it was read ahead
+        _assert_clear(exc, art.file_uri(names[2]), art.uri)
 
     before = threading.active_count()
-    abandoned = iter_parquet(store.open("demo", "k"), names[:2])
+    abandoned = iter_parquet(store.open("demo", "k"), names[:2], read_ahead_from=0)
     next(abandoned)
     abandoned.close()  # waits for the file read ahead, then lets the helper thread go
     assert threading.active_count() == before

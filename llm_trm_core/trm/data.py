@@ -5,8 +5,9 @@ offsets, the post vectors), zero-copy views of the decoded Parquet buffers. Each
 made by one `split` call per file, and a batch is padded from them by one `pad_sequence` call; no
 `PairStates` is built on the training path.
 
-Memory holds one Parquet file (≤ pairs.rows_per_shard pairs), the next file's bytes (read ahead, on a
-helper thread) and one batch, whatever the dataset size.
+Memory holds one Parquet file (≤ pairs.rows_per_shard pairs), the next file's bytes when files are large
+enough to be read ahead on a helper thread (`llm_trm_core.arrow.iter_parquet`) and one batch, whatever the
+dataset size.
 With a seed, file order and rows within a file are shuffled by a generator seeded from (seed, epoch),
 so the order is a pure function of the epoch and a resumed run sees the same batches.
 """
