@@ -161,11 +161,12 @@ def test_capacity_matched_controls(chain) -> None:
     with pytest.raises(UserError, match="training-mean output"):
         reasoner.latents(batch, "mean_latent")
     mean = reasoner.fit_mean_output(["What is 1 + 1?", "What is 7 * 3?"], batch_size=1)
-    torch.testing.assert_close(mean, reasoner.trm_outputs(["What is 1 + 1?", "What is 7 * 3?"], 2).mean(0))
+    two = ["What is 1 + 1?", "What is 7 * 3?"]
+    torch.testing.assert_close(mean, reasoner.outputs_from(reasoner.trm_inputs(two, 2), 2).mean(0))  # batch-free
     same = reasoner.latents(batch, "mean_latent")
     assert same.shape == (3, cfg.latent.num_latents, 64)
     torch.testing.assert_close(same[0], same[2])  # one vector for every question
-    outputs = reasoner.trm_outputs(questions, 2)
+    outputs = reasoner.outputs_from(reasoner.trm_inputs(questions, 2), 2)
     from llm_trm_core.stats import derangement
 
     perm = derangement(3, 0)

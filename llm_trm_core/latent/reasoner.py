@@ -230,7 +230,7 @@ class LatentReasoner:
         capacity (docs/evaluation.md): random_latent: random directions with each real latent's norm
         (`outputs`: the questions' own TRM outputs); mean_latent: the projector applied to `mean_output` (one
         vector for every question); shuffled_latent: `outputs` are other questions' TRM outputs (see
-        `trm_outputs` and `stats.derangement`)."""
+        `outputs_from` and `stats.derangement`)."""
         if arm == "no_latent":
             return None
         if arm == "mean_latent":
@@ -245,11 +245,6 @@ class LatentReasoner:
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             latents = noise / noise.norm(dim=-1, keepdim=True) * latents.norm(dim=-1, keepdim=True)
         return latents
-
-    @torch.no_grad()
-    def trm_outputs(self, questions: list[str], batch_size: int) -> torch.Tensor:
-        """(N, D') TRM outputs of many questions, batch by batch (raw scale, CPU): their TRM inputs, then the TRM."""
-        return self.outputs_from(self.trm_inputs(questions, batch_size), batch_size)
 
     @torch.no_grad()
     def trm_outputs_of(self, batches: Iterable[PromptBatch]) -> torch.Tensor:
@@ -273,7 +268,11 @@ class LatentReasoner:
 
     def fit_mean_output(self, questions: list[str], batch_size: int) -> torch.Tensor:
         """Set (and return) `mean_output`: the mean TRM output over these (training) questions."""
-        self.mean_output = self.trm_outputs(questions, batch_size).mean(0)
+        return self.fit_mean_output_from(self.trm_inputs(questions, batch_size), batch_size)
+
+    def fit_mean_output_from(self, inputs: TrmInputs, batch_size: int) -> torch.Tensor:
+        """`fit_mean_output` from the questions' kept TRM inputs: the TRM runs, the LM does not."""
+        self.mean_output = self.outputs_from(inputs, batch_size).mean(0)
         return self.mean_output
 
     def input_embeddings(

@@ -413,7 +413,7 @@ def _prepare(
     refit = "mean_latent" in arms and same_questions and reasoner.mean_output is None
     mean_inputs = load_mean_inputs(store, latent) if refit else None
     if mean_inputs is not None:  # GRPO's TRM on the latent stage's kept TRM inputs: the LM need not run
-        reasoner.mean_output = reasoner.outputs_from(mean_inputs, ev.batch_size).mean(0)
+        reasoner.fit_mean_output_from(mean_inputs, ev.batch_size)
     previous: dict[str, list[dict[str, Any]]] = {}
     if before is not None:
         previous = json.loads(store.open(STAGE, before.key).read_bytes("answers.json"))

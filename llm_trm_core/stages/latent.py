@@ -61,10 +61,11 @@ def run_latent(
 
     with torch.no_grad():  # mean_latent's vector, and its TRM inputs for a TRM trained later (GRPO) to refit it
         if prompts is not None:  # the kept encodings hold both: nothing runs again
-            mean_inputs, reasoner.mean_output = prompts.trm_inputs(), prompts.mean_output()
+            mean_inputs, mean_output = prompts.trm_inputs(), prompts.mean_output()
+            reasoner.mean_output = mean_output
         else:
             mean_inputs = reasoner.trm_inputs([p.question for p in train], lat.batch_size)
-            reasoner.mean_output = reasoner.outputs_from(mean_inputs, lat.batch_size).mean(0)
+            mean_output = reasoner.fit_mean_output_from(mean_inputs, lat.batch_size)
         val_nll = validation_nll(reasoner, val, lat.batch_size, cfg.runtime.seed)
     del prompts
     projector_bytes = save_safetensors(
@@ -84,7 +85,7 @@ def run_latent(
                 save_safetensors({k: v.detach().cpu().contiguous() for k, v in reasoner.trm.state_dict().items()}),
             )
         w.write_json("history.json", result.history)
-        w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": reasoner.mean_output.cpu()}))
+        w.write_bytes("mean_output.safetensors", save_safetensors({"mean_output": mean_output.cpu()}))
         w.write_bytes("mean_inputs.safetensors", mean_inputs.to_bytes())
         manifest = w.commit(
             {
