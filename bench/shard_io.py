@@ -194,21 +194,18 @@ def measure(args: argparse.Namespace, tmp: Path) -> None:
               "d_prime": args.d_prime, "pre_len": args.pre_len, "pairs_per_file": args.pairs_per_file,
               "loadavg": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
 
-    def mapped(art: Artifact, name: str) -> mmap.mmap:
-        with open(art.path(name), "rb") as f:  # as Artifact.read_buffer maps a local file, without its digest
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def unverified(art: Artifact, name: str, columns: list[str] | None = None) -> pa.Table:
+        """The file mapped and decoded as `read_parquet` does (llm_trm_core.arrow), without the digest."""
+        with open(art.path(name), "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        parquet = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)), page_checksum_verification=False)
+        return parquet.read(columns=columns, use_threads=False)
 
     def hidden_unverified(name: str) -> torch.Tensor:
-        table = pq.ParquetFile(
-            pa.BufferReader(pa.py_buffer(mapped(hidden_art, name))), page_checksum_verification=False
-        )
-        return states_from_table(table.read(columns=["state"], use_threads=False), args.hidden_size)
+        return states_from_table(unverified(hidden_art, name, ["state"]), args.hidden_size)
 
     def pairs_unverified(name: str) -> PairColumns:
-        table = pq.ParquetFile(
-            pa.BufferReader(pa.py_buffer(mapped(pairs.artifact, name))), page_checksum_verification=False
-        )
-        return table_to_columns(table.read(use_threads=False))
+        return table_to_columns(unverified(pairs.artifact, name))
 
     def torch_load_checked(path: Path) -> object:
         with open(path, "rb") as f:
